@@ -1,0 +1,44 @@
+"""One exception tree for the whole library.
+
+Every error a user can cause (bad recipe, unreadable checkpoint, incompatible experts, bad output path) is a
+``MergeflowError`` with a message that names the offending field, file or tensor. The CLI prints ``str(error)`` on one
+line and exits with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MergeflowError(Exception):
+    """Base class of every error mergeflow raises on purpose."""
+
+
+class RecipeError(MergeflowError):
+    """The recipe is invalid: unknown method or parameter, a value out of range, a bad path."""
+
+
+class CheckpointError(MergeflowError):
+    """A checkpoint cannot be resolved or read: missing, unreadable, truncated, corrupt, or a refused format."""
+
+
+class NonFiniteTensorError(CheckpointError):
+    """An input tensor holds NaN or Inf values."""
+
+
+class ArchitectureError(MergeflowError):
+    """The architecture of a checkpoint cannot be inferred from its config and tensor names."""
+
+
+class IncompatibleModelsError(MergeflowError):
+    """The experts do not match the base: architecture, tensor names, shapes or vocabulary differ."""
+
+
+class OutputPathError(MergeflowError):
+    """The output path exists, lies inside an input, or cannot be written."""
+
+
+class EvaluationError(MergeflowError):
+    """An evaluation task is unknown or its data is missing."""
+
+
+class ZooError(MergeflowError):
+    """The offline model zoo cannot be built or read."""

@@ -1,0 +1,172 @@
+"""What a merge method is: a pure per-tensor kernel plus a declarative parameter spec, in one registry.
+
+A kernel sees one output tensor at a time: the base tensor, the stacked expert tensors, the per-expert parameters
+resolved for this tensor (a float, or a tensor broadcastable to the tensor's shape when coefficients come per
+partition from a data-aware estimator) and the shared parameters. It returns the merged tensor in the compute dtype.
+Adding a method is one file that defines a kernel and calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergeflow.errors import RecipeError
+
+ParamValue = float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a method. ``per_model`` parameters take one value per non-base model."""
+
+    name: str
+    type: type
+    default: Any = None
+    per_model: bool = False
+    default_compat: Any = None  # a different default in mergekit_compat mode (None: same as ``default``)
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    # validation bounds, inclusive unless the *_open flag says otherwise
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    def default_for(self, compat: bool) -> Any:
+        return self.default_compat if compat and self.default_compat is not None else self.default
+
+    def check(self, value: Any, where: str) -> Any:
+        """Coerce and validate one scalar value; raise RecipeError naming ``where``."""
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise RecipeError(f"{where}: expected true/false, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise RecipeError(f"{where}: expected a string, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise RecipeError(f"{where}: must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            try:
+                value = float(value)  # YAML may give "1e-3" as a string
+            except (TypeError, ValueError):
+                raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+        value = self.type(value)
+        if value != value:  # NaN
+            raise RecipeError(f"{where}: NaN is not a valid value")
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise RecipeError(f"{where}: must be in {self.range_text()}, got {value}")
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise RecipeError(f"{where}: must be in {self.range_text()}, got {value}")
+        return value
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+
+@dataclass
+class KernelInput:
+    """Everything a kernel needs for one output tensor."""
+
+    name: str
+    base: torch.Tensor | None
+    models: list[torch.Tensor]  # the non-base models in recipe order, compute dtype
+    params: dict[str, list[ParamValue]]  # per-model parameters, aligned with ``models``
+    shared: dict[str, Any]  # shared parameters resolved for this tensor
+    generators: list[torch.Generator] | None = None  # one per model, seeded by (seed, tensor, model id)
+    thresholds: list[float] | None = None  # global |delta| trim thresholds per model (global TIES)
+    compat: bool = False  # reproduce mergekit 0.1.x semantics
+
+    def deltas(self) -> list[torch.Tensor]:
+        assert self.base is not None
+        return [m - self.base for m in self.models]
+
+
+Kernel = Callable[[KernelInput], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    kernel: Kernel
+    params: tuple[ParamSpec, ...]
+    summary: str
+    paper: str
+    needs_base: bool = True
+    random: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    mergekit_name: str | None = None  # the mergekit method with the same semantics in compat mode
+    # methods that trim by a global magnitude threshold ask the engine for per-model thresholds at this density param
+    needs_global_threshold: Callable[[dict[str, Any]], bool] = field(default=lambda shared: False)
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def per_model_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def shared_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod, aliases: Sequence[str] = ()) -> MergeMethod:
+    for name in (method.name, *aliases):
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted({m.name for m in _REGISTRY.values()}))
+        raise RecipeError(f"merge_method: unknown method {name!r}; known methods: {known}") from None
+
+
+def all_methods() -> list[MergeMethod]:
+    _load_builtin()
+    seen: dict[str, MergeMethod] = {}
+    for m in _REGISTRY.values():
+        seen.setdefault(m.name, m)
+    return sorted(seen.values(), key=lambda m: m.name)
+
+
+def _load_builtin() -> None:
+    # importing the modules registers their methods
+    from mergeflow.methods import linear, model_stock, slerp, task_arithmetic, tall  # noqa: F401
+
+
+# Parameter specs shared by several methods
+WEIGHT = ParamSpec("weight", float, 1.0, per_model=True, help="scale of this model's task vector")
+LAMBDA = ParamSpec("lambda", float, 1.0, help="scale of the merged task vector (θ = θ_b + λ·τ)")
+
+
+def density_param(default: float, what: str = "fraction of each task vector's entries kept") -> ParamSpec:
+    return ParamSpec("density", float, default, per_model=True, help=what, low=0.0, high=1.0, low_open=True)
+
+
+def as_weight(value: ParamValue, like: torch.Tensor) -> torch.Tensor | float:
+    """A per-model parameter as something that broadcasts against ``like``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return float(value)

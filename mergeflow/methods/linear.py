@@ -1,0 +1,35 @@
+"""Weight averaging (model soup): θ = Σ w_t θ_t / Σ w_t over full weights; no base needed."""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.methods.base import KernelInput, MergeMethod, ParamSpec, as_weight, register
+
+
+def linear_kernel(x: KernelInput) -> torch.Tensor:
+    normalize = x.shared.get("normalize", True)
+    acc = torch.zeros_like(x.models[0])
+    wsum: torch.Tensor | float = 0.0
+    for model, w in zip(x.models, x.params["weight"]):
+        w = as_weight(w, model)
+        acc.add_(model * w)
+        wsum = wsum + w
+    if normalize:
+        acc.div_(wsum)  # zero-sum weights are refused when the recipe is validated
+    return acc
+
+
+register(MergeMethod(
+    name="linear",
+    kernel=linear_kernel,
+    params=(
+        ParamSpec("weight", float, 1.0, per_model=True, help="weight of this model (uniform by default)"),
+        ParamSpec("normalize", bool, True, help="divide by the sum of the weights"),
+    ),
+    summary="weighted average of full weights (uniform: model soup)",
+    paper="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
+    needs_base=False,
+    min_models=1,
+    mergekit_name="linear",
+), aliases=("weight_average",))

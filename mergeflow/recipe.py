@@ -1,0 +1,299 @@
+"""The Recipe: what to merge, how, and with which parameters, validated up front.
+
+A recipe is a superset of mergekit's YAML (``merge_method``, ``models``, ``base_model``, ``parameters`` with
+per-model values, tensor-name filters and layer gradients, ``dtype``, ``out_dtype``, ``tokenizer_source``), so a
+mergekit config loads unchanged. Every problem is reported with the path of the offending field before any
+checkpoint is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeflow.errors import RecipeError
+from mergeflow.methods.base import MergeMethod, ParamSpec, get_method
+from mergeflow.tensors import DTYPE_NAMES
+
+Scalar = bool | int | float | str
+
+
+class Conditional(BaseModel):
+    """A value that applies to tensors whose name contains ``filter`` (mergekit semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = None
+    value: Scalar | list[Scalar]
+
+
+Setting = Scalar | list[Scalar] | Conditional | list[Conditional]
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """Resolve a setting for one tensor: filters by substring, gradients interpolated at depth ``t`` in [0, 1]."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, bool | int | float | str):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, bool | int | float | str) for e in setting):
+        values = list(setting)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+    for cond in setting:
+        if not isinstance(cond, Conditional):
+            raise RecipeError(f"cannot mix plain values and {{filter, value}} entries in one setting: {setting!r}")
+        if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+            return evaluate_setting(cond.value, tensor_name, t)
+    return None
+
+
+def _scalars(setting: Setting) -> list[Scalar]:
+    """Every scalar a setting can produce (to validate them all up front)."""
+    if isinstance(setting, Conditional):
+        return _scalars(setting.value)
+    if isinstance(setting, list):
+        out: list[Scalar] = []
+        for item in setting:
+            out.extend(_scalars(item))
+        return out
+    return [setting]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _ref(cls, v: Any) -> str:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict) and "model" in v:  # mergekit's ModelReference {model: {path: ...}} is not supported
+            raise ValueError("LoRA / nested model references are not supported; give a folder or hub id")
+        return v
+
+
+_UNSUPPORTED = {
+    "slices": "layer slices (passthrough / frankenmerges) are not supported; merge whole models with `models:`",
+    "modules": "per-module definitions are not supported; use `models:` with tensor-name filters in parameters",
+    "tokenizer": "tokenizer unions are not supported; use tokenizer_source: base or a model reference",
+    "chat_template": "chat_template is not supported; the tokenizer files are copied from tokenizer_source",
+}
+
+
+class Recipe(BaseModel):
+    """A merge recipe. Load one with :func:`load_recipe` (YAML/JSON file) or ``Recipe.model_validate(dict)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    merge_method: str = Field(alias="method")
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    name: str | None = None
+    seed: int = 0
+    mergekit_compat: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    vocab_policy: Literal["error", "base"] = "error"
+    confine_paths: bool = False
+    # folder that relative model paths are resolved against (the recipe file's folder); not part of the hash
+    recipe_dir: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key, why in _UNSUPPORTED.items():
+                if data.get(key) not in (None, [], {}):
+                    raise ValueError(f"{key}: {why}")
+        if isinstance(data, Mapping):
+            data = {k: v for k, v in data.items() if k not in _UNSUPPORTED}
+        return data
+
+    @field_validator("base_model", "tokenizer_source", mode="before")
+    @classmethod
+    def _path_to_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {v!r}; use float32, float16 or bfloat16")
+        return v
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Recipe:
+        try:
+            method = get_method(self.merge_method)
+        except RecipeError as exc:
+            raise ValueError(str(exc).removeprefix("merge_method: ")) from None
+        experts = self.experts
+        if method.needs_base and not self.base_model:
+            raise ValueError(f"base_model: {method.name} needs a base model")
+        if not experts:
+            raise ValueError("models: no model to merge besides the base")
+        if len(experts) < method.min_models:
+            raise ValueError(f"models: {method.name} needs at least {method.min_models} model(s) besides the base, "
+                             f"got {len(experts)}")
+        if method.max_models is not None and len(experts) > method.max_models:
+            raise ValueError(f"models: {method.name} takes at most {method.max_models} model(s) besides the base, "
+                             f"got {len(experts)}")
+        _check_params(method, self)
+        return self
+
+    # --- derived views ---
+
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.merge_method)
+
+    @property
+    def experts(self) -> list[ModelEntry]:
+        """The non-base models in recipe order (mergekit lets the base appear in ``models``; it is not an expert)."""
+        return [m for m in self.models if m.model != self.base_model]
+
+    def resolve_reference(self, ref: str) -> str:
+        """A model reference with relative local paths resolved against the recipe's folder."""
+        if self.recipe_dir is None:
+            return ref
+        candidate = (self.recipe_dir / ref) if not Path(ref).is_absolute() else Path(ref)
+        if ref.startswith((".", "/")) or candidate.exists():
+            resolved = candidate.resolve()
+            if self.confine_paths and not resolved.is_relative_to(self.recipe_dir.resolve()):
+                raise RecipeError(f"model {ref!r} lies outside the recipe folder {self.recipe_dir} "
+                                  "(confine_paths: true)")
+            return str(resolved)
+        return ref
+
+    def default(self, spec: ParamSpec) -> Any:
+        return spec.default_for(self.mergekit_compat)
+
+    def tensor_params(self, tensor_name: str, t: float) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+        """Per-model and shared parameter values for one tensor (per-model value first, then the global one)."""
+        method = self.method
+        per_model: dict[str, list[Any]] = {}
+        for spec in method.per_model_params:
+            values = []
+            for entry in self.experts:
+                value = None
+                for source in (entry.parameters, self.parameters):
+                    if spec.name in source:
+                        value = evaluate_setting(source[spec.name], tensor_name, t)
+                        if value is not None:
+                            break
+                values.append(self.default(spec) if value is None else spec.type(value))
+            per_model[spec.name] = values
+        shared: dict[str, Any] = {}
+        for spec in method.shared_params:
+            value = evaluate_setting(self.parameters[spec.name], tensor_name, t) if spec.name in self.parameters \
+                else None
+            shared[spec.name] = self.default(spec) if value is None else spec.type(value)
+        return per_model, shared
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=False, exclude_none=True)
+
+    def recipe_hash(self) -> str:
+        raw = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.canonical(), sort_keys=False)
+
+
+def _check_params(method: MergeMethod, recipe: Recipe) -> None:
+    known = {p.name: p for p in method.params}
+
+    def check(settings: Mapping[str, Setting], where: str, allow_shared: bool) -> None:
+        for name, setting in settings.items():
+            spec = known.get(name)
+            if spec is None:
+                names = ", ".join(sorted(known)) or "none"
+                raise ValueError(f"{where}.{name}: unknown parameter for {method.name} (its parameters: {names})")
+            if not spec.per_model and not allow_shared:
+                raise ValueError(f"{where}.{name}: a shared parameter of {method.name}; set it under the top-level "
+                                 "`parameters`")
+            for value in _scalars(setting):
+                try:
+                    spec.check(value, f"{where}.{name}")
+                except RecipeError as exc:
+                    raise ValueError(str(exc)) from None
+
+    check(recipe.parameters, "parameters", allow_shared=True)
+    for i, entry in enumerate(recipe.models):
+        check(entry.parameters, f"models[{i}].parameters", allow_shared=False)
+    for spec in method.params:
+        if spec.required and spec.name not in recipe.parameters and not (
+                spec.per_model and all(spec.name in e.parameters for e in recipe.experts)):
+            raise ValueError(f"parameters.{spec.name}: required by {method.name} ({spec.help})")
+    # weights that sum to zero where the method normalises by them
+    if "weight" in known and "normalize" in known:
+        normalize = recipe.parameters.get("normalize", recipe.default(known["normalize"]))
+        if normalize is True:
+            weights = []
+            for entry in recipe.experts:
+                w = entry.parameters.get("weight", recipe.parameters.get("weight", known["weight"].default))
+                if not isinstance(w, int | float):
+                    return  # filters / gradients: checked per tensor when the merge is planned
+                weights.append(float(w))
+            if abs(sum(weights)) < 1e-8:
+                raise ValueError(f"models[*].parameters.weight: the weights sum to zero but {method.name} normalises "
+                                 "by their sum (set normalize: false or change the weights)")
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    # unions produce one error per alternative: keep the distinct messages
+    return "; ".join(dict.fromkeys(parts))
+
+
+def parse_recipe(data: Mapping[str, Any], *, recipe_dir: Path | None = None, source: str = "recipe") -> Recipe:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: expected a mapping at the top level")
+    try:
+        return Recipe.model_validate({**data, "recipe_dir": recipe_dir})
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_format_validation_error(exc)}") from None
+
+
+def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
+    """Read a YAML (or JSON) recipe; relative model paths are resolved against the recipe's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, Mapping):
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_recipe(data, recipe_dir=path.parent.resolve(), source=str(path))

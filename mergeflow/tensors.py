@@ -1,0 +1,333 @@
+"""Lazy sharded safetensors reading and planned, atomic sharded writing.
+
+Reading keeps one ``safe_open`` handle per shard and returns one tensor at a time, so memory holds only the tensors
+being merged. Writing is *planned*: every output tensor's name, shape and dtype is known before the merge starts (they
+are the base model's), so the shard layout and safetensors headers are written up front and each merged tensor's bytes
+go straight to their final offset with ``os.pwrite``. There is no shard buffer to fill and flush, and tensors may be
+written in any order (for instance by a background writer thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mergeflow.errors import CheckpointError, OutputPathError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+# safetensors dtype codes <-> torch dtypes
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a byte size such as ``1GB``, ``500M``, ``2GiB`` or a plain integer."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"cannot parse size {value!r}; use e.g. 1GB, 500MB, 2GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    base = 1024 if binary else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit]
+    size = int(number * base**power)
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class CheckpointReader:
+    """One model's tensors, read lazily one at a time from safetensors (or, if allowed, pickle) shards."""
+
+    def __init__(self, folder: Path, weight_files: Sequence[str], *, allow_pickle: bool = False) -> None:
+        self.folder = Path(folder)
+        self._file_of: dict[str, str] = {}
+        self._specs: dict[str, TensorSpec] = {}
+        self._handles: dict[str, object] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        for file in weight_files:
+            path = self.folder / file
+            if file.endswith(".safetensors"):
+                try:
+                    handle = safe_open(str(path), framework="pt")
+                except Exception as exc:  # safetensors raises its own error types
+                    raise CheckpointError(f"cannot read {path}: {exc}") from exc
+                self._handles[file] = handle
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
+                    self._add(name, file, TensorSpec(name, tuple(sl.get_shape()), dtype))
+            elif allow_pickle:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._pickled[file] = state
+                for name, t in state.items():
+                    self._add(name, file, TensorSpec(name, tuple(t.shape), t.dtype))
+            else:
+                raise CheckpointError(f"{path} is a pickle file; set allow_pickle: true in the recipe to load it")
+
+    def _add(self, name: str, file: str, spec: TensorSpec) -> None:
+        if name in self._file_of:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} appears in both {self._file_of[name]} and {file}")
+        self._file_of[name] = file
+        self._specs[name] = spec
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    @property
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.folder} has no tensor {name!r}")
+        handle = self._handles.get(file)
+        if handle is not None:
+            try:
+                return handle.get_tensor(name)
+            except Exception as exc:
+                raise CheckpointError(f"cannot read tensor {name!r} from {self.folder / file}: {exc}") from exc
+        return self._pickled[file][name]
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+class ShardedWriter:
+    """Writes a known set of tensors into HF-style safetensors shards, each tensor straight to its final offset."""
+
+    def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_bytes: int,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self._meta = {"format": "pt", **(metadata or {})}
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd index, absolute offset, spec)
+        self._fds: list[int] = []
+        self._pending = {s.name for s in specs}
+        self.shards = plan_shards(specs, max_shard_bytes)
+        self.files = shard_file_names(len(self.shards))
+        self.total_bytes = sum(s.nbytes for s in specs)
+        for index, (file, shard) in enumerate(zip(self.files, self.shards)):
+            header: dict[str, object] = {"__metadata__": self._meta}
+            offset = 0
+            offsets = []
+            for spec in shard:
+                header[spec.name] = {"dtype": _TORCH_TO_ST[spec.dtype], "shape": list(spec.shape),
+                                     "data_offsets": [offset, offset + spec.nbytes]}
+                offsets.append(offset)
+                offset += spec.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
+            fd = os.open(self.folder / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            data_start = 8 + len(raw)
+            os.ftruncate(fd, data_start + offset)
+            for spec, off in zip(shard, offsets):
+                self._where[spec.name] = (index, data_start + off, spec)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        index, offset, spec = self._where[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"{name}: expected {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data)
+        written = 0
+        while written < len(view):  # pwrite may write less than asked for very large buffers
+            written += os.pwrite(self._fds[index], view[written:], offset + written)
+        self._pending.discard(name)
+
+    def finalize(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"{len(self._pending)} tensors were never written, e.g. {sorted(self._pending)[:3]}")
+        for fd in self._fds:
+            os.fsync(fd)
+        self.close()
+        if len(self.files) > 1:
+            weight_map = {spec.name: file for file, shard in zip(self.files, self.shards) for spec in shard}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+
+def _is_inside(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(out: Path, inputs: Sequence[Path], *, overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``), or that lies inside an input or contains one."""
+    out = Path(out)
+    for src in inputs:
+        if _is_inside(out, src):
+            raise OutputPathError(f"output {out} lies inside the input {src}")
+        if _is_inside(src, out):
+            raise OutputPathError(f"output {out} contains the input {src}; it would be deleted")
+    if out.exists() and not overwrite:
+        raise OutputPathError(f"output {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output {out} exists and is not a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise OutputPathError(f"cannot write into {parent}")
+
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _remove_stale_siblings(out: Path) -> None:
+    """Remove temp folders that a killed earlier run left beside ``out`` (their process is gone)."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        m = _TMP_RE.match(entry.name)
+        if not m or m.group("name") != out.name:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; rename it into place only when the block completes.
+
+    On any exception (or KeyboardInterrupt / SystemExit) the temporary folder is removed and an existing ``out`` is
+    left untouched. With ``overwrite`` the old folder is moved aside first and deleted only after the new one is in
+    place, so at every instant ``out`` is either the complete old or the complete new output.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputPathError(f"output {out} appeared while merging; not replacing it")
+        old = out.parent / f".{out.name}.old-{tag}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
