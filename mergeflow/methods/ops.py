@@ -11,6 +11,7 @@ import torch
 
 _HI_BINS = 1 << 15  # sign bit is 0 for |x|, so the high 16 bits of a non-negative float32 are < 2**15
 _LO_BINS = 1 << 16
+_RADIX_MIN_NUMEL = 1 << 20
 
 
 class KthSmallest:
@@ -61,7 +62,10 @@ class KthSmallest:
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> float:
-    """Exact k-th smallest (1-based) of a non-negative tensor; several times faster than ``torch.kthvalue`` on CPU."""
+    """Exact k-th smallest (1-based) of a non-negative tensor; several times faster than ``torch.kthvalue`` on CPU
+    for large tensors (small ones use ``kthvalue``: the histograms would cost more than the selection)."""
+    if values.numel() < _RADIX_MIN_NUMEL:
+        return float(values.reshape(-1).float().kthvalue(k).values)
     sel = KthSmallest(k)
     sel.add_first(values)
     sel.finish_first()

@@ -1,0 +1,159 @@
+"""The ``mergeflow`` command.
+
+Every error a user can cause prints one line (``error: ...``) and exits with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mergeflow import __version__
+from mergeflow.errors import MergeflowError
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_libraries() -> None:
+    # third-party progress bars and hub lookups would drown ours; nothing here needs the network
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _sigterm_as_interrupt() -> None:
+    # a killed merge must still remove its temporary folder: turn SIGTERM into an exception that unwinds
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print MergeflowError as one line and exit 2 (traceback only with --debug)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except MergeflowError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="mergeflow")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Merge fine-tuned language models: streaming merge engine, data-aware methods, evaluation, registry."""
+    _quiet_libraries()
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--mergekit-compat", is_flag=True, default=None,
+              help="Reproduce mergekit 0.1.x semantics exactly (per-tensor trim, L1 rescale, dtypes).")
+@click.option("--seed", type=int, default=None, help="Seed of random methods (DARE, DELLA); overrides the recipe.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, only once the merge is done).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the per-tensor arithmetic runs.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Maximum bytes per output shard (e.g. 500MB, 2GB).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@user_errors
+def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | None, overwrite: bool, device: str,
+          shard_size: str, no_progress: bool) -> None:
+    """Merge the models of RECIPE (a mergeflow or mergekit YAML) into the folder OUT."""
+    from mergeflow.engine import MergeOptions
+    from mergeflow.engine import merge as run_merge
+    from mergeflow.recipe import load_recipe
+    from mergeflow.tensors import parse_size
+
+    try:
+        parse_size(shard_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard-size") from None
+    _sigterm_as_interrupt()
+    r = load_recipe(recipe, mergekit_compat=mergekit_compat, seed=seed)
+    result = run_merge(r, out, options=MergeOptions(device=device, shard_size=shard_size, overwrite=overwrite,
+                                                    progress=not no_progress))
+    rate = result.bytes_written / max(result.seconds, 1e-9)
+    click.echo(f"merged {result.n_tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.path} in "
+               f"{result.seconds:.1f} s ({rate / 1e6:.0f} MB/s); recipe {result.recipe_hash[:19]}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def check(recipe: Path, as_json: bool) -> None:
+    """Check that the models of RECIPE can be merged: architectures, tensors, vocabularies, dtypes, memory."""
+    from mergeflow.engine import plan_merge
+    from mergeflow.recipe import load_recipe
+
+    plan = plan_merge(load_recipe(recipe), strict=False)
+    plan.close()
+    report = plan.report
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": report.warnings,
+                               "estimate": report.estimate,
+                               "models": [m.__dict__ for m in report.models]}, indent=2))
+    else:
+        click.echo(report.render())
+    if not report.ok:
+        sys.exit(EXIT_USER_ERROR)
+
+
+@main.command()
+@click.argument("name", required=False)
+def methods(name: str | None) -> None:
+    """List the merge methods with their parameters, defaults and papers (or describe NAME)."""
+    from mergeflow.methods import all_methods, get_method
+
+    chosen = [get_method(name)] if name else all_methods()
+    for m in chosen:
+        flags = [f for f, on in (("base model", m.needs_base), ("random", m.random)) if on]
+        click.echo(click.style(m.name, bold=True) + (f"  [{', '.join(flags)}]" if flags else ""))
+        click.echo(f"    {m.summary}")
+        click.echo(f"    paper: {m.paper}")
+        for p in m.params:
+            default = "required" if p.required else f"default {p.default!r}"
+            if p.default_compat is not None:
+                default += f" (mergekit_compat: {p.default_compat!r})"
+            scope = "per model" if p.per_model else "shared"
+            choices = f" one of {list(c for c in p.choices if c)}" if p.choices else ""
+            click.echo(f"    - {p.name} ({p.type.__name__}, {scope}, {default}){choices}: {p.help}")
+        click.echo("")
+
+
+def _mount_optional_commands() -> None:
+    """The zoo and evaluation commands live beside their code; mount them when their dependencies import."""
+    try:
+        from mergeflow.zoo.commands import eval_command, zoo
+    except ImportError:
+        return
+    main.add_command(zoo)
+    main.add_command(eval_command, name="eval")
+
+
+_mount_optional_commands()
+
+if __name__ == "__main__":
+    main()

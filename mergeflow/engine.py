@@ -1,0 +1,425 @@
+"""The streaming merge: for each output tensor, gather the inputs → run the method's kernel → write, with prefetch.
+
+Peak memory is about (K + 1) × the largest tensor in the compute dtype plus the prefetched next tensor set; no model
+is ever held whole. Planning (resolve, headers, compatibility, parameters, output path) happens before any tensor is
+read, so every recipe or input problem surfaces in well under a second with nothing written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeflow import __version__
+from mergeflow.architecture import Architecture
+from mergeflow.checkpoints import Snapshot, resolve
+from mergeflow.compatibility import CompatibilityReport, compare, summarize
+from mergeflow.errors import IncompatibleModelsError, NonFiniteTensorError, RecipeError
+from mergeflow.methods.base import KernelInput, MergeMethod
+from mergeflow.recipe import Recipe
+from mergeflow.tensors import (
+    CheckpointReader,
+    ShardedWriter,
+    TensorSpec,
+    atomic_directory,
+    check_output_path,
+    dtype_from_name,
+    dtype_name,
+    parse_size,
+)
+
+DEFAULT_SHARD_SIZE = "1GB"
+_COPIED_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    device: str = "cpu"  # cpu | cuda | auto
+    shard_size: str | int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    progress: bool = True
+    prefetch: bool = True
+
+
+@dataclass
+class Input:
+    role: str  # "base" or "model[i]"
+    snapshot: Snapshot
+    reader: CheckpointReader
+    arch: Architecture
+    rng_id: str  # stable identity for random draws: content hash (+ occurrence when repeated)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    base: Input | None
+    experts: list[Input]
+    reference: Input  # whose tensor layout, config and tokenizer the output takes
+    specs: list[TensorSpec]  # output tensors, in the reference's order
+    params: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]]
+    compute_dtype: torch.dtype | None  # None: per tensor (fp32, or fp64 inputs stay fp64)
+    device: torch.device
+    report: CompatibilityReport
+    thresholds: list[float] | None = None
+
+    @property
+    def inputs(self) -> list[Input]:
+        return ([self.base] if self.base else []) + self.experts
+
+    def input_hashes(self) -> dict[str, str]:
+        return {i.snapshot.reference: i.snapshot.content_hash for i in self.inputs}
+
+    def close(self) -> None:
+        for i in self.inputs:
+            i.reader.close()
+
+
+@dataclass
+class MergeResult:
+    path: Path | None
+    recipe_hash: str
+    input_hashes: dict[str, str]
+    n_tensors: int
+    bytes_written: int
+    seconds: float
+    thresholds: list[float] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def _layer_fraction(arch: Architecture, name: str) -> float:
+    """mergekit's gradient position: layer i of L → i/(L−1); tensors outside blocks → 0."""
+    role = arch.tensors.get(name)
+    if role is None or role.layer_index is None:
+        return 0.0
+    return role.layer_index / (arch.num_layers - 1) if arch.num_layers > 1 else 1.0
+
+
+def _open(role: str, ref: str, recipe: Recipe) -> tuple[Snapshot, CheckpointReader, Architecture]:
+    snap = resolve(recipe.resolve_reference(ref), allow_pickle=recipe.allow_pickle,
+                   trust_remote_code=recipe.trust_remote_code)
+    reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=recipe.allow_pickle)
+    config = json.loads((snap.path / "config.json").read_text())
+    arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
+    return snap, reader, arch
+
+
+def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions = MergeOptions(),
+               strict: bool = True) -> MergePlan:
+    """Resolve, inspect and validate everything a merge needs, without reading a single tensor's data."""
+    method = recipe.method
+    device = pick_device(options.device)
+    base: Input | None = None
+    if recipe.base_model:
+        snap, reader, arch = _open("base", recipe.base_model, recipe)
+        base = Input("base", snap, reader, arch, snap.content_hash)
+    experts: list[Input] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(recipe.experts):
+        snap, reader, arch = _open(f"model[{i}]", entry.model, recipe)
+        n = seen.get(snap.content_hash, 0)
+        seen[snap.content_hash] = n + 1
+        experts.append(Input(f"model[{i}]", snap, reader, arch, f"{snap.content_hash}#{n}"))
+    reference = base if base is not None else experts[0]
+    summaries = {id(i): summarize(i.role, i.snapshot.reference, i.snapshot.content_hash, i.arch, i.reader)
+                 for i in [reference, *experts]}
+    problems, warnings = compare(
+        (summaries[id(reference)], reference.arch, reference.reader),
+        [(summaries[id(e)], e.arch, e.reader) for e in experts if e is not reference],
+        vocab_policy=recipe.vocab_policy,
+    )
+    report = CompatibilityReport([summaries[id(reference)]] + [summaries[id(e)] for e in experts
+                                                                 if e is not reference], problems, warnings)
+    if strict and problems:
+        raise IncompatibleModelsError("; ".join(problems))
+
+    out_dtype = dtype_from_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    compute_dtype = None
+    if recipe.mergekit_compat and recipe.dtype:
+        compute_dtype = dtype_from_name(recipe.dtype)
+    specs = []
+    params = {}
+    for name, spec in reference.reader.specs.items():
+        floating = spec.dtype.is_floating_point
+        specs.append(TensorSpec(name, spec.shape, out_dtype if (floating and out_dtype) else spec.dtype))
+        if floating:
+            per_model, shared = recipe.tensor_params(name, _layer_fraction(reference.arch, name))
+            _check_tensor_params(method, name, per_model, shared)
+            params[name] = (per_model, shared)
+    report.estimate = _estimate(reference, experts, specs, compute_dtype)
+    if out is not None:
+        check_output_path(out, [i.snapshot.path for i in [*([base] if base else []), *experts]],
+                          overwrite=options.overwrite)
+    plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report)
+    if not recipe.mergekit_compat and any(method.needs_global_threshold(sh) for _, sh in params.values()):
+        plan.thresholds = _global_thresholds(plan)
+    return plan
+
+
+def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, list[Any]],
+                         shared: dict[str, Any]) -> None:
+    if "weight" in per_model and shared.get("normalize") is True and method.name in ("linear",):
+        if abs(sum(per_model["weight"])) < 1e-8:
+            raise RecipeError(f"parameters.weight: the weights of tensor {name} sum to zero but {method.name} "
+                              "normalises by their sum")
+    for pname, values in per_model.items():
+        spec = method.param(pname)
+        for i, value in enumerate(values):
+            if spec is not None and value is not None:
+                spec.check(value, f"models[{i}].parameters.{pname} (tensor {name})")
+
+
+def _estimate(reference: Input, experts: list[Input], specs: list[TensorSpec],
+              compute_dtype: torch.dtype | None) -> dict[str, int]:
+    largest = max((s.numel for s in specs), default=0)
+    k = len(experts) + (1 if reference not in experts else 0)
+    item = (torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4)
+    in_item = max((s.nbytes // max(s.numel, 1) for s in reference.reader.specs.values()), default=4)
+    # raw prefetched inputs (current + next) + compute copies + a stacked K-way buffer + the output being written
+    peak = 2 * k * largest * in_item + (2 * k + 2) * largest * item + largest * 4
+    return {"peak_bytes": int(peak), "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
+
+
+def _global_thresholds(plan: MergePlan) -> list[float]:
+    """Per-expert exact |Δ| thresholds over the whole task vector (global TIES trim), cached by content."""
+    from mergeflow.task_vectors import task_vector_manifest
+
+    thresholds = []
+    for i, expert in enumerate(plan.experts):
+        densities = {plan.params[n][0]["density"][i] for n in plan.params}
+        if len(densities) != 1:
+            raise RecipeError(f"models[{i}].parameters.density: trim_scope global needs one density per model; "
+                              "use trim_scope: tensor for per-tensor densities")
+        density = float(next(iter(densities)))
+        assert plan.base is not None
+        manifest = task_vector_manifest(plan.base, expert, densities=(density,))
+        thresholds.append(manifest.thresholds[repr(density)])
+    return thresholds
+
+
+# ------------------------------------------------------------------------------------------------ the merge loop
+
+
+def _rng_seed(seed: int, tensor: str, model_id: str) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{tensor}\x00{model_id}".encode()).digest()
+    return struct.unpack("<q", digest[:8])[0] & ((1 << 63) - 1)
+
+
+def _fit_vocab(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """vocab_policy base: rows the base has; missing rows take the base's values (a zero task vector)."""
+    if tensor.shape == like.shape:
+        return tensor
+    out = like.clone()
+    rows = min(tensor.shape[0], like.shape[0])
+    out[:rows] = tensor[:rows].to(like.dtype)
+    return out
+
+
+def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = plan.base.reader.get(name) if plan.base else None
+    models = [e.reader.get(name) for e in plan.experts]
+    for who, t in [(plan.base, base), *zip(plan.experts, models)]:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteTensorError(f"{who.role} ({who.snapshot.reference}): tensor {name} holds {bad} NaN/Inf "
+                                       "value(s)")
+    return base, models
+
+
+def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor in the output dtype, on CPU)`` for every output tensor, streaming."""
+    recipe, method = plan.recipe, plan.method
+    names = [s.name for s in plan.specs]
+    out_dtypes = {s.name: s.dtype for s in plan.specs}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-read")
+    try:
+        pending: Future | None = pool.submit(_load, plan, names[0]) if names else None
+        for index, name in enumerate(names):
+            assert pending is not None
+            base_raw, models_raw = pending.result()
+            pending = pool.submit(_load, plan, names[index + 1]) if index + 1 < len(names) else None
+            reference_raw = base_raw if plan.base is not None else models_raw[0]
+            if not reference_raw.is_floating_point():
+                yield name, reference_raw  # integer / bool buffers are copied, never merged
+                continue
+            dtype = plan.compute_dtype or (torch.float64 if reference_raw.dtype == torch.float64 else torch.float32)
+            if plan.compute_dtype is None and recipe.mergekit_compat:
+                dtype = reference_raw.dtype
+                for t in models_raw:
+                    dtype = torch.promote_types(dtype, t.dtype)
+            base = base_raw.to(plan.device, dtype) if base_raw is not None else None
+            models = [t.to(plan.device, dtype) for t in models_raw]
+            if recipe.vocab_policy == "base" and base is not None:
+                models = [_fit_vocab(t, base) for t in models]
+            per_model, shared = plan.params[name]
+            generators = None
+            if method.random:
+                generators = []
+                for e in plan.experts:
+                    g = torch.Generator(device=plan.device)
+                    g.manual_seed(_rng_seed(recipe.seed, name, e.rng_id))
+                    generators.append(g)
+            x = KernelInput(name=name, base=base, models=models, params=per_model, shared=shared,
+                            generators=generators, thresholds=plan.thresholds, compat=recipe.mergekit_compat)
+            with torch.no_grad():
+                merged = method.kernel(x)
+            del base, models, x
+            yield name, merged.to(out_dtypes[name]).cpu()
+            if progress is not None:
+                progress.update(merged.numel() * torch.empty((), dtype=out_dtypes[name]).element_size())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def merge_state_dict(recipe: Recipe, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Merge in memory (small models: evaluation of many candidate merges without touching disk)."""
+    plan = plan_merge(recipe, options=MergeOptions(device=device, progress=False))
+    try:
+        return dict(iter_merged(plan))
+    finally:
+        plan.close()
+
+
+def merge(recipe: Recipe, out: str | Path, *, options: MergeOptions = MergeOptions()) -> MergeResult:
+    """Merge to ``out``: sharded safetensors + config + tokenizer + model card + provenance, renamed into place."""
+    out = Path(out)
+    start = time.perf_counter()
+    plan = plan_merge(recipe, out=out, options=options)
+    try:
+        shard_size = parse_size(options.shard_size)
+        progress = None
+        if options.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=sum(s.nbytes for s in plan.specs), unit="B", unit_scale=True,
+                            desc=f"merge {recipe.merge_method}", dynamic_ncols=True)
+        with atomic_directory(out, overwrite=options.overwrite) as tmp:
+            provenance = provenance_of(plan)
+            writer = ShardedWriter(tmp, plan.specs, shard_size,
+                                   metadata={"mergeflow_version": __version__,
+                                             "mergeflow_recipe_hash": provenance["recipe_hash"]})
+            write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-write")
+            try:
+                in_flight: list[Future] = []
+                for name, tensor in iter_merged(plan, progress):
+                    in_flight.append(write_pool.submit(writer.write, name, tensor))
+                    if len(in_flight) > 2:  # bound memory held by queued writes
+                        in_flight.pop(0).result()
+                for f in in_flight:
+                    f.result()
+            finally:
+                write_pool.shutdown(wait=True)
+                writer.close()
+            writer.finalize()
+            _copy_support_files(plan, tmp)
+            elapsed = time.perf_counter() - start
+            provenance["seconds"] = round(elapsed, 3)
+            (tmp / "mergeflow.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(plan, provenance))
+        if progress is not None:
+            progress.close()
+        return MergeResult(out, provenance["recipe_hash"], plan.input_hashes(), len(plan.specs), writer.total_bytes,
+                           time.perf_counter() - start, plan.thresholds, provenance)
+    finally:
+        plan.close()
+
+
+def _copy_support_files(plan: MergePlan, dest: Path) -> None:
+    src = plan.reference.snapshot.path
+    for name in _COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    float_dtypes = {s.dtype for s in plan.specs if s.dtype.is_floating_point}
+    if len(float_dtypes) == 1:
+        out = dtype_name(next(iter(float_dtypes)))
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = out
+        if "torch_dtype" not in config and "dtype" not in config:
+            config["dtype"] = out
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_ref = plan.recipe.tokenizer_source
+    tok_src = src
+    if tok_ref and tok_ref != "base":
+        match = [i for i in plan.inputs if i.snapshot.reference == plan.recipe.resolve_reference(tok_ref)
+                 or tok_ref in (i.snapshot.reference,)]
+        tok_src = match[0].snapshot.path if match else resolve(plan.recipe.resolve_reference(tok_ref),
+                                                                scan_finite=False).path
+    for name in TOKENIZER_FILES:
+        if (tok_src / name).is_file():
+            shutil.copy2(tok_src / name, dest / name)
+
+
+def provenance_of(plan: MergePlan) -> dict[str, Any]:
+    recipe = plan.recipe
+    return {
+        "mergeflow_version": __version__,
+        "recipe_hash": recipe.recipe_hash(),
+        "recipe": recipe.canonical(),
+        "method": recipe.merge_method,
+        "paper": plan.method.paper,
+        "mergekit_compat": recipe.mergekit_compat,
+        "inputs": [{"role": i.role, "reference": i.snapshot.reference, "content_hash": i.snapshot.content_hash,
+                    "revision": i.snapshot.revision} for i in plan.inputs],
+        "global_thresholds": plan.thresholds,
+        "torch_version": torch.__version__,
+    }
+
+
+def model_card(plan: MergePlan, provenance: dict[str, Any]) -> str:
+    recipe = plan.recipe
+    base_ref = plan.base.snapshot.reference if plan.base else None
+    front = ["---", "library_name: transformers", "tags:", "- mergeflow", "- merge", f"- {recipe.merge_method}"]
+    if base_ref and not Path(base_ref).is_absolute():
+        front.append(f"base_model: {base_ref}")
+    front.append("---")
+    inputs = "\n".join(f"| {i['role']} | `{i['reference']}` | `{i['content_hash']}` |" for i in provenance["inputs"])
+    return "\n".join(front) + f"""
+
+# {recipe.name or 'Merged model'}
+
+Merged with mergeflow {provenance['mergeflow_version']} using **{recipe.merge_method}**
+({plan.method.summary}).
+
+Method reference: {plan.method.paper}.
+{'Computed with mergekit 0.1.x-compatible semantics (`mergekit_compat: true`).' if recipe.mergekit_compat else ''}
+
+## Inputs
+
+| role | reference | content hash |
+|---|---|---|
+{inputs}
+
+## Recipe
+
+Recipe hash `{provenance['recipe_hash']}`.
+
+```yaml
+{recipe.to_yaml().rstrip()}
+```
+
+Provenance (recipe, input hashes, library version) is also in `mergeflow.json` beside the weights.
+"""

@@ -1,0 +1,112 @@
+"""The task_vectors stage: Δ_t = θ_t − θ_b streamed per tensor in fp32, summarised in a small manifest.
+
+Deltas are never stored: kernels recompute them per tensor on the fly (a subtraction is cheaper than reading a stored
+delta back). The manifest records what later stages need without touching the weights again: the tensor table,
+per-tensor L2 norms and max |Δ|, and the exact global magnitude thresholds for global TIES trimming, found by
+two-pass radix selection over the whole task vector in bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mergeflow.cache import Cache, cache_key
+from mergeflow.methods.ops import KthSmallest, trim_rank
+
+if TYPE_CHECKING:
+    from mergeflow.engine import Input
+
+MANIFEST_FILE = "task_vector.json"
+
+
+@dataclass
+class TaskVectorManifest:
+    expert: str
+    expert_hash: str
+    base: str
+    base_hash: str
+    numel: int
+    l2_norm: float
+    tensors: dict[str, dict[str, Any]]  # name -> {shape, numel, l2, abs_max}
+    thresholds: dict[str, float]  # repr(density) -> keep |Δ| >= threshold
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: Path) -> TaskVectorManifest:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _float_names(base: Input) -> list[str]:
+    return [n for n, s in base.reader.specs.items() if s.dtype.is_floating_point]
+
+
+def _deltas(base: Input, expert: Input, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    for name in names:
+        b = base.reader.get(name).float()
+        e = expert.reader.get(name).float()
+        if e.shape != b.shape:  # vocab_policy base: compare the rows both have
+            rows = min(e.shape[0], b.shape[0])
+            b, e = b[:rows], e[:rows]
+        yield name, e.sub_(b)
+
+
+def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = ()) -> TaskVectorManifest:
+    start = time.perf_counter()
+    names = _float_names(base)
+    densities = sorted(set(densities))
+    tensors: dict[str, dict[str, Any]] = {}
+    total = 0
+    sq = 0.0
+    selectors: dict[float, KthSmallest] = {}
+    numel = sum(base.reader.specs[n].numel for n in names)
+    for d in densities:
+        rank = trim_rank(numel, d)
+        if rank > 0:
+            selectors[d] = KthSmallest(rank)
+    for name, delta in _deltas(base, expert, names):
+        a = delta.abs_()
+        l2 = float(torch.linalg.vector_norm(a))
+        tensors[name] = {"shape": list(delta.shape), "numel": delta.numel(), "l2": l2,
+                         "abs_max": float(a.max()) if a.numel() else 0.0}
+        total += delta.numel()
+        sq += l2 * l2
+        for sel in selectors.values():
+            sel.add_first(a)
+    thresholds = {repr(d): float("-inf") for d in densities}
+    if selectors:
+        for sel in selectors.values():
+            sel.finish_first()
+        for _, delta in _deltas(base, expert, names):
+            a = delta.abs_()
+            for sel in selectors.values():
+                sel.add_second(a)
+        thresholds.update({repr(d): sel.value() for d, sel in selectors.items()})
+    return TaskVectorManifest(
+        expert=expert.snapshot.reference, expert_hash=expert.snapshot.content_hash,
+        base=base.snapshot.reference, base_hash=base.snapshot.content_hash, numel=total, l2_norm=sq ** 0.5,
+        tensors=tensors, thresholds=thresholds, seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+def task_vector_manifest(base: Input, expert: Input, densities: Iterable[float] = (),
+                         cache: Cache | None = None) -> TaskVectorManifest:
+    """The manifest of ``expert − base`` with thresholds for ``densities``, computed once per content."""
+    densities = tuple(sorted(set(float(d) for d in densities)))
+    cache = cache or Cache()
+    key = cache_key("task_vector", base=base.snapshot.content_hash, expert=expert.snapshot.content_hash,
+                    densities=[repr(d) for d in densities])
+
+    def build(folder: Path) -> None:
+        (folder / MANIFEST_FILE).write_text(compute_manifest(base, expert, densities).to_json())
+
+    return TaskVectorManifest.load(cache.get_or_create("task_vector", key, build) / MANIFEST_FILE)
