@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -58,7 +58,28 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class LazyGroup(click.Group):
+    """Subcommands that live beside heavy code (torch, lm-eval) are imported only when invoked."""
+
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {"zoo": ("mergeflow.zoo.commands", "zoo"), "eval": ("mergeflow.zoo.commands", "eval_command"),
+            "demo": ("mergeflow.demo", "demo_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[name]
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise click.UsageError(f"'{name}' is unavailable: {exc}") from None
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="mergeflow")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug: bool) -> None:
@@ -142,18 +163,6 @@ def methods(name: str | None) -> None:
             click.echo(f"    - {p.name} ({p.type.__name__}, {scope}, {default}){choices}: {p.help}")
         click.echo("")
 
-
-def _mount_optional_commands() -> None:
-    """The zoo and evaluation commands live beside their code; mount them when their dependencies import."""
-    try:
-        from mergeflow.zoo.commands import eval_command, zoo
-    except ImportError:
-        return
-    main.add_command(zoo)
-    main.add_command(eval_command, name="eval")
-
-
-_mount_optional_commands()
 
 if __name__ == "__main__":
     main()

@@ -98,7 +98,7 @@ def compare(reference: tuple[ModelSummary, Architecture, CheckpointReader],
     ref_sum, ref_arch, ref_reader = reference
     ref_names = set(ref_reader.specs)
     vocab_mismatch: dict[str, int | None] = {}
-    for summ, arch, reader in others:
+    for summ, _arch, reader in others:
         who = f"{summ.role} ({summ.reference})"
         for key in _ARCH_FIELDS:
             if summ.architecture[key] != ref_sum.architecture[key]:

@@ -77,6 +77,12 @@ class MergePlan:
     thresholds: list[float] | None = None
 
     @property
+    def canonical_order(self) -> list[int]:
+        if self.recipe.mergekit_compat:
+            return list(range(len(self.experts)))
+        return sorted(range(len(self.experts)), key=lambda i: self.experts[i].rng_id)
+
+    @property
     def inputs(self) -> list[Input]:
         return ([self.base] if self.base else []) + self.experts
 
@@ -172,6 +178,8 @@ def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions
         check_output_path(out, [i.snapshot.path for i in [*([base] if base else []), *experts]],
                           overwrite=options.overwrite)
     plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report)
+    if problems:  # only reachable with strict=False (a report for `mergeflow check`): read no tensor data
+        return plan
     if not recipe.mergekit_compat and any(method.needs_global_threshold(sh) for _, sh in params.values()):
         plan.thresholds = _global_thresholds(plan)
     return plan
@@ -179,10 +187,10 @@ def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions
 
 def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, list[Any]],
                          shared: dict[str, Any]) -> None:
-    if "weight" in per_model and shared.get("normalize") is True and method.name in ("linear",):
-        if abs(sum(per_model["weight"])) < 1e-8:
-            raise RecipeError(f"parameters.weight: the weights of tensor {name} sum to zero but {method.name} "
-                              "normalises by their sum")
+    if (method.normalizes_by_weight_sum and shared.get("normalize") is True
+            and abs(sum(float(w) for w in per_model["weight"])) < 1e-8):
+        raise RecipeError(f"parameters.weight: the weights of tensor {name} sum to zero but {method.name} "
+                          "normalises by their sum")
     for pname, values in per_model.items():
         spec = method.param(pname)
         for i, value in enumerate(values):
@@ -273,15 +281,21 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
             if recipe.vocab_policy == "base" and base is not None:
                 models = [_fit_vocab(t, base) for t in models]
             per_model, shared = plan.params[name]
+            # Paper mode combines the experts in a canonical order (by content), so listing them differently gives
+            # a bit-identical model; compat mode keeps the recipe order, as mergekit sums in config order.
+            order = plan.canonical_order
+            models = [models[i] for i in order]
+            per_model = {k: [v[i] for i in order] for k, v in per_model.items()}
+            thresholds = [plan.thresholds[i] for i in order] if plan.thresholds else None
             generators = None
             if method.random:
                 generators = []
-                for e in plan.experts:
+                for i in order:
                     g = torch.Generator(device=plan.device)
-                    g.manual_seed(_rng_seed(recipe.seed, name, e.rng_id))
+                    g.manual_seed(_rng_seed(recipe.seed, name, plan.experts[i].rng_id))
                     generators.append(g)
             x = KernelInput(name=name, base=base, models=models, params=per_model, shared=shared,
-                            generators=generators, thresholds=plan.thresholds, compat=recipe.mergekit_compat)
+                            generators=generators, thresholds=thresholds, compat=recipe.mergekit_compat)
             with torch.no_grad():
                 merged = method.kernel(x)
             del base, models, x

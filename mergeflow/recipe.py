@@ -246,7 +246,7 @@ def _check_params(method: MergeMethod, recipe: Recipe) -> None:
                 spec.per_model and all(spec.name in e.parameters for e in recipe.experts)):
             raise ValueError(f"parameters.{spec.name}: required by {method.name} ({spec.help})")
     # weights that sum to zero where the method normalises by them
-    if "weight" in known and "normalize" in known:
+    if method.normalizes_by_weight_sum:
         normalize = recipe.parameters.get("normalize", recipe.default(known["normalize"]))
         if normalize is True:
             weights = []

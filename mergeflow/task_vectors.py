@@ -57,7 +57,7 @@ def _deltas(base: Input, expert: Input, names: Iterable[str]) -> Iterable[tuple[
         if e.shape != b.shape:  # vocab_policy base: compare the rows both have
             rows = min(e.shape[0], b.shape[0])
             b, e = b[:rows], e[:rows]
-        yield name, e.sub_(b)
+        yield name, e - b  # never in place: reader tensors may be views of the file mapping
 
 
 def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = ()) -> TaskVectorManifest:

@@ -118,7 +118,7 @@ class CheckpointReader:
                 except Exception as exc:  # safetensors raises its own error types
                     raise CheckpointError(f"cannot read {path}: {exc}") from exc
                 self._handles[file] = handle
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                     sl = handle.get_slice(name)
                     dtype = _ST_DTYPES.get(sl.get_dtype())
                     if dtype is None:
@@ -152,6 +152,8 @@ class CheckpointReader:
         return self._specs
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``. It may share memory with the file mapping: treat it as read-only (an in-place op
+        would change what later reads of the same tensor return)."""
         file = self._file_of.get(name)
         if file is None:
             raise CheckpointError(f"{self.folder} has no tensor {name!r}")

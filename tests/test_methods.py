@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergeflow.methods import KernelInput, get_method
-from mergeflow.methods import ops
+from mergeflow.methods import KernelInput, get_method, ops
 
 
 def _inputs(k: int = 3, shape: tuple[int, ...] = (6, 5), seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -77,7 +77,8 @@ class ParamSpec:
 
 @dataclass
 class KernelInput:
-    """Everything a kernel needs for one output tensor."""
+    """Everything a kernel needs for one output tensor. ``base`` and ``models`` are read-only: they may share
+    memory with the memory-mapped checkpoint files, so kernels never modify them in place."""
 
     name: str
     base: torch.Tensor | None
@@ -108,6 +109,8 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     mergekit_name: str | None = None  # the mergekit method with the same semantics in compat mode
+    # with normalize on, the merged vector is divided by the sum of the weights (so they must not sum to zero)
+    normalizes_by_weight_sum: bool = False
     # methods that trim by a global magnitude threshold ask the engine for per-model thresholds at this density param
     needs_global_threshold: Callable[[dict[str, Any]], bool] = field(default=lambda shared: False)
 
@@ -153,7 +156,7 @@ def all_methods() -> list[MergeMethod]:
 
 def _load_builtin() -> None:
     # importing the modules registers their methods
-    from mergeflow.methods import linear, model_stock, slerp, task_arithmetic, tall  # noqa: F401
+    from mergeflow.methods import linear, model_stock, slerp, tall, task_arithmetic  # noqa: F401
 
 
 # Parameter specs shared by several methods

@@ -32,4 +32,5 @@ register(MergeMethod(
     needs_base=False,
     min_models=1,
     mergekit_name="linear",
+    normalizes_by_weight_sum=True,
 ), aliases=("weight_average",))
