@@ -327,3 +327,26 @@ def test_cli_merge_check_methods_and_errors(families, tmp_path: Path) -> None:
                  "breadcrumbs_ties", "della", "della_linear", "consensus", "model_stock", "slerp", "nuslerp"):
         assert f"\n{name}" in "\n" + methods.stdout
     assert "arXiv:2306.01708" in methods.stdout
+
+
+def test_task_vector_manifest_norms_and_thresholds(families) -> None:
+    from mergeflow.engine import plan_merge
+    from mergeflow.task_vectors import task_vector_manifest
+
+    base, experts = families("gpt2")
+    plan = plan_merge(parse_recipe(_recipe("task_arithmetic", base, experts[:1])))
+    try:
+        manifest = task_vector_manifest(plan.base, plan.experts[0], densities=(0.1, 0.5))
+    finally:
+        plan.close()
+    b = load_file(base / "model.safetensors")
+    e = load_file(experts[0] / "model.safetensors")
+    floats = [n for n in b if b[n].is_floating_point()]
+    flat = torch.cat([(e[n] - b[n]).reshape(-1) for n in floats])
+    assert manifest.numel == flat.numel() and set(manifest.tensors) == set(floats)
+    assert manifest.l2_norm == pytest.approx(float(flat.norm()), rel=1e-5)
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert manifest.tensors[name]["l2"] == pytest.approx(float((e[name] - b[name]).norm()), rel=1e-5)
+    for density in (0.1, 0.5):
+        k = flat.numel() - int(density * flat.numel())
+        assert manifest.thresholds[repr(density)] == flat.abs().kthvalue(k).values.item()

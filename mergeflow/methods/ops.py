@@ -28,20 +28,22 @@ class KthSmallest:
             raise ValueError("k must be >= 1")
         self.k = k
         self.count = 0
-        self._hi = torch.zeros(_HI_BINS, dtype=torch.int64)
-        self._lo = torch.zeros(_LO_BINS, dtype=torch.int64)
+        # histograms live on the device of the values (so a GPU merge histograms on the GPU)
+        self._hi: torch.Tensor | None = None
+        self._lo: torch.Tensor | None = None
         self._bucket: int | None = None
         self._rank_in_bucket = 0
 
     def add_first(self, values: torch.Tensor) -> None:
         bits = values.reshape(-1).float().view(torch.int32)
-        self._hi += torch.bincount(bits >> 16, minlength=_HI_BINS)
+        hist = torch.bincount(bits >> 16, minlength=_HI_BINS)
+        self._hi = hist if self._hi is None else self._hi.add_(hist.to(self._hi.device))
         self.count += bits.numel()
 
     def finish_first(self) -> None:
-        if self.k > self.count:
+        if self.k > self.count or self._hi is None:
             raise ValueError(f"k={self.k} exceeds the {self.count} values seen")
-        cum = torch.cumsum(self._hi, 0)
+        cum = torch.cumsum(self._hi.cpu(), 0)
         bucket = int(torch.searchsorted(cum, torch.tensor(self.k)).item())
         self._bucket = bucket
         self._rank_in_bucket = self.k - (int(cum[bucket - 1]) if bucket > 0 else 0)
@@ -51,11 +53,12 @@ class KthSmallest:
         bits = values.reshape(-1).float().view(torch.int32)
         inside = bits[(bits >> 16) == self._bucket]
         if inside.numel():
-            self._lo += torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+            hist = torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+            self._lo = hist if self._lo is None else self._lo.add_(hist.to(self._lo.device))
 
     def value(self) -> float:
-        assert self._bucket is not None
-        cum = torch.cumsum(self._lo, 0)
+        assert self._bucket is not None and self._lo is not None
+        cum = torch.cumsum(self._lo.cpu(), 0)
         low = int(torch.searchsorted(cum, torch.tensor(self._rank_in_bucket)).item())
         bits = torch.tensor([(self._bucket << 16) | low], dtype=torch.int32)
         return float(bits.view(torch.float32).item())
