@@ -350,7 +350,7 @@ def test_layer_gradients_and_filters_resolve_like_mergekit(zoo: Zoo, tmp_path: P
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic", "dare_ties",
-                                    "dare_linear", "della", "della_linear"])
+                                    "dare_linear", "della"])
 def test_all_zero_task_vectors(zoo: Zoo, tmp_path: Path, method: str) -> None:
     """Every expert equals the base: every Δ = 0, the L1 rescale guard (norm < 1e-7) must hold, output = base.
 
