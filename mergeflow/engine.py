@@ -171,7 +171,7 @@ def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions
         specs.append(TensorSpec(name, spec.shape, out_dtype if (floating and out_dtype) else spec.dtype))
         if floating:
             per_model, shared = recipe.tensor_params(name, _layer_fraction(reference.arch, name))
-            _check_tensor_params(method, name, per_model, shared)
+            _check_tensor_params(method, name, per_model, shared, recipe.mergekit_compat)
             params[name] = (per_model, shared)
     report.estimate = _estimate(reference, experts, specs, compute_dtype)
     if out is not None:
@@ -186,8 +186,9 @@ def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions
 
 
 def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, list[Any]],
-                         shared: dict[str, Any]) -> None:
+                         shared: dict[str, Any], compat: bool) -> None:
     if (method.normalizes_by_weight_sum and shared.get("normalize") is True
+            and not (compat and method.compat_guards_zero_weight_sum)
             and abs(sum(float(w) for w in per_model["weight"])) < 1e-8):
         raise RecipeError(f"parameters.weight: the weights of tensor {name} sum to zero but {method.name} "
                           "normalises by their sum")

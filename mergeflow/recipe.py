@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,8 +35,13 @@ class Conditional(BaseModel):
 Setting = Scalar | list[Scalar] | Conditional | list[Conditional]
 
 
-def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
-    """Resolve a setting for one tensor: filters by substring, gradients interpolated at depth ``t`` in [0, 1]."""
+def evaluate_setting(setting: Setting, tensor_name: str, t: float,
+                     coerce: Callable[[Any], Any] | None = None) -> Any:
+    """Resolve a setting for one tensor: filters by substring, gradients interpolated at depth ``t`` in [0, 1].
+
+    ``coerce`` is the parameter's scalar type: as in mergekit, list entries are converted before interpolating, so
+    YAML's ``1e-3`` (which PyYAML reads as a string) is a numeric endpoint for a numeric parameter.
+    """
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, bool | int | float | str):
@@ -44,7 +49,7 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
     if not setting:
         return None
     if all(isinstance(e, bool | int | float | str) for e in setting):
-        values = list(setting)
+        values = [_coerce(v, coerce) for v in setting]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             return values[int(t * (len(values) - 1))]
         scaled = t * (len(values) - 1)
@@ -56,8 +61,17 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
         if not isinstance(cond, Conditional):
             raise RecipeError(f"cannot mix plain values and {{filter, value}} entries in one setting: {setting!r}")
         if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
-            return evaluate_setting(cond.value, tensor_name, t)
+            return evaluate_setting(cond.value, tensor_name, t, coerce)
     return None
+
+
+def _coerce(value: Scalar, coerce: Callable[[Any], Any] | None) -> Scalar:
+    if coerce is None or coerce is bool or coerce is str or isinstance(value, bool):
+        return value
+    try:
+        return coerce(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _scalars(setting: Setting) -> list[Scalar]:
@@ -76,6 +90,11 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str
     parameters: dict[str, Setting] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_parameters(cls, v: Any) -> Any:
+        return {} if v is None else v  # mergekit accepts `parameters:` left empty
 
     @field_validator("model", mode="before")
     @classmethod
@@ -128,6 +147,19 @@ class Recipe(BaseModel):
             data = {k: v for k, v in data.items() if k not in _UNSUPPORTED}
         return data
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_parameters(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, v: str | None) -> str | None:
+        if v == "union":
+            raise ValueError("tokenizer_source: union (merged vocabularies) is not supported; use base or a model "
+                             "reference")
+        return v
+
     @field_validator("base_model", "tokenizer_source", mode="before")
     @classmethod
     def _path_to_str(cls, v: Any) -> Any:
@@ -145,7 +177,7 @@ class Recipe(BaseModel):
         try:
             method = get_method(self.merge_method)
         except RecipeError as exc:
-            raise ValueError(str(exc).removeprefix("merge_method: ")) from None
+            raise ValueError(str(exc)) from None
         experts = self.experts
         if method.needs_base and not self.base_model:
             raise ValueError(f"base_model: {method.name} needs a base model")
@@ -158,6 +190,15 @@ class Recipe(BaseModel):
             raise ValueError(f"models: {method.name} takes at most {method.max_models} model(s) besides the base, "
                              f"got {len(experts)}")
         _check_params(method, self)
+        if self.confine_paths and self.recipe_dir is not None:
+            refs = [("base_model", self.base_model), ("tokenizer_source", self.tokenizer_source)]
+            refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
+            for where, ref in refs:
+                if ref and ref != "base":
+                    try:
+                        self.resolve_reference(ref)
+                    except RecipeError as exc:
+                        raise ValueError(f"{where}: {exc}") from None
         return self
 
     # --- derived views ---
@@ -197,15 +238,15 @@ class Recipe(BaseModel):
                 value = None
                 for source in (entry.parameters, self.parameters):
                     if spec.name in source:
-                        value = evaluate_setting(source[spec.name], tensor_name, t)
+                        value = evaluate_setting(source[spec.name], tensor_name, t, spec.type)
                         if value is not None:
                             break
                 values.append(self.default(spec) if value is None else spec.type(value))
             per_model[spec.name] = values
         shared: dict[str, Any] = {}
         for spec in method.shared_params:
-            value = evaluate_setting(self.parameters[spec.name], tensor_name, t) if spec.name in self.parameters \
-                else None
+            value = evaluate_setting(self.parameters[spec.name], tensor_name, t, spec.type) \
+                if spec.name in self.parameters else None
             shared[spec.name] = self.default(spec) if value is None else spec.type(value)
         return per_model, shared
 
@@ -246,7 +287,7 @@ def _check_params(method: MergeMethod, recipe: Recipe) -> None:
                 spec.per_model and all(spec.name in e.parameters for e in recipe.experts)):
             raise ValueError(f"parameters.{spec.name}: required by {method.name} ({spec.help})")
     # weights that sum to zero where the method normalises by them
-    if method.normalizes_by_weight_sum:
+    if method.normalizes_by_weight_sum and not (recipe.mergekit_compat and method.compat_guards_zero_weight_sum):
         normalize = recipe.parameters.get("normalize", recipe.default(known["normalize"]))
         if normalize is True:
             weights = []

@@ -111,6 +111,8 @@ class MergeMethod:
     mergekit_name: str | None = None  # the mergekit method with the same semantics in compat mode
     # with normalize on, the merged vector is divided by the sum of the weights (so they must not sum to zero)
     normalizes_by_weight_sum: bool = False
+    # mergekit replaces a zero weight sum by 1 (a plain weighted sum) for this method, so compat mode accepts it
+    compat_guards_zero_weight_sum: bool = False
     # methods that trim by a global magnitude threshold ask the engine for per-model thresholds at this density param
     needs_global_threshold: Callable[[dict[str, Any]], bool] = field(default=lambda shared: False)
 

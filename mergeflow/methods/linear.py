@@ -9,6 +9,8 @@ from mergeflow.methods.base import KernelInput, MergeMethod, ParamSpec, as_weigh
 
 def linear_kernel(x: KernelInput) -> torch.Tensor:
     normalize = x.shared.get("normalize", True)
+    if x.compat:
+        return _linear_compat(x.models, [float(w) for w in x.params["weight"]], normalize)
     acc = torch.zeros_like(x.models[0])
     wsum: torch.Tensor | float = 0.0
     for model, w in zip(x.models, x.params["weight"]):
@@ -18,6 +20,19 @@ def linear_kernel(x: KernelInput) -> torch.Tensor:
     if normalize:
         acc.div_(wsum)  # zero-sum weights are refused when the recipe is validated
     return acc
+
+
+def _linear_compat(models: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """mergekit 0.1.5: accumulate in fp32 (fp64 for fp64 inputs) with addcmul_, divide by the weight sum, cast once."""
+    first = models[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor(weights, dtype=dtype)
+    result = torch.zeros_like(first, dtype=dtype)
+    for tensor, coefficient in zip(models, w.unbind(0)):
+        result.addcmul_(tensor, coefficient)
+    if normalize:
+        result.div_(w.sum())
+    return result.to(first.dtype)
 
 
 register(MergeMethod(

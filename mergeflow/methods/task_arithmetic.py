@@ -262,6 +262,7 @@ def _define(name: str, comp: Composition, extra: tuple[ParamSpec, ...], summary:
         random=random,
         mergekit_name=name,
         normalizes_by_weight_sum=comp.consensus is None,
+        compat_guards_zero_weight_sum=True,
         needs_global_threshold=(lambda shared: shared.get("trim_scope") == "global") if global_trim else
         (lambda shared: False),
     ))
