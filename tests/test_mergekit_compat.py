@@ -36,7 +36,6 @@ from mergekit.sparsify import RescaleNorm, bernoulli, della_magprune, magnitude,
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergeflow.engine import merge_state_dict
-from mergeflow.errors import RecipeError
 from mergeflow.methods.base import KernelInput
 from mergeflow.methods.task_arithmetic import Composition, _sparsify_compat, compat_kernel
 from mergeflow.recipe import parse_recipe
