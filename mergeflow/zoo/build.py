@@ -1,0 +1,491 @@
+"""Build, cache and load the offline model zoo: a base model, one expert per in-domain task, and lm-eval task files.
+
+Layout of a built zoo (every model folder is a standard HF folder that transformers, lm-eval and mergekit load)::
+
+    zoo.json                      manifest: tasks, splits (size, sha256), seeds, model sha256s, hyper-parameters, timings
+    tokenizer/                    the word-level tokenizer alone
+    base/                         config.json, generation_config.json, model.safetensors, tokenizer files
+    experts/<task>/               same files, one folder per in-domain task
+    tasks/zoo_<task>.yaml         lm-eval task (data_files relative to tasks/: run lm-eval from there, or use
+    tasks/zoo.yaml, zoo-ood.yaml  mergeflow.evaluation, which makes them absolute at run time)
+    tasks/<task>/<split>.jsonl    {"context", "choices", "gold"} for train, validation, fewshot, calib, test
+
+The same size and seed give byte-identical weights and data on one machine and software stack; the manifest records
+the hashes so a cached zoo can be checked. A zoo is built into a temporary sibling folder and renamed into place, so
+a crash never leaves a half-built zoo where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeflow.errors import ZooError
+from mergeflow.zoo.tasks import SPLITS, TASKS, Row, generate_task
+from mergeflow.zoo.train import ModelShape, Schedule
+
+MANIFEST = "zoo.json"
+FORMAT_VERSION = 1
+LM_EVAL_PREFIX = "zoo_"  # lm-eval task names are global: prefix ours so they never shadow a built-in task
+GROUP_IN_DOMAIN = "zoo"
+GROUP_OOD = "zoo-ood"
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    """Everything that defines a zoo besides its seed."""
+
+    name: str
+    in_domain: tuple[str, ...]
+    ood: tuple[str, ...]
+    shape: ModelShape
+    block_len: int
+    pretrain: Schedule
+    mix: dict[str, float]  # probability of each pre-training document kind
+    finetune: Schedule
+    eval_splits: dict[str, int]  # sizes of test, validation, calib and fewshot; train = fine-tuning examples
+    label_noise: float = 0.5  # for the "labelled" documents of the mix, if any
+    threads: int = 1  # fixed: float reductions, hence the bits, depend on the thread count
+
+    def split_sizes(self) -> dict[str, int]:
+        return {**self.eval_splits, "train": self.finetune.steps * self.finetune.batch_size}
+
+    def hparams(self) -> dict[str, Any]:
+        return {
+            "shape": asdict(self.shape),
+            "block_len": self.block_len,
+            "pretrain": self.pretrain.as_dict(),
+            "mix": dict(self.mix),
+            "label_noise": self.label_noise,
+            "finetune": self.finetune.as_dict(),
+            "threads": self.threads,
+        }
+
+
+SIZES: dict[str, ZooSize] = {
+    # ZOO.md §1: 1.16 M parameters, 2.5 M pre-training tokens, 400 fine-tuning steps per expert.
+    "full": ZooSize(
+        name="full",
+        in_domain=("sentiment", "topic", "paraphrase", "nli", "arith", "complete"),
+        ood=("opinion", "reverse_nli", "review_topic"),
+        shape=ModelShape(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+        block_len=64,
+        pretrain=Schedule(steps=1200, batch_size=32, lr=2e-3, warmup=0.05, final_lr_ratio=0.1, weight_decay=0.1),
+        mix={"generic": 0.6, "prompt": 0.4},
+        finetune=Schedule(steps=400, batch_size=32, lr=5e-4, warmup=0.1, final_lr_ratio=0.0, weight_decay=0.0),
+        eval_splits={"test": 1000, "validation": 500, "calib": 128, "fewshot": 32},
+    ),
+    # For tests: the three tasks a 2-layer, 64-wide model learns in seconds. A few noisy labelled examples in
+    # pre-training teach it the answer format, which it has too few steps to find otherwise.
+    "test": ZooSize(
+        name="test",
+        in_domain=("topic", "nli", "complete"),
+        ood=("review_topic", "reverse_nli"),
+        shape=ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+        block_len=64,
+        pretrain=Schedule(steps=400, batch_size=16, lr=3e-3, warmup=0.05, final_lr_ratio=0.1, weight_decay=0.1),
+        mix={"generic": 0.4, "prompt": 0.57, "labelled": 0.03},
+        finetune=Schedule(steps=200, batch_size=16, lr=2e-3, warmup=0.1, final_lr_ratio=0.0, weight_decay=0.0),
+        eval_splits={"test": 200, "validation": 100, "calib": 100, "fewshot": 16},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A built zoo on disk: where its models and task files are, and which tasks it has."""
+
+    root: Path
+    size: str
+    seed: int
+    in_domain: tuple[str, ...]
+    ood: tuple[str, ...]
+    manifest: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def experts(self) -> dict[str, Path]:
+        return {task: self.root / "experts" / task for task in self.in_domain}
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.in_domain + self.ood
+
+    def data_file(self, task: str, split: str) -> Path:
+        if task not in self.tasks or split not in SPLITS:
+            raise ZooError(f"zoo {self.root} has no split {split!r} of task {task!r} (tasks: {', '.join(self.tasks)})")
+        return self.tasks_dir / task / f"{split}.jsonl"
+
+    def rows(self, task: str, split: str) -> list[Row]:
+        with self.data_file(task, split).open() as f:
+            return [json.loads(line) for line in f]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Zoo:
+        root = Path(path).expanduser().resolve()
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+            return cls(
+                root=root,
+                size=manifest["size"],
+                seed=int(manifest["seed"]),
+                in_domain=tuple(manifest["tasks"]["in_domain"]),
+                ood=tuple(manifest["tasks"]["ood"]),
+                manifest=manifest,
+            )
+        except FileNotFoundError:
+            raise ZooError(
+                f"{root} is not a mergeflow zoo: {MANIFEST} is missing (build one with `mergeflow zoo build`)"
+            ) from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ZooError(f"{root / MANIFEST} is not a valid zoo manifest: {e}") from None
+
+
+def default_zoo_dir(size: str = "full", seed: int = 0) -> Path:
+    from mergeflow.paths import mergeflow_home
+
+    return mergeflow_home() / "zoo" / f"{size}-seed{seed}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- lm-eval task files
+
+
+def task_yaml(task: str, splits: dict[str, str]) -> dict[str, Any]:
+    """The lm-eval config of one zoo task; ``splits`` maps split name -> data file (relative or absolute)."""
+    return {
+        "task": LM_EVAL_PREFIX + task,
+        "dataset_path": "json",  # datasets' packaged json builder: no hub access
+        "dataset_kwargs": {"data_files": dict(splits)},
+        "output_type": "multiple_choice",
+        **({"training_split": "train"} if "train" in splits else {}),
+        **({"validation_split": "validation"} if "validation" in splits else {}),
+        **({"test_split": "test"} if "test" in splits else {}),
+        **({"fewshot_split": "fewshot"} if "fewshot" in splits else {}),
+        "doc_to_text": "context",  # feature names: lm-eval compiles a Jinja template per call
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def group_yaml(group: str, tasks: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "group": group,
+        "task": [LM_EVAL_PREFIX + t for t in tasks],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": False}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _write_task_data(tasks_dir: Path, size: ZooSize, seed: int, vocab: dict[str, int]) -> dict[str, Any]:
+    from mergeflow.zoo.tokenizer import check_coverage
+
+    info: dict[str, Any] = {}
+    sizes = size.split_sizes()
+    for task in size.in_domain + size.ood:
+        data = generate_task(task, sizes, seed)
+        check_coverage(
+            vocab, (f"{r['context']} {' '.join(r['choices'])}" for rows in data.values() for r in rows), task
+        )
+        (tasks_dir / task).mkdir(parents=True)
+        splits: dict[str, Any] = {}
+        for split in SPLITS:
+            path = tasks_dir / task / f"{split}.jsonl"
+            path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in data[split]))
+            splits[split] = {"n": len(data[split]), "sha256": sha256_file(path), "path": f"tasks/{task}/{split}.jsonl"}
+        _write_yaml(
+            tasks_dir / f"{LM_EVAL_PREFIX}{task}.yaml",
+            task_yaml(task, {s: f"{task}/{s}.jsonl" for s in SPLITS if s != "calib"}),
+        )
+        spec = TASKS[task]
+        info[task] = {
+            "kind": "ood" if task in size.ood else "in_domain",
+            "analogue": spec.analogue,
+            "chance": round(spec.chance, 2),
+            "disjoint_splits": spec.disjoint,
+            "skill_of": spec.skill_of,
+            "lm_eval_name": LM_EVAL_PREFIX + task,
+            "example": data["test"][0],
+            "splits": splits,
+        }
+    _write_yaml(tasks_dir / f"{GROUP_IN_DOMAIN}.yaml", group_yaml(GROUP_IN_DOMAIN, size.in_domain))
+    _write_yaml(tasks_dir / f"{GROUP_OOD}.yaml", group_yaml(GROUP_OOD, size.ood))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def _save_model(model, tokenizer, root: Path, rel: str) -> dict[str, Any]:
+    folder = root / rel
+    model.config.use_cache = True  # trained without a KV cache; generation wants one
+    model.save_pretrained(folder)
+    _save_tokenizer(tokenizer, folder)
+    weights = folder / "model.safetensors"
+    return {"path": rel, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    # transformers 5 writes its own class name; the generic fast class is read by transformers 4 and 5 alike.
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool) -> dict[str, Any]:
+    from mergeflow.zoo.corpus import pretraining_blocks
+    from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, build_tokenizer, zoo_vocab
+    from mergeflow.zoo.train import deterministic, model_config, pretrain
+
+    vocab = zoo_vocab()
+    t0 = time.perf_counter()
+    sched = size.pretrain
+    blocks = pretraining_blocks(
+        vocab,
+        n_blocks=sched.steps * sched.batch_size,
+        block_len=size.block_len,
+        mix=size.mix,
+        prompt_tasks=size.in_domain + size.ood,
+        labelled_tasks=size.in_domain,
+        label_noise=size.label_noise,
+        seed=seed,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+    )
+    t_corpus = time.perf_counter() - t0
+    with deterministic(size.threads):
+        model, losses = pretrain(
+            model_config(size.shape, len(vocab)), blocks, sched, seed, desc="pre-train base", progress=progress
+        )
+    with _no_hf_progress_bars():
+        info = _save_model(model, build_tokenizer(), root, "base")
+    return info | {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "tokens": int(blocks.numel()),
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "corpus_s": round(t_corpus, 2),
+        "train_s": round(time.perf_counter() - t0 - t_corpus, 2),
+    }
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    # "Loading weights" / "Writing model shards" bars for a 5 MB model only clutter the build's own progress.
+    import transformers.utils.logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def finetune_expert(root: str, task: str, size_name: str, progress: bool = False) -> dict[str, Any]:
+    """Fine-tune the expert of ``task`` from ``root/base`` into ``root/experts/task`` (a worker-process entry point)."""
+    from transformers import LlamaForCausalLM
+
+    from mergeflow.zoo.tokenizer import build_tokenizer, zoo_vocab
+    from mergeflow.zoo.train import deterministic, encode_example, finetune
+
+    size = SIZES[size_name]
+    folder = Path(root)
+    t0 = time.perf_counter()
+    vocab = zoo_vocab()
+    with (folder / "tasks" / task / "train.jsonl").open() as f:
+        rows = [json.loads(line) for line in f]
+    examples = [encode_example(vocab, r["context"], r["choices"][r["gold"]]) for r in rows]
+    with deterministic(size.threads), _no_hf_progress_bars():
+        base = LlamaForCausalLM.from_pretrained(folder / "base", dtype="float32")
+        base.config.use_cache = False
+        model, losses = finetune(base, examples, size.finetune, desc=f"fine-tune {task}", progress=progress)
+        info = _save_model(model, build_tokenizer(), folder, f"experts/{task}")
+    return info | {
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "train_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _finetune_all(root: Path, size: ZooSize, jobs: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    experts: dict[str, Any] = {}
+    if jobs <= 1:
+        for task in size.in_domain:
+            experts[task] = finetune_expert(str(root), task, size.name, progress)
+            log(f"expert {task}: {experts[task]['train_s']:.1f} s, loss {experts[task]['final_loss']}")
+        return experts
+    # One thread per process, so the bits are the same as in a sequential build.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {task: pool.submit(finetune_expert, str(root), task, size.name, False) for task in size.in_domain}
+        for task, fut in futures.items():
+            experts[task] = fut.result()
+            log(f"expert {task}: {experts[task]['train_s']:.1f} s, loss {experts[task]['final_loss']}")
+    return experts
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def _versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+
+    import mergeflow
+
+    return {
+        "mergeflow": mergeflow.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _default_jobs(size: ZooSize) -> int:
+    # Worker start-up (importing torch) costs more than the test size's whole fine-tuning.
+    return 1 if size.name == "test" else max(1, min(2, os.cpu_count() or 1, len(size.in_domain)))
+
+
+def build_zoo(
+    out: str | Path | None = None,
+    size: str = "full",
+    seed: int = 0,
+    *,
+    force: bool = False,
+    jobs: int | None = None,
+    progress: bool = True,
+) -> Zoo:
+    """Build the zoo of ``size`` and ``seed`` into ``out`` (default ``MERGEFLOW_HOME/zoo/<size>-seed<seed>``).
+
+    A complete zoo already there is returned as is (instant); ``force`` rebuilds it. ``jobs`` fine-tunes experts in
+    that many single-threaded worker processes (the weights do not depend on it).
+    """
+    if size not in SIZES:
+        raise ZooError(f"unknown zoo size {size!r}; choose one of {', '.join(SIZES)}")
+    if seed < 0:
+        raise ZooError(f"zoo seed must be >= 0, got {seed}")
+    spec = SIZES[size]
+    target = Path(out).expanduser().resolve() if out is not None else default_zoo_dir(size, seed)
+
+    if target.exists() and not force:
+        if (target / MANIFEST).exists():
+            zoo = Zoo.load(target)
+            if (zoo.size, zoo.seed) != (size, seed):
+                raise ZooError(
+                    f"{target} holds the {zoo.size} zoo with seed {zoo.seed}, not {size} with seed {seed}; "
+                    "choose another folder or pass force=True (--force) to replace it"
+                )
+            return zoo
+        if any(target.iterdir()):
+            raise ZooError(f"{target} exists and is not a zoo; choose another folder or pass force=True (--force)")
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[zoo {size} seed {seed}] {msg}", file=sys.stderr, flush=True)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t_start = time.perf_counter()
+    try:
+        from mergeflow.zoo.tokenizer import build_tokenizer, zoo_vocab
+
+        vocab = zoo_vocab()
+        _save_tokenizer(build_tokenizer(), tmp / "tokenizer")
+        t0 = time.perf_counter()
+        task_info = _write_task_data(tmp / "tasks", spec, seed, vocab)
+        t_data = time.perf_counter() - t0
+        log(f"task data written in {t_data:.1f} s; pre-training the base ({spec.pretrain.steps} steps)")
+        base = _pretrain_base(tmp, spec, seed, progress)
+        log(f"base: {base['train_s']:.1f} s, loss {base['final_loss']}; fine-tuning {len(spec.in_domain)} experts")
+        t0 = time.perf_counter()
+        experts = _finetune_all(tmp, spec, jobs if jobs is not None else _default_jobs(spec), progress, log)
+        t_experts = time.perf_counter() - t0
+        manifest = {
+            "format": FORMAT_VERSION,
+            "size": size,
+            "seed": seed,
+            "tasks": {"in_domain": list(spec.in_domain), "ood": list(spec.ood)},
+            "task_info": task_info,
+            "groups": {GROUP_IN_DOMAIN: list(spec.in_domain), GROUP_OOD: list(spec.ood)},
+            "seeds": {
+                "data": "random.Random('mergeflow-zoo/<seed>/<task>/<split>')",
+                "pretraining_corpus": "random.Random('mergeflow-zoo/<seed>/pretraining')",
+                "base_init": f"torch.manual_seed({seed})",
+            },
+            "vocab_size": len(vocab),
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
+            "models": {"base": base, "experts": experts},
+            "hparams": spec.hparams(),
+            "timings": {
+                "data_s": round(t_data, 2),
+                "pretrain_s": round(base["corpus_s"] + base["train_s"], 2),
+                "experts_s": round(t_experts, 2),
+                "total_s": round(time.perf_counter() - t_start, 2),
+            },
+            "versions": _versions(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, target, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"built in {manifest['timings']['total_s']:.0f} s -> {target}")
+    return Zoo.load(target)
+
+
+def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
+    if target.exists() and force:
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        shutil.rmtree(old)
+    elif target.exists():
+        target.rmdir()  # an empty folder (checked above)
+    try:
+        tmp.rename(target)
+    except OSError:
+        # Another process finished the same zoo first: theirs is identical, keep it.
+        if (target / MANIFEST).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise

@@ -1,0 +1,143 @@
+"""The pre-training mixture: "generic web text" that carries the tasks' skills latently, plus unanswered prompts.
+
+Generic documents cover the whole vocabulary and state the world knowledge the tasks ask about (place -> activity
+facts, reviews with a verdict, topic-coherent sentences, paraphrase pairs, clock arithmetic), always in surface forms
+that never use a task's template or answer words. Prompt documents are task contexts without their answers. With
+no labelled examples the base knows the lexicons and the facts but is at chance on every task (ZOO.md §1, §5).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from mergeflow.zoo.tasks import (
+    AREAS,
+    COMPARATIVES,
+    NAMES,
+    OBJECTS,
+    PLACES,
+    TASKS,
+    area_sentence,
+    review_text,
+)
+
+# Relative weights of the generic document kinds.
+GENERIC_KINDS = {"area": 0.2, "facts": 0.25, "clock": 0.1, "review": 0.2, "paraphrase": 0.15, "transfer": 0.1}
+
+
+def _area_doc(rng: random.Random) -> str:
+    area = rng.choice(tuple(AREAS))
+    return " ".join(area_sentence(rng, area) for _ in range(rng.randint(1, 3)))
+
+
+def _facts_doc(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        place = rng.choice(tuple(PLACES))
+        name, activity = rng.choice(NAMES), rng.choice(PLACES[place])
+        if rng.random() < 0.5:
+            sentences.append(f"in the {place} {name} {activity} .")
+        else:
+            sentences.append(f"{name} {activity} in the {place} .")
+    return " ".join(sentences)
+
+
+def _clock_doc(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        a, b = rng.randrange(10), rng.randrange(10)
+        if rng.random() < 0.5:
+            sentences.append(f"{a} plus {b} makes {(a + b) % 10} .")
+        else:
+            sentences.append(f"{a} minus {b} makes {(a - b) % 10} .")
+    return " ".join(sentences)
+
+
+def _review_doc(rng: random.Random) -> str:
+    # The only place where good/bad act as a verdict: the OOD `opinion` task leans on it.
+    text, polarity = review_text(rng)
+    return f"{text} . so it was {'good' if polarity > 0 else 'bad'} ."
+
+
+def _paraphrase_doc(rng: random.Random) -> str:
+    area = rng.choice(tuple(AREAS))
+    s1 = area_sentence(rng, area)
+    return f"{s1} in other words {area_sentence(rng, area, avoid=s1.split())}"
+
+
+def _transfer_doc(rng: random.Random) -> str:
+    a, b = rng.sample(NAMES, 2)
+    thing = rng.choice(OBJECTS)
+    match rng.randrange(3):
+        case 0:
+            return f"{a} gave the {thing} to {b} ."
+        case 1:
+            return f"{b} received the {thing} from {a} ."
+        case _:
+            x, y = rng.sample(OBJECTS, 2)
+            return f"the {x} is {rng.choice(COMPARATIVES)} than the {y} ."
+
+
+_GENERIC = {
+    "area": _area_doc,
+    "facts": _facts_doc,
+    "clock": _clock_doc,
+    "review": _review_doc,
+    "paraphrase": _paraphrase_doc,
+    "transfer": _transfer_doc,
+}
+
+
+def generic_document(rng: random.Random) -> str:
+    kind = rng.choices(tuple(GENERIC_KINDS), weights=tuple(GENERIC_KINDS.values()))[0]
+    return _GENERIC[kind](rng)
+
+
+def prompt_document(rng: random.Random, tasks: Sequence[str]) -> str:
+    return TASKS[rng.choice(tasks)].generate(rng)["context"]
+
+
+def labelled_document(rng: random.Random, tasks: Sequence[str], noise: float) -> str:
+    """A task example whose answer is replaced by a random choice with probability ``noise``."""
+    row = TASKS[rng.choice(tasks)].generate(rng)
+    answer = rng.choice(row["choices"]) if rng.random() < noise else row["choices"][row["gold"]]
+    return f"{row['context']} {answer}"
+
+
+def pretraining_blocks(
+    vocab: dict[str, int],
+    *,
+    n_blocks: int,
+    block_len: int,
+    mix: dict[str, float],
+    prompt_tasks: Sequence[str],
+    labelled_tasks: Sequence[str],
+    label_noise: float,
+    seed: int,
+    bos_id: int,
+    eos_id: int,
+) -> torch.Tensor:
+    """``[n_blocks, block_len]`` token ids: documents ``<s> … </s>`` packed back to back and cut into blocks.
+
+    ``mix`` gives the probability of each document kind: ``generic``, ``prompt`` and ``labelled``.
+    """
+    rng = random.Random(f"mergeflow-zoo/{seed}/pretraining")
+    kinds = tuple(k for k in ("generic", "prompt", "labelled") if mix.get(k, 0.0) > 0)
+    weights = tuple(mix[k] for k in kinds)
+    need = n_blocks * block_len
+    stream: list[int] = []
+    while len(stream) < need:
+        kind = rng.choices(kinds, weights=weights)[0]
+        if kind == "generic":
+            text = generic_document(rng)
+        elif kind == "prompt":
+            text = prompt_document(rng, prompt_tasks)
+        else:
+            text = labelled_document(rng, labelled_tasks, label_noise)
+        stream.append(bos_id)
+        stream.extend(vocab[w] for w in text.split())  # word-level: identical to the tokenizer, much faster
+        stream.append(eos_id)
+    return torch.tensor(stream[:need], dtype=torch.long).view(n_blocks, block_len)
