@@ -1,0 +1,447 @@
+"""Evaluation through the real lm-eval harness, over an in-memory model, offline.
+
+Zoo tasks are addressed by short name (``topic``), by lm-eval name (``zoo_topic``) or as groups (``zoo`` = the
+in-domain tasks, ``zoo-ood`` = the out-of-domain ones). Their task configs are read from the zoo's YAML files and
+given absolute data paths at run time, so a zoo folder works wherever it lies and whatever the working directory.
+Any other name (``hellaswag``, ``mmlu``, …) goes to lm-eval's own task registry unchanged, for users who have the
+data.
+
+Evaluating many merges should be cheap: the lm-eval task objects (with their loaded datasets) are built once per
+process and zoo, and reused for every model; only the requests are rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from mergeflow.errors import EvaluationError, ZooError
+from mergeflow.zoo.build import GROUP_IN_DOMAIN, GROUP_OOD, LM_EVAL_PREFIX, Zoo, default_zoo_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SPLITS = ("test", "validation")
+_FEWSHOT_SEED = 1234  # simple_evaluate's default
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """Accuracy and its standard error in percent, over ``n`` examples."""
+
+    acc: float
+    stderr: float
+    n: int
+
+
+@dataclass
+class EvalResult:
+    """Per-task scores keyed by the name the caller used (zoo short names for zoo tasks), plus group means."""
+
+    scores: dict[str, TaskScore]
+    groups: dict[str, float]  # unweighted mean accuracy of each requested zoo group
+    split: str
+    limit: int | None
+    raw: dict[str, Any] = field(repr=False)  # lm-eval's results dict (results, configs, n-samples, versions)
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        return {name: s.acc for name, s in self.scores.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "limit": self.limit,
+            "scores": {name: {"acc": s.acc, "stderr": s.stderr, "n": s.n} for name, s in self.scores.items()},
+            "groups": self.groups,
+        }
+
+
+# ----------------------------------------------------------------------------------------------- task resolution
+
+
+@dataclass(frozen=True)
+class _Plan:
+    zoo_tasks: tuple[str, ...]  # short names, in request order
+    other_tasks: tuple[str, ...]  # lm-eval names
+    groups: dict[str, tuple[str, ...]]  # requested zoo groups -> their short names
+
+
+def _split_names(tasks: str | Iterable[str]) -> list[str]:
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names:
+        raise EvaluationError("no evaluation task given")
+    return names
+
+
+def _looks_like_zoo_name(name: str) -> bool:
+    from mergeflow.zoo.tasks import TASKS
+
+    return name in (GROUP_IN_DOMAIN, GROUP_OOD) or name in TASKS or name.removeprefix(LM_EVAL_PREFIX) in TASKS
+
+
+def _plan(names: Sequence[str], zoo: Zoo | None) -> _Plan:
+    zoo_tasks: list[str] = []
+    other: list[str] = []
+    groups: dict[str, tuple[str, ...]] = {}
+
+    def add(task: str) -> None:
+        if task not in zoo_tasks:
+            zoo_tasks.append(task)
+
+    for name in names:
+        if not _looks_like_zoo_name(name):
+            if name not in other:
+                other.append(name)
+            continue
+        if zoo is None:
+            raise EvaluationError(f"task {name!r} is a zoo task but no zoo is given or built")
+        if name == GROUP_IN_DOMAIN:
+            groups[name] = zoo.in_domain
+            for t in zoo.in_domain:
+                add(t)
+        elif name == GROUP_OOD:
+            groups[name] = zoo.ood
+            for t in zoo.ood:
+                add(t)
+        else:
+            short = name.removeprefix(LM_EVAL_PREFIX)
+            if short not in zoo.tasks:
+                raise EvaluationError(
+                    f"task {short!r} is not in the {zoo.size} zoo at {zoo.root}; its tasks: {', '.join(zoo.tasks)}"
+                )
+            add(short)
+    return _Plan(tuple(zoo_tasks), tuple(other), groups)
+
+
+def _resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | None:
+    if isinstance(zoo, Zoo):
+        return zoo
+    if zoo is not None:
+        try:
+            return Zoo.load(zoo)
+        except ZooError as e:
+            raise EvaluationError(str(e)) from None
+    if not any(_looks_like_zoo_name(n) for n in names):
+        return None
+    default = default_zoo_dir("full", 0)
+    if (default / "zoo.json").exists():
+        return Zoo.load(default)
+    raise EvaluationError(
+        f"zoo tasks requested but no zoo given and none at {default}; build one with `mergeflow zoo build` "
+        "or pass the zoo (--zoo DIR)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- lm-eval objects
+
+_TASK_MANAGERS: dict[str, Any] = {}
+_TASK_OBJECTS: dict[tuple[str, str, str, int], Any] = {}
+
+
+def _offline_env() -> None:
+    # datasets reads these at import; set them before lm-eval imports it (a user's explicit setting wins).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _task_manager(include_path: Path | None) -> Any:
+    """A TaskManager over the zoo's task files only (indexing lm-eval's built-ins costs 10–16 s), or the default."""
+    from lm_eval.tasks import TaskManager
+
+    key = str(include_path) if include_path else ""
+    if key not in _TASK_MANAGERS:
+        _TASK_MANAGERS[key] = (
+            TaskManager(include_path=str(include_path), include_defaults=False) if include_path else TaskManager()
+        )
+    return _TASK_MANAGERS[key]
+
+
+def zoo_task_config(zoo: Zoo, task: str, split: str = "test") -> dict[str, Any]:
+    """The zoo task's lm-eval config with absolute data paths, evaluating on ``split`` (test or validation)."""
+    if split not in SPLITS:
+        raise EvaluationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = zoo.tasks_dir / f"{LM_EVAL_PREFIX}{task}.yaml"
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise EvaluationError(f"zoo task file missing: {path} ({e.strerror})") from None
+    files = {s: str(zoo.data_file(task, s)) for s in (split, "fewshot")}
+    for p in files.values():
+        if not Path(p).exists():
+            raise EvaluationError(f"zoo data file missing: {p}")
+    cfg["dataset_kwargs"] = {**cfg.get("dataset_kwargs", {}), "data_files": files}
+    # Load only the split evaluated and the few-shot pool: the 12 800-row train split is not needed here.
+    for key in ("training_split", "validation_split", "test_split"):
+        cfg.pop(key, None)
+    cfg["test_split" if split == "test" else "validation_split"] = split
+    return cfg
+
+
+def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: int) -> list[Any]:
+    key_root = str(zoo.root)
+    missing = [t for t in tasks if (key_root, t, split, num_fewshot) not in _TASK_OBJECTS]
+    if missing:
+        tm = _task_manager(zoo.tasks_dir)
+        loaded = tm.load([zoo_task_config(zoo, t, split) for t in missing])["tasks"]
+        for t in missing:
+            obj = loaded[LM_EVAL_PREFIX + t]
+            obj.set_config(key="num_fewshot", value=num_fewshot)
+            _TASK_OBJECTS[(key_root, t, split, num_fewshot)] = obj
+    return [_TASK_OBJECTS[(key_root, t, split, num_fewshot)] for t in tasks]
+
+
+def _other_task_objects(names: Sequence[str], known_zoo: Iterable[str]) -> list[Any]:
+    tm = _task_manager(None)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise EvaluationError(
+            f"unknown evaluation task(s) {', '.join(unknown)}: neither a zoo task ({', '.join(known_zoo)}, "
+            f"groups {GROUP_IN_DOMAIN}, {GROUP_OOD}) nor an lm-eval task"
+        )
+    return list(tm.load(list(names))["tasks"].values())
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+_LM_CLASS: Any = None
+
+
+def _lm_class() -> Any:
+    """lm-eval's HFLM, tokenizing a whole evaluation's requests in one batched call.
+
+    HFLM encodes every (context, continuation) pair with two single-string tokenizer calls; for a zoo-sized model
+    that costs three times the scoring itself. The subclass encodes the same strings, with the same special-token
+    arguments, in one batch up front and serves ``tok_encode`` from it; scoring is lm-eval's own.
+    """
+    global _LM_CLASS
+    if _LM_CLASS is not None:
+        return _LM_CLASS
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+
+    class BatchTokenizingHFLM(HFLM):
+        _encoded: dict[str, list[int]]
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            strings: set[str] = set()
+            for req in requests:
+                context, continuation = req.args
+                if context:  # lm-eval's _encode_pair encodes context + continuation and the right-stripped context
+                    strings.update((context + continuation, context.rstrip()))
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            plain = sorted(x for x in strings if not has_bos_prefix(x, bos))
+            kwargs = _add_special_kwargs(None, self.add_bos_token)
+            ids = self.tokenizer(plain, **kwargs)["input_ids"] if plain else []
+            self._encoded = dict(zip(plain, ids))
+            try:
+                return super().loglikelihood(requests, disable_tqdm=True)  # one bar per merge is noise
+            finally:
+                self._encoded = {}
+
+        def tok_encode(
+            self,
+            string: str,
+            add_special_tokens: bool | None = None,
+            left_truncate_len: int | None = None,
+            **kwargs: Any,
+        ) -> list[int]:
+            cached = getattr(self, "_encoded", {}).get(string)
+            if cached is not None and add_special_tokens is None and not left_truncate_len and not kwargs:
+                return list(cached)
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+
+    _LM_CLASS = BatchTokenizingHFLM
+    return _LM_CLASS
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: str | Sequence[str],
+    *,
+    zoo: Zoo | str | Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_fewshot: int | None = None,
+    threads: int | None = 1,
+) -> EvalResult:
+    """Evaluate ``model`` (moved to ``device``) with lm-eval on ``tasks``; accuracy in percent.
+
+    ``split`` picks the zoo split scored: ``test`` for reporting, ``validation`` for tuning merge hyper-parameters.
+    ``limit`` scores only the first N examples of each task. Without ``zoo``, zoo names use the default full zoo
+    under ``MERGEFLOW_HOME`` if it is built. ``num_fewshot`` defaults to 0 for zoo tasks and to the task's own
+    setting for lm-eval tasks. ``threads`` pins torch's CPU threads for the call: zoo models are fastest on one, and
+    multi-threaded kernels stall when another process holds a core; ``None`` keeps the current setting.
+    """
+    names = _split_names(tasks)
+    if split not in SPLITS:
+        raise EvaluationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"limit must be >= 1, got {limit}")
+    the_zoo = _resolve_zoo(zoo, names)
+    plan = _plan(names, the_zoo)
+
+    _offline_env()
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+
+    task_objs: list[Any] = []
+    if plan.zoo_tasks:
+        assert the_zoo is not None
+        task_objs += _zoo_task_objects(the_zoo, plan.zoo_tasks, split, num_fewshot or 0)
+    if plan.other_tasks:
+        others = _other_task_objects(plan.other_tasks, the_zoo.tasks if the_zoo else ())
+        for obj in others:
+            if num_fewshot is not None or obj.get_config("num_fewshot") is None:
+                obj.set_config(key="num_fewshot", value=num_fewshot or 0)
+        task_objs += others
+    for obj in task_objs:
+        obj.set_fewshot_seed(seed=_FEWSHOT_SEED)
+
+    model = model.to(device)
+    model.eval()
+    with _quiet_lm_eval(), _torch_threads(threads if str(device) == "cpu" else None):
+        lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        # lm_eval.evaluator.evaluate is simple_evaluate minus its bookkeeping (pip freeze, git hash: ~2 s a call).
+        raw = lm_eval_evaluate(
+            lm=lm,
+            task_dict=_task_manager(the_zoo.tasks_dir if the_zoo else None).load(task_objs),
+            limit=limit,
+            bootstrap_iters=1000,  # acc's stderr is closed-form; bootstrapping is only for other metrics
+            log_samples=False,
+        )
+    return _collect(raw, plan, split, limit)
+
+
+def _pct(x: Any) -> float:
+    return float("nan") if x is None or x == "N/A" else round(100.0 * float(x), 4)
+
+
+def _collect(raw: dict[str, Any], plan: _Plan, split: str, limit: int | None) -> EvalResult:
+    results, n_samples = raw["results"], raw.get("n-samples", {})
+    scores: dict[str, TaskScore] = {}
+    for short in plan.zoo_tasks:
+        scores[short] = _score(results, n_samples, LM_EVAL_PREFIX + short)
+    for name in plan.other_tasks:
+        if name in results:
+            scores[name] = _score(results, n_samples, name)
+        else:  # an lm-eval group: report its leaves under their own names
+            for leaf in raw.get("group_subtasks", {}).get(name, []):
+                if leaf in results:
+                    scores[leaf] = _score(results, n_samples, leaf)
+    groups = {g: round(sum(scores[t].acc for t in members) / len(members), 4) for g, members in plan.groups.items()}
+    return EvalResult(scores=scores, groups=groups, split=split, limit=limit, raw=_jsonable(raw))
+
+
+def _score(results: dict[str, Any], n_samples: dict[str, Any], name: str) -> TaskScore:
+    r = results.get(name, {})
+    acc = r.get("acc,none")
+    if acc is None:
+        raise EvaluationError(f"lm-eval returned no accuracy for task {name!r} (metrics: {sorted(r)})")
+    n = n_samples.get(name, {}).get("effective", 0)
+    stderr = _pct(r.get("acc_stderr,none"))
+    if math.isnan(stderr) and n > 1:
+        stderr = round(100.0 * math.sqrt(float(acc) * (1 - float(acc)) / (n - 1)), 4)
+    return TaskScore(acc=_pct(acc), stderr=stderr, n=int(n))
+
+
+def _jsonable(raw: dict[str, Any]) -> dict[str, Any]:
+    keep = {
+        k: raw[k]
+        for k in (
+            "results",
+            "groups",
+            "group_subtasks",
+            "configs",
+            "versions",
+            "n-shot",
+            "higher_is_better",
+            "n-samples",
+        )
+        if k in raw
+    }
+    return json.loads(json.dumps(keep, default=str))
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Silence lm-eval's per-model warnings and its per-task progress bars while evaluating.
+
+    Evaluating a matrix of merges would otherwise print a dozen bars and warnings per model. The bars can only be
+    turned off through tqdm's import-time environment, so the module's ``tqdm`` is swapped for the call.
+    """
+    import functools
+
+    import lm_eval.api.task as task_module
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    levels = [lg.level for lg in loggers]
+    original = getattr(task_module, "tqdm", None)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    if original is not None:
+        task_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if original is not None:
+            task_module.tqdm = original
+
+
+def evaluate_path(
+    model_dir: str | Path,
+    tasks: str | Sequence[str],
+    *,
+    zoo: Zoo | str | Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_fewshot: int | None = None,
+    threads: int | None = 1,
+) -> EvalResult:
+    """Load a model folder (weights + tokenizer) and ``evaluate`` it."""
+    _offline_env()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").exists():
+        raise EvaluationError(f"{path} is not a model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"cannot load the model at {path}: {e}") from None
+    return evaluate(
+        model, tokenizer, tasks, zoo=zoo, split=split, limit=limit, batch_size=batch_size, device=device,
+        num_fewshot=num_fewshot, threads=threads,
+    )  # fmt: skip

@@ -1,0 +1,107 @@
+"""``mergeflow zoo build`` and ``mergeflow eval``: click commands, mounted by the main CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mergeflow.cli import user_errors
+from mergeflow.errors import OutputPathError
+from mergeflow.zoo.build import SIZES
+
+
+@click.group("zoo")
+def zoo() -> None:
+    """The offline model zoo: a small Llama base, one expert per task, lm-eval task files."""
+
+
+@zoo.command("build")
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--size",
+    type=click.Choice(list(SIZES)),
+    default="full",
+    show_default=True,
+    help="full: 6 experts, 1000 test examples per task (about 10 min on 2 cores); test: 3 experts, < 1 min.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the data and the initial weights."
+)
+@click.option("--force", is_flag=True, help="Rebuild even if OUT already holds this zoo.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes for the experts (default: 2 for full, 1 for test); the weights do not depend on it.",
+)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@user_errors
+def build(out: Path | None, size: str, seed: int, force: bool, jobs: int | None, no_progress: bool) -> None:
+    """Build the zoo into OUT (default: MERGEFLOW_HOME/zoo/<size>-seed<seed>); instant if it is already there."""
+    from mergeflow.zoo.build import build_zoo
+
+    z = build_zoo(out, size=size, seed=seed, force=force, jobs=jobs, progress=not no_progress)
+    m = z.manifest
+    click.echo(f"zoo {z.size} seed {z.seed} at {z.root} (built in {m['timings']['total_s']:.0f} s)")
+    click.echo(f"  base      {z.base}")
+    for task, path in z.experts.items():
+        click.echo(f"  expert    {path}   ({task})")
+    click.echo(f"  tasks     {z.tasks_dir}   in-domain: {', '.join(z.in_domain)}; out-of-domain: {', '.join(z.ood)}")
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--tasks",
+    default="zoo,zoo-ood",
+    show_default=True,
+    help="Comma-separated: zoo, zoo-ood, zoo task names (topic, …) or any lm-eval task (hellaswag, …).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "validation"]),
+    default="test",
+    show_default=True,
+    help="Zoo split to score: validation is for tuning merges, test for reporting.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N examples per task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--num-fewshot",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Few-shot examples per prompt (default: 0 for zoo tasks, the task's own for lm-eval tasks).",
+)
+@click.option(
+    "--zoo",
+    "zoo_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The zoo whose tasks to use (default: MERGEFLOW_HOME/zoo/full-seed0).",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the scores to this JSON file."
+)
+@user_errors
+def eval_command(model: Path, tasks: str, split: str, limit: int | None, batch_size: int, device: str,
+                 num_fewshot: int | None, zoo_dir: Path | None, json_out: Path | None) -> None:  # fmt: skip
+    """Evaluate the model folder MODEL with lm-eval and print accuracy per task."""
+    from mergeflow.evaluation import evaluate_path
+
+    result = evaluate_path(model, tasks, zoo=zoo_dir, split=split, limit=limit, batch_size=batch_size,
+                           device=device, num_fewshot=num_fewshot)  # fmt: skip
+    width = max(len(name) for name in [*result.scores, *result.groups, "task"])
+    click.echo(f"{'task':<{width}}  {'acc %':>7}  {'± se':>6}  {'n':>6}   ({split} split)")
+    for name, s in result.scores.items():
+        click.echo(f"{name:<{width}}  {s.acc:7.2f}  {s.stderr:6.2f}  {s.n:6d}")
+    for group, acc in result.groups.items():
+        click.echo(f"{group:<{width}}  {acc:7.2f}  {'':>6}  {'':>6}   (mean)")
+    if json_out is not None:
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps({"model": str(model), **result.to_dict()}, indent=2) + "\n")
+        except OSError as e:
+            raise OutputPathError(f"cannot write {json_out}: {e.strerror}") from None
