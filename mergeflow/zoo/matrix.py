@@ -1,0 +1,219 @@
+"""The accuracy matrix of a zoo: base, every expert and a set of merges, evaluated on every task.
+
+Merges run in memory (the zoo's models are small) and every evaluation is cached by content — the model's weights
+(its checkpoint hash, or the recipe hash plus its inputs' hashes for a merge), the task data's hashes, the split and
+the code version — so a second run, or a run that adds one method, evaluates only what is new.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeflow.cache import Cache, cache_key
+from mergeflow.checkpoints import resolve
+from mergeflow.zoo.build import Zoo
+
+RESULT_FILE = "scores.json"
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One data-free merge of all the zoo's experts, labelled as in the tables (``task_arithmetic@0.3``)."""
+
+    label: str
+    method: str
+    parameters: dict[str, Any]
+    per_model: dict[str, Any] | None = None
+
+    def recipe(self, zoo: Zoo, seed: int = 0) -> dict[str, Any]:
+        return {
+            "merge_method": self.method,
+            "base_model": str(zoo.base),
+            "models": [{"model": str(path), "parameters": dict(self.per_model or {})}
+                       for path in zoo.experts.values()],
+            "parameters": dict(self.parameters),
+            "seed": seed,
+            "name": f"zoo {self.label}",
+        }
+
+
+# The data-free baselines, with the settings the papers and ZOO.md use as validation-free defaults.
+DATA_FREE_MERGES: tuple[MergeSpec, ...] = (
+    MergeSpec("weight_average", "linear", {}),
+    MergeSpec("task_arithmetic@0.3", "task_arithmetic", {"lambda": 0.3}),
+    MergeSpec("task_arithmetic@0.5", "task_arithmetic", {"lambda": 0.5}),
+    MergeSpec("task_arithmetic@1.0", "task_arithmetic", {"lambda": 1.0}),
+    MergeSpec("ties@0.2", "ties", {"lambda": 1.0}, {"density": 0.2}),
+    MergeSpec("ties@0.2,λ0.5", "ties", {"lambda": 0.5}, {"density": 0.2}),
+    MergeSpec("dare_linear@0.5", "dare_linear", {"lambda": 0.5}, {"density": 0.5}),
+    MergeSpec("dare_ties@0.5", "dare_ties", {"lambda": 1.0}, {"density": 0.5}),
+    MergeSpec("magnitude_prune@0.5", "magnitude_prune", {"lambda": 0.5}, {"density": 0.5}),
+    MergeSpec("breadcrumbs@0.9", "breadcrumbs", {"lambda": 0.5}, {"density": 0.9, "gamma": 0.01}),
+    MergeSpec("della@0.7", "della", {"lambda": 1.0}, {"density": 0.7, "epsilon": 0.15}),
+    MergeSpec("consensus", "consensus", {"lambda": 0.5, "k": 2}, {"tall_lambda": 0.4}),
+    MergeSpec("model_stock", "model_stock", {}),
+)
+
+
+def _task_data_key(zoo: Zoo, split: str) -> dict[str, Any]:
+    """The sha256 of every task's data file for ``split`` (from the manifest: the files are hashed at build time)."""
+    info = zoo.manifest["task_info"]
+    return {task: info[task]["splits"][split]["sha256"] for task in zoo.tasks}
+
+
+class Matrix:
+    """Evaluates models of one zoo on all its tasks, with a content-addressed cache of the scores."""
+
+    def __init__(self, zoo: Zoo, *, split: str = "test", limit: int | None = None, cache: Cache | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.zoo = zoo
+        self.split = split
+        self.limit = limit
+        self.cache = cache or Cache()
+        self.progress = progress or (lambda msg: None)
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._data_key = _task_data_key(zoo, split)
+
+    def _load_base(self) -> tuple[Any, Any]:
+        if self._model is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self._model = AutoModelForCausalLM.from_pretrained(self.zoo.base, dtype="float32")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.zoo.base)
+        return self._model, self._tokenizer
+
+    def _cached(self, identity: Mapping[str, Any], compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+        key = cache_key("zoo_eval", model=dict(identity), data=self._data_key, split=self.split, limit=self.limit)
+        hit = self.cache.get("zoo_eval", key)
+        if hit is not None:
+            return json.loads((hit / RESULT_FILE).read_text())
+        scores = compute()
+
+        def write(folder: Path) -> None:
+            (folder / RESULT_FILE).write_text(json.dumps(scores, sort_keys=True))
+
+        self.cache.get_or_create("zoo_eval", key, write)
+        return scores
+
+    def _evaluate_state(self, state: Mapping[str, Any]) -> dict[str, float]:
+        from mergeflow.evaluation import evaluate
+
+        model, tok = self._load_base()
+        model.load_state_dict(dict(state), strict=True)
+        result = evaluate(model, tok, list(self.zoo.tasks), zoo=self.zoo, split=self.split, limit=self.limit)
+        return {task: result.scores[task].acc for task in self.zoo.tasks}
+
+    def checkpoint(self, path: Path) -> dict[str, float]:
+        """Scores of a model folder (base or expert)."""
+        snap = resolve(path, scan_finite=False)
+
+        def compute() -> dict[str, float]:
+            from safetensors.torch import load_file
+
+            state: dict[str, Any] = {}
+            for f in snap.weight_files:
+                state.update(load_file(snap.path / f))
+            return self._evaluate_state(state)
+
+        return self._cached({"checkpoint": snap.content_hash}, compute)
+
+    def merge(self, spec: MergeSpec, seed: int = 0) -> dict[str, float]:
+        """Scores of a merge of all experts (merged in memory only when not cached)."""
+        from mergeflow.engine import merge_state_dict, plan_merge
+        from mergeflow.recipe import parse_recipe
+
+        recipe = parse_recipe(spec.recipe(self.zoo, seed))
+        plan = plan_merge(recipe)
+        identity = {"recipe": recipe.recipe_hash(), "inputs": plan.input_hashes()}
+        plan.close()
+        return self._cached(identity, lambda: self._evaluate_state(merge_state_dict(recipe)))
+
+    def run(self, merges: Iterable[MergeSpec] = DATA_FREE_MERGES, seed: int = 0) -> dict[str, Any]:
+        """The matrix as ``{"tasks": {...}, "models": {"base": {...}, "expert:TASK": {...}, LABEL: {...}}}``."""
+        models: dict[str, dict[str, float]] = {}
+        self.progress("base")
+        models["base"] = self.checkpoint(self.zoo.base)
+        for task, path in self.zoo.experts.items():
+            self.progress(f"expert:{task}")
+            models[f"expert:{task}"] = self.checkpoint(path)
+        for spec in merges:
+            self.progress(spec.label)
+            models[spec.label] = self.merge(spec, seed)
+        return {"tasks": {"in_domain": list(self.zoo.in_domain), "ood": list(self.zoo.ood)}, "models": models,
+                "split": self.split, "zoo": {"size": self.zoo.size, "seed": self.zoo.seed}}
+
+
+def experts_row(matrix: Mapping[str, Any]) -> dict[str, float]:
+    """Each expert on its own task (the diagonal)."""
+    return {task: matrix["models"][f"expert:{task}"][task] for task in matrix["tasks"]["in_domain"]}
+
+
+def table_rows(matrix: Mapping[str, Any]) -> list[tuple[str, list[float | None]]]:
+    """Rows of an APL-Table-1-shaped table: in-domain tasks, their average, then the OOD tasks."""
+    ind, ood = matrix["tasks"]["in_domain"], matrix["tasks"]["ood"]
+    rows: list[tuple[str, list[float | None]]] = []
+
+    def row(label: str, scores: Mapping[str, float], with_ood: bool = True) -> None:
+        values: list[float | None] = [scores[t] for t in ind]
+        values.append(sum(scores[t] for t in ind) / len(ind))
+        values += [scores[t] if with_ood else None for t in ood]
+        rows.append((label, values))
+
+    row("base", matrix["models"]["base"])
+    row("experts (own task)", experts_row(matrix), with_ood=False)
+    for label, scores in matrix["models"].items():
+        if label != "base" and not label.startswith("expert:"):
+            row(label, scores)
+    return rows
+
+
+def format_table(matrix: Mapping[str, Any]) -> str:
+    ind, ood = matrix["tasks"]["in_domain"], matrix["tasks"]["ood"]
+    header = ["method", *ind, "avg", *(f"{t}*" for t in ood)]
+    rows = table_rows(matrix)
+    width = max(len(h) for h in header[1:]) + 1
+    first = max(len("method"), *(len(label) for label, _ in rows)) + 2
+    lines = [header[0].ljust(first) + "".join(h.rjust(width) for h in header[1:])]
+    lines.append("-" * len(lines[0]))
+    for label, values in rows:
+        cells = "".join(("" if v is None else f"{v:.1f}").rjust(width) for v in values)
+        lines.append(label.ljust(first) + cells)
+    lines.append(f"accuracy (%) on the {matrix.get('split', 'test')} split; * = out-of-domain task")
+    return "\n".join(lines)
+
+
+def save_png(matrix: Mapping[str, Any], path: Path, title: str = "") -> Path:
+    """A heatmap picture of the same table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ind, ood = matrix["tasks"]["in_domain"], matrix["tasks"]["ood"]
+    rows = table_rows(matrix)
+    columns = [*ind, "avg", *(f"{t}*" for t in ood)]
+    data = np.array([[np.nan if v is None else v for v in values] for _, values in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 3, 0.42 * len(rows) + 1.6))
+    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if data[i, j] < 60 else "black")
+    ax.axvline(len(ind) + 0.5, color="white", lw=2)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_title(title or f"zoo ({matrix['zoo']['size']}, seed {matrix['zoo']['seed']}): accuracy on the "
+                          f"{matrix.get('split', 'test')} split")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

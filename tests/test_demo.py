@@ -1,0 +1,46 @@
+"""The demo's pipeline end to end on the test zoo: merges, evaluation, table, picture, and the content cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mergeflow.zoo import Zoo
+from mergeflow.zoo.matrix import DATA_FREE_MERGES, experts_row
+from tests.zoo_fixtures import test_zoo  # noqa: F401
+
+
+def test_demo_end_to_end_and_warm_rerun(test_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from mergeflow import evaluation
+    from mergeflow.demo import run_demo
+
+    matrix = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo", limit=40, progress=False)
+    printed = capsys.readouterr().out
+    labels = [m.label for m in DATA_FREE_MERGES]
+    assert list(matrix["models"]) == ["base", *(f"expert:{t}" for t in test_zoo.in_domain), *labels]
+    assert matrix["tasks"] == {"in_domain": list(test_zoo.in_domain), "ood": list(test_zoo.ood)}
+    for label in ["base", "experts (own task)", *labels]:
+        assert label in printed
+    for scores in matrix["models"].values():
+        assert set(scores) == set(test_zoo.tasks)
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # the experts are what make the merging problem: each beats the base on its own task
+    own = experts_row(matrix)
+    assert all(own[t] > matrix["models"]["base"][t] + 20 for t in test_zoo.in_domain)
+    # merges differ from one another (the table is not the same row repeated)
+    averages = {label: sum(matrix["models"][label][t] for t in test_zoo.in_domain) for label in labels}
+    assert max(averages.values()) - min(averages.values()) > 5 * len(test_zoo.in_domain)
+    saved = json.loads((tmp_path / "demo" / "accuracy_matrix.json").read_text())
+    assert saved["models"] == matrix["models"]
+    assert (tmp_path / "demo" / "accuracy_table.png").stat().st_size > 10_000
+
+    # a warm re-run is served from the content-addressed cache: no evaluation at all
+    def no_eval(*args, **kwargs):
+        raise AssertionError("evaluate() called on a warm re-run")
+
+    monkeypatch.setattr(evaluation, "evaluate", no_eval)
+    again = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo2", limit=40, progress=False)
+    assert again["models"] == matrix["models"]
