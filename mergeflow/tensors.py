@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from mergeflow.errors import CheckpointError, OutputPathError
 
@@ -102,30 +101,44 @@ class TensorSpec:
 
 
 class CheckpointReader:
-    """One model's tensors, read lazily one at a time from safetensors (or, if allowed, pickle) shards."""
+    """One model's tensors, read one at a time from safetensors (or, if allowed, pickle) shards.
+
+    Safetensors tensors are read with ``os.pread`` straight into a fresh buffer: one copy from the page cache, the GIL
+    released while it happens (so a prefetch thread really overlaps with compute), and no file mapping that would make
+    every byte of every input count in the process's resident memory. Each returned tensor is private to the caller.
+    """
 
     def __init__(self, folder: Path, weight_files: Sequence[str], *, allow_pickle: bool = False) -> None:
+        from mergeflow.checkpoints import read_safetensors_header
+
         self.folder = Path(folder)
-        self._file_of: dict[str, str] = {}
+        self._where: dict[str, tuple[str, int, int]] = {}  # name -> (file, absolute offset, nbytes)
         self._specs: dict[str, TensorSpec] = {}
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         for file in weight_files:
             path = self.folder / file
             if file.endswith(".safetensors"):
-                try:
-                    handle = safe_open(str(path), framework="pt")
-                except Exception as exc:  # safetensors raises its own error types
-                    raise CheckpointError(f"cannot read {path}: {exc}") from exc
-                self._handles[file] = handle
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    sl = handle.get_slice(name)
-                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                header = read_safetensors_header(path)  # validated: known dtypes, contiguous offsets, no truncation
+                with path.open("rb") as f:
+                    header_len = int.from_bytes(f.read(8), "little")
+                for name, info in header.items():
+                    if name == "__metadata__":
+                        continue
+                    begin, end = info["data_offsets"]
+                    dtype = _ST_DTYPES.get(info["dtype"])
                     if dtype is None:
-                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
-                    self._add(name, file, TensorSpec(name, tuple(sl.get_shape()), dtype))
+                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                    self._add(name, file, TensorSpec(name, tuple(info["shape"]), dtype))
+                    self._where[name] = (file, 8 + header_len + begin, end - begin)
+                try:
+                    self._fds[file] = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
             elif allow_pickle:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                from mergeflow.checkpoints import load_pickle
+
+                state = load_pickle(path)
                 self._pickled[file] = state
                 for name, t in state.items():
                     self._add(name, file, TensorSpec(name, tuple(t.shape), t.dtype))
@@ -133,9 +146,8 @@ class CheckpointReader:
                 raise CheckpointError(f"{path} is a pickle file; set allow_pickle: true in the recipe to load it")
 
     def _add(self, name: str, file: str, spec: TensorSpec) -> None:
-        if name in self._file_of:
-            raise CheckpointError(f"{self.folder}: tensor {name!r} appears in both {self._file_of[name]} and {file}")
-        self._file_of[name] = file
+        if name in self._specs:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} appears in two weight files (the second: {file})")
         self._specs[name] = spec
 
     def names(self) -> list[str]:
@@ -152,21 +164,30 @@ class CheckpointReader:
         return self._specs
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name``. It may share memory with the file mapping: treat it as read-only (an in-place op
-        would change what later reads of the same tensor return)."""
-        file = self._file_of.get(name)
-        if file is None:
+        """The tensor ``name``, in a buffer of its own."""
+        spec = self._specs.get(name)
+        if spec is None:
             raise CheckpointError(f"{self.folder} has no tensor {name!r}")
-        handle = self._handles.get(file)
-        if handle is not None:
-            try:
-                return handle.get_tensor(name)
-            except Exception as exc:
-                raise CheckpointError(f"cannot read tensor {name!r} from {self.folder / file}: {exc}") from exc
-        return self._pickled[file][name]
+        where = self._where.get(name)
+        if where is None:
+            return next(state[name] for state in self._pickled.values() if name in state)
+        file, offset, nbytes = where
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self._fds[file], [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.folder / file}: unexpected end of file reading tensor {name!r} "
+                                      "(the file changed or was truncated after it was opened)")
+            done += n
+        return buf.view(spec.dtype).reshape(spec.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
         self._pickled.clear()
 
     def __enter__(self) -> CheckpointReader:
