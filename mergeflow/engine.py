@@ -277,8 +277,10 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
                 dtype = reference_raw.dtype
                 for t in models_raw:
                     dtype = torch.promote_types(dtype, t.dtype)
-            base = base_raw.to(plan.device, dtype) if base_raw is not None else None
-            models = [t.to(plan.device, dtype) for t in models_raw]
+            # kernels that stream convert block by block; the others get whole tensors in the compute dtype
+            convert = None if (method.streams_raw_inputs and not recipe.mergekit_compat) else dtype
+            base = base_raw.to(plan.device, convert) if base_raw is not None else None
+            models = [t.to(plan.device, convert) for t in models_raw]
             if recipe.vocab_policy == "base" and base is not None:
                 models = [_fit_vocab(t, base) for t in models]
             per_model, shared = plan.params[name]
@@ -296,7 +298,8 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
                     g.manual_seed(_rng_seed(recipe.seed, name, plan.experts[i].rng_id))
                     generators.append(g)
             x = KernelInput(name=name, base=base, models=models, params=per_model, shared=shared,
-                            generators=generators, thresholds=thresholds, compat=recipe.mergekit_compat)
+                            generators=generators, thresholds=thresholds, compat=recipe.mergekit_compat,
+                            dtype=dtype, out_dtype=out_dtypes[name])
             with torch.no_grad():
                 merged = method.kernel(x)
             del base, models, x

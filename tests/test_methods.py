@@ -212,3 +212,16 @@ def test_streaming_kth_over_chunks_equals_concatenation() -> None:
         for c in chunks:
             sel.add_second(c)
         assert sel.value() == torch.kthvalue(allv, k).values.item()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                                    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "consensus",
+                                    "model_stock", "linear", "nuslerp"])
+@pytest.mark.parametrize("compat", [False, True])
+def test_kernels_never_modify_their_inputs(method: str, compat: bool) -> None:
+    base, experts = _inputs(k=2, shape=(64, 48))
+    before = [base.clone(), *(e.clone() for e in experts)]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    _run(method, base, experts, shared={"trim_scope": "tensor"} if method == "ties" else None, generators=gens,
+         compat=compat)
+    assert all(torch.equal(a, b) for a, b in zip(before, [base, *experts]))

@@ -88,6 +88,8 @@ class KernelInput:
     generators: list[torch.Generator] | None = None  # one per model, seeded by (seed, tensor, model id)
     thresholds: list[float] | None = None  # global |delta| trim thresholds per model (global TIES)
     compat: bool = False  # reproduce mergekit 0.1.x semantics
+    dtype: torch.dtype = torch.float32  # compute dtype; raw inputs (streams_raw_inputs) are converted block by block
+    out_dtype: torch.dtype | None = None  # a kernel may return this dtype directly (else the engine casts)
 
     def deltas(self) -> list[torch.Tensor]:
         assert self.base is not None
@@ -109,6 +111,8 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     mergekit_name: str | None = None  # the mergekit method with the same semantics in compat mode
+    # paper mode gets the inputs in their stored dtype and converts them block by block (no full fp32 copies)
+    streams_raw_inputs: bool = False
     # with normalize on, the merged vector is divided by the sum of the weights (so they must not sum to zero)
     normalizes_by_weight_sum: bool = False
     # mergekit replaces a zero weight sum by 1 (a plain weighted sum) for this method, so compat mode accepts it

@@ -115,12 +115,14 @@ def bernoulli_keep(shape: torch.Size, density: float | torch.Tensor, generator: 
 
 
 def rescale_kept(delta: torch.Tensor, keep: torch.Tensor, density: float | torch.Tensor, mode: str) -> torch.Tensor:
-    """Zero the dropped entries and rescale the kept ones.
+    """Zero the dropped entries and rescale the kept ones, in place on ``delta`` (which the caller owns).
 
     ``inverse``: divide by the keep probability (original DARE, DELLA); ``l1``/``l2``/``linf``: match the norm of the
     unmasked tensor (mergekit >= 0.1); ``none``: no rescale.
     """
-    masked = delta * keep
+    if mode in ("l1", "l2", "linf"):
+        return norm_rescale(delta, delta * keep, mode)
+    masked = delta.masked_fill_(~keep, 0.0)
     if mode == "none":
         return masked
     if mode == "inverse":
@@ -128,7 +130,7 @@ def rescale_kept(delta: torch.Tensor, keep: torch.Tensor, density: float | torch
             inv = torch.where(density > 0, 1.0 / density.clamp_min(1e-12), torch.zeros_like(density))
             return masked.mul_(inv)
         return masked.mul_(1.0 / density) if density > 0 else masked.zero_()
-    return norm_rescale(delta, masked, mode)
+    raise ValueError(f"unknown rescale mode {mode!r}")
 
 
 def norm_rescale(original: torch.Tensor, masked: torch.Tensor, mode: str, eps: float = 1e-7) -> torch.Tensor:
@@ -184,6 +186,28 @@ def elect_sign(stacked: torch.Tensor, method: str = "sum") -> torch.Tensor:
 def agreement(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Entries whose sign equals the elected one (zeros have sign 0 and never agree)."""
     return stacked.sign() == sign
+
+
+def elect_and_merge(stacked: torch.Tensor, election: str, divisor: str) -> torch.Tensor:
+    """TIES sign election + disjoint merge of a [K, ...] stack of (weighted) deltas, consuming the stack.
+
+    Same result as ``disjoint_merge(stacked, agreement(stacked, elect_sign(stacked)), divisor)`` but one model at a
+    time, in place, so the temporaries are the size of one tensor instead of K.
+    """
+    vote = stacked.sum(dim=0) if election == "sum" else stacked.sign().sum(dim=0)
+    positive = vote >= 0  # ties of the vote go to +1
+    mixed = torch.zeros_like(vote)
+    count = torch.zeros_like(vote) if divisor == "count" else None
+    for d in stacked:
+        agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
+        mixed.add_(d.masked_fill_(~agree, 0.0))
+        if count is not None:
+            count.add_(agree)
+    if count is not None:
+        mixed.div_(count.clamp_(min=1.0))
+    elif divisor != "none":
+        raise ValueError(f"unknown divisor {divisor!r}")
+    return mixed
 
 
 def disjoint_merge(weighted: torch.Tensor, agree: torch.Tensor, divisor: str, weights: torch.Tensor | None = None

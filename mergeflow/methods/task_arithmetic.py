@@ -19,6 +19,7 @@ from mergeflow.methods.base import (
     KernelInput,
     MergeMethod,
     ParamSpec,
+    ParamValue,
     as_weight,
     density_param,
     register,
@@ -35,28 +36,88 @@ class Composition:
     rescale_compat: bool  # mergekit's `rescale` default (L1-norm matching when true)
 
 
-def _sparsify_paper(delta: torch.Tensor, x: KernelInput, i: int, comp: Composition) -> torch.Tensor:
-    density = x.params["density"][i]
+# Paper mode streams each tensor in blocks of rows: every step after the per-tensor statistics (trim thresholds) is
+# elementwise or per row, so blocks keep the temporaries small (they are reused from the heap instead of being
+# page-faulted in afresh for every tensor, which dominates the cost of big fp32 temporaries on CPU) and peak memory
+# stays at the inputs plus a few blocks. The block size is a constant, so random draws do not depend on the machine.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+
+
+def _blocks(shape: torch.Size, whole: bool) -> list[tuple[int, int]]:
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = max(1, (int(torch.Size(shape).numel()) // rows) if rows else 1)
+    step = rows if whole or len(shape) < 2 else max(1, CHUNK_ELEMENTS // cols)
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def _param_block(value: ParamValue, shape: torch.Size, r0: int, r1: int) -> ParamValue:
+    """The rows r0:r1 of a per-partition parameter tensor broadcastable to ``shape`` (as a row view)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return _row_view(value.expand(shape))[r0:r1]
+
+
+def _tensor_thresholds(x: KernelInput, comp: Composition, base_rows: torch.Tensor, rows: list[torch.Tensor],
+                       dtype: torch.dtype, blocks: list[tuple[int, int]]) -> list[float | None]:
+    """Per-model |Δ| trim thresholds for this tensor (None: keep everything)."""
+    scope = x.shared.get("trim_scope", "tensor")
+    if comp.sparsify != "magnitude":
+        return [None] * len(rows)
+    if scope == "global":
+        assert x.thresholds is not None, "global trim needs the task-vector thresholds"
+        return list(x.thresholds)
+    if scope == "row":
+        return [None] * len(rows)
+    out: list[float | None] = []
+    for i, model in enumerate(rows):
+        density = x.params["density"][i]
+        if isinstance(density, torch.Tensor):
+            raise ValueError("magnitude trimming takes one density per model and tensor")
+        rank = ops.trim_rank(base_rows.numel(), density)
+        if rank <= 0:
+            out.append(None)
+            continue
+        if base_rows.numel() < (1 << 20):
+            out.append(ops.kth_smallest((model.to(dtype) - base_rows.to(dtype)).abs_(), rank))
+            continue
+        sel = ops.KthSmallest(rank)
+        for r0, r1 in blocks:
+            sel.add_first((model[r0:r1].to(dtype) - base_rows[r0:r1].to(dtype)).abs_())
+        sel.finish_first()
+        for r0, r1 in blocks:
+            sel.add_second((model[r0:r1].to(dtype) - base_rows[r0:r1].to(dtype)).abs_())
+        out.append(sel.value())
+    return out
+
+
+def _sparsify_block(delta: torch.Tensor, x: KernelInput, i: int, comp: Composition, threshold: float | None,
+                    shape: torch.Size, r0: int, r1: int) -> torch.Tensor:
+    """Sparsify (and rescale) one block of rows of model i's task vector, in place where possible."""
+    density = _param_block(x.params["density"][i], shape, r0, r1)
+    mode = x.shared.get("rescale_mode") or comp.rescale
     kind = comp.sparsify
     if kind == "magnitude":
-        scope = x.shared.get("trim_scope", "tensor")
-        if scope == "global":
-            assert x.thresholds is not None, "global trim needs the task-vector thresholds"
-            keep = delta.abs() >= x.thresholds[i]
-        else:
-            if isinstance(density, torch.Tensor):
-                raise ValueError("magnitude trimming takes one density per model and tensor")
+        mode = x.shared.get("rescale_mode") or "none"
+        if x.shared.get("trim_scope", "tensor") == "row":
             if density >= 1:
                 return delta
-            keep = ops.magnitude_mask(delta, density, scope)
-        return ops.rescale_kept(delta, keep, density, x.shared.get("rescale_mode") or "none")
+            keep = ops.magnitude_mask(delta, density, "row")
+        elif threshold is None:
+            return delta
+        else:
+            keep = delta.abs() >= threshold
+        return ops.rescale_kept(delta, keep, density, mode)
     if kind == "bernoulli":
         if not isinstance(density, torch.Tensor) and density >= 1:
             return delta
         gen = x.generators[i] if x.generators else None
         keep = ops.bernoulli_keep(delta.shape, as_weight(density, delta), gen, delta.device)
-        return ops.rescale_kept(delta, keep, as_weight(density, delta), x.shared.get("rescale_mode") or comp.rescale)
-    if kind == "outliers":
+        return ops.rescale_kept(delta, keep, as_weight(density, delta), mode)
+    if kind == "outliers":  # whole tensor in one block
         if density >= 1:
             return delta
         keep = ops.outlier_keep(delta, density, x.params["gamma"][i])
@@ -64,49 +125,54 @@ def _sparsify_paper(delta: torch.Tensor, x: KernelInput, i: int, comp: Compositi
     if kind == "della":
         if density >= 1:
             return delta
-        eps = x.params["epsilon"][i]
-        probs = ops.della_keep_prob(delta, density, eps)
+        probs = ops.della_keep_prob(delta, density, x.params["epsilon"][i])
         gen = x.generators[i] if x.generators else None
         keep = torch.rand(delta.shape, generator=gen, device=delta.device) < probs
-        return ops.rescale_kept(delta, keep, probs, x.shared.get("rescale_mode") or comp.rescale)
+        return ops.rescale_kept(delta, keep, probs, mode)
     raise AssertionError(kind)
 
 
 def paper_kernel(x: KernelInput, comp: Composition) -> torch.Tensor:
     assert x.base is not None
-    base = x.base
+    dtype = x.dtype
+    shape = x.base.shape
+    base_rows = _row_view(x.base)
+    rows = [_row_view(m) for m in x.models]
+    # whole-tensor statistics (outlier sorts, norm-matching rescale) need the tensor in one block
+    whole = comp.sparsify == "outliers" or (x.shared.get("rescale_mode") or "") in ("l1", "l2", "linf")
+    blocks = _blocks(shape, whole)
+    thresholds = _tensor_thresholds(x, comp, base_rows, rows, dtype, blocks)
     lam = float(x.shared.get("lambda", 1.0))
     normalize = x.shared.get("normalize")
     normalize = comp.normalize if normalize is None else normalize
-    if comp.consensus is None:
-        # accumulate in place: memory stays at (base + one delta + accumulator), whatever K is
-        acc = torch.zeros_like(base)
-        wsum: torch.Tensor | float = 0.0
-        for i, model in enumerate(x.models):
-            delta = model - base
-            if comp.sparsify:
-                delta = _sparsify_paper(delta, x, i, comp)
-            w = as_weight(x.params["weight"][i], base)
-            acc.add_(delta.mul_(w))
-            wsum = wsum + w
-        if normalize:
-            acc = _divide_by_weight_sum(acc, wsum)
-    else:
-        stacked = torch.empty((len(x.models), *base.shape), dtype=base.dtype, device=base.device)
-        weights = []
-        for i, model in enumerate(x.models):
-            delta = torch.sub(model, base, out=stacked[i])
-            if comp.sparsify:
-                stacked[i] = _sparsify_paper(delta, x, i, comp)
-            w = as_weight(x.params["weight"][i], base)
-            stacked[i].mul_(w)
-            weights.append(w)
-        sign = ops.elect_sign(stacked, x.shared.get("election", "sum"))
-        agree = ops.agreement(stacked, sign)
-        acc = ops.disjoint_merge(stacked, agree, "count" if normalize else "none")
-    if lam != 1.0:
-        acc.mul_(lam)
-    return acc.add_(base)
+    out = torch.empty(base_rows.shape, dtype=x.out_dtype or dtype, device=x.base.device)
+    k = len(rows)
+    for r0, r1 in blocks:
+        b = base_rows[r0:r1].to(dtype)
+        weights = [as_weight(_param_block(x.params["weight"][i], shape, r0, r1), b) for i in range(k)]
+        if comp.consensus is None:
+            acc = torch.zeros_like(b)
+            work = torch.empty_like(b)
+            for i in range(k):
+                # never in place on the inputs (an fp32 input block is a view of the caller's tensor)
+                delta = torch.sub(rows[i][r0:r1], b, out=work)
+                if comp.sparsify:
+                    delta = _sparsify_block(delta, x, i, comp, thresholds[i], shape, r0, r1)
+                acc.add_(delta.mul_(weights[i]))
+            if normalize:
+                acc = _divide_by_weight_sum(acc, sum(weights))
+        else:
+            stacked = torch.empty((k, *b.shape), dtype=dtype, device=b.device)
+            for i in range(k):
+                delta = torch.sub(rows[i][r0:r1], b, out=stacked[i])
+                if comp.sparsify:
+                    stacked[i] = _sparsify_block(delta, x, i, comp, thresholds[i], shape, r0, r1)
+                stacked[i].mul_(weights[i])
+            acc = ops.elect_and_merge(stacked, x.shared.get("election", "sum"), "count" if normalize else "none")
+        if lam != 1.0:
+            acc.mul_(lam)
+        out[r0:r1] = acc.add_(b)
+    return out.reshape(shape)
 
 
 def _divide_by_weight_sum(acc: torch.Tensor, wsum: torch.Tensor | float) -> torch.Tensor:
@@ -261,6 +327,7 @@ def _define(name: str, comp: Composition, extra: tuple[ParamSpec, ...], summary:
         paper=paper,
         random=random,
         mergekit_name=name,
+        streams_raw_inputs=True,
         normalizes_by_weight_sum=comp.consensus is None,
         compat_guards_zero_weight_sum=True,
         needs_global_threshold=(lambda shared: shared.get("trim_scope") == "global") if global_trim else
