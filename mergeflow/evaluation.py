@@ -147,7 +147,7 @@ def _resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | No
 # ----------------------------------------------------------------------------------------------- lm-eval objects
 
 _TASK_MANAGERS: dict[str, Any] = {}
-_TASK_OBJECTS: dict[tuple[str, str, str, int], Any] = {}
+_TASK_OBJECTS: dict[tuple[str, str, str, str, int], Any] = {}
 
 
 def _offline_env() -> None:
@@ -191,16 +191,20 @@ def zoo_task_config(zoo: Zoo, task: str, split: str = "test") -> dict[str, Any]:
 
 
 def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: int) -> list[Any]:
-    key_root = str(zoo.root)
-    missing = [t for t in tasks if (key_root, t, split, num_fewshot) not in _TASK_OBJECTS]
+    # Keyed by the data's hash too, so a zoo rebuilt in place is never scored with stale datasets.
+    def key(task: str) -> tuple[str, str, str, str, int]:
+        sha = zoo.manifest.get("task_info", {}).get(task, {}).get("splits", {}).get(split, {}).get("sha256", "")
+        return (str(zoo.root), task, split, sha, num_fewshot)
+
+    missing = [t for t in tasks if key(t) not in _TASK_OBJECTS]
     if missing:
         tm = _task_manager(zoo.tasks_dir)
         loaded = tm.load([zoo_task_config(zoo, t, split) for t in missing])["tasks"]
         for t in missing:
             obj = loaded[LM_EVAL_PREFIX + t]
             obj.set_config(key="num_fewshot", value=num_fewshot)
-            _TASK_OBJECTS[(key_root, t, split, num_fewshot)] = obj
-    return [_TASK_OBJECTS[(key_root, t, split, num_fewshot)] for t in tasks]
+            _TASK_OBJECTS[key(t)] = obj
+    return [_TASK_OBJECTS[key(t)] for t in tasks]
 
 
 def _other_task_objects(names: Sequence[str], known_zoo: Iterable[str]) -> list[Any]:

@@ -26,9 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +61,22 @@ class ZooSize:
 
     def split_sizes(self) -> dict[str, int]:
         return {**self.eval_splits, "train": self.finetune.steps * self.finetune.batch_size}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ZooSize:
+        return cls(
+            **{
+                **data,
+                "in_domain": tuple(data["in_domain"]),
+                "ood": tuple(data["ood"]),
+                "shape": ModelShape(**data["shape"]),
+                "pretrain": Schedule(**{**data["pretrain"], "betas": tuple(data["pretrain"]["betas"])}),
+                "finetune": Schedule(**{**data["finetune"], "betas": tuple(data["finetune"]["betas"])}),
+            }
+        )
 
     def hparams(self) -> dict[str, Any]:
         return {
@@ -319,14 +333,14 @@ def _no_hf_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def finetune_expert(root: str, task: str, size_name: str, progress: bool = False) -> dict[str, Any]:
+def finetune_expert(root: str, task: str, size: ZooSize | str, progress: bool = False) -> dict[str, Any]:
     """Fine-tune the expert of ``task`` from ``root/base`` into ``root/experts/task`` (a worker-process entry point)."""
     from transformers import LlamaForCausalLM
 
     from mergeflow.zoo.tokenizer import build_tokenizer, zoo_vocab
     from mergeflow.zoo.train import deterministic, encode_example, finetune
 
-    size = SIZES[size_name]
+    size = SIZES[size] if isinstance(size, str) else size
     folder = Path(root)
     t0 = time.perf_counter()
     vocab = zoo_vocab()
@@ -345,19 +359,60 @@ def finetune_expert(root: str, task: str, size_name: str, progress: bool = False
 
 
 def _finetune_all(root: Path, size: ZooSize, jobs: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    experts: dict[str, Any] = {}
     if jobs <= 1:
+        experts: dict[str, Any] = {}
         for task in size.in_domain:
-            experts[task] = finetune_expert(str(root), task, size.name, progress)
+            experts[task] = finetune_expert(str(root), task, size, progress)
             log(f"expert {task}: {experts[task]['train_s']:.1f} s, loss {experts[task]['final_loss']}")
         return experts
-    # One thread per process, so the bits are the same as in a sequential build.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {task: pool.submit(finetune_expert, str(root), task, size.name, False) for task in size.in_domain}
-        for task, fut in futures.items():
-            experts[task] = fut.result()
-            log(f"expert {task}: {experts[task]['train_s']:.1f} s, loss {experts[task]['final_loss']}")
-    return experts
+    return _finetune_in_workers(root, size, jobs, log)
+
+
+def _finetune_in_workers(root: Path, size: ZooSize, jobs: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fine-tune the experts in ``jobs`` fresh interpreters, one thread each: the same bits as a sequential build.
+
+    Plain subprocesses rather than multiprocessing: its spawn start method re-runs the caller's ``__main__``,
+    which rebuilds the whole zoo in every worker when a user script has no ``if __name__ == "__main__"`` guard.
+    """
+    import subprocess
+
+    import mergeflow
+
+    spec = root / ".size.json"
+    spec.write_text(json.dumps(size.to_json()))
+    env = dict(os.environ)
+    package_root = str(Path(mergeflow.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    pending = list(size.in_domain)
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    results: dict[str, Any] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                task = pending.pop(0)
+                logfile = root / f".worker-{task}.log"
+                with logfile.open("w") as out:  # a file, not a pipe: a chatty worker can never block on it
+                    cmd = [sys.executable, "-m", "mergeflow.zoo.worker", str(root), task, str(spec)]
+                    running[task] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), logfile)
+            time.sleep(0.2)
+            for task, (proc, logfile) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[task]
+                output = logfile.read_text()
+                logfile.unlink()
+                lines = [ln for ln in output.splitlines() if ln.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    tail = " | ".join(output.strip().splitlines()[-5:])
+                    raise ZooError(f"fine-tuning the {task} expert failed (exit code {proc.returncode}): {tail}")
+                results[task] = json.loads(lines[-1])
+                log(f"expert {task}: {results[task]['train_s']:.1f} s, loss {results[task]['final_loss']}")
+    finally:
+        for proc, _ in running.values():
+            proc.kill()
+            proc.wait()
+        spec.unlink(missing_ok=True)
+    return {task: results[task] for task in size.in_domain}
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -423,6 +478,7 @@ def build_zoo(
             print(f"[zoo {size} seed {seed}] {msg}", file=sys.stderr, flush=True)
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(target)
     tmp = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -472,6 +528,17 @@ def build_zoo(
         raise
     log(f"built in {manifest['timings']['total_s']:.0f} s -> {target}")
     return Zoo.load(target)
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Delete temporary folders left by builds of ``target`` whose process is gone (killed, machine rebooted)."""
+    for tmp in target.parent.glob(f".{target.name}.building-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
