@@ -122,7 +122,7 @@ def rescale_kept(delta: torch.Tensor, keep: torch.Tensor, density: float | torch
     """
     if mode in ("l1", "l2", "linf"):
         return norm_rescale(delta, delta * keep, mode)
-    masked = delta.masked_fill_(~keep, 0.0)
+    masked = delta.mul_(keep)  # several times faster than masked_fill_ on CPU
     if mode == "none":
         return masked
     if mode == "inverse":
@@ -195,12 +195,12 @@ def elect_and_merge(stacked: torch.Tensor, election: str, divisor: str) -> torch
     time, in place, so the temporaries are the size of one tensor instead of K.
     """
     vote = stacked.sum(dim=0) if election == "sum" else stacked.sign().sum(dim=0)
-    positive = vote >= 0  # ties of the vote go to +1
+    sign = (vote >= 0).to(vote.dtype).mul_(2.0).sub_(1.0)  # ties of the vote go to +1
     mixed = torch.zeros_like(vote)
     count = torch.zeros_like(vote) if divisor == "count" else None
     for d in stacked:
-        agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
-        mixed.add_(d.masked_fill_(~agree, 0.0))
+        agree = (d * sign) > 0  # same sign as elected; zeros never agree
+        mixed.add_(d.mul_(agree))
         if count is not None:
             count.add_(agree)
     if count is not None:
