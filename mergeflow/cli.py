@@ -98,10 +98,12 @@ def main(debug: bool) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where the per-tensor arithmetic runs.")
 @click.option("--shard-size", default="1GB", show_default=True, help="Maximum bytes per output shard (e.g. 500MB, 2GB).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for the arithmetic [default: all cores but one, left to the reader/writer threads].")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @user_errors
 def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | None, overwrite: bool, device: str,
-          shard_size: str, no_progress: bool) -> None:
+          shard_size: str, threads: int | None, no_progress: bool) -> None:
     """Merge the models of RECIPE (a mergeflow or mergekit YAML) into the folder OUT."""
     from mergeflow.engine import MergeOptions
     from mergeflow.engine import merge as run_merge
@@ -115,7 +117,7 @@ def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | Non
     _sigterm_as_interrupt()
     r = load_recipe(recipe, mergekit_compat=mergekit_compat, seed=seed)
     result = run_merge(r, out, options=MergeOptions(device=device, shard_size=shard_size, overwrite=overwrite,
-                                                    progress=not no_progress))
+                                                    threads=threads, progress=not no_progress))
     rate = result.bytes_written / max(result.seconds, 1e-9)
     click.echo(f"merged {result.n_tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.path} in "
                f"{result.seconds:.1f} s ({rate / 1e6:.0f} MB/s); recipe {result.recipe_hash[:19]}")
