@@ -44,3 +44,20 @@ def test_demo_end_to_end_and_warm_rerun(test_zoo: Zoo, tmp_path: Path, monkeypat
     monkeypatch.setattr(evaluation, "evaluate", no_eval)
     again = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo2", limit=40, progress=False)
     assert again["models"] == matrix["models"]
+
+
+def test_zoo_matrix_command_json_format(test_zoo: Zoo, tmp_path: Path) -> None:  # noqa: F811
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["zoo", "matrix", str(test_zoo.root), "--json", str(out), "--limit", "40",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    matrix = json.loads(out.read_text())
+    assert matrix["tasks"] == {"in_domain": list(test_zoo.in_domain), "ood": list(test_zoo.ood)}
+    expected = {"base", *(f"expert:{t}" for t in test_zoo.in_domain), "task_arithmetic@0.3", "ties@0.2"}
+    assert expected <= set(matrix["models"])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "task_arithmetic@1.0" in result.output

@@ -105,3 +105,12 @@ def eval_command(model: Path, tasks: str, split: str, limit: int | None, batch_s
             json_out.write_text(json.dumps({"model": str(model), **result.to_dict()}, indent=2) + "\n")
         except OSError as e:
             raise OutputPathError(f"cannot write {json_out}: {e.strerror}") from None
+
+
+def _add_matrix() -> None:
+    from mergeflow.zoo.matrix import matrix_command
+
+    zoo.add_command(matrix_command)
+
+
+_add_matrix()

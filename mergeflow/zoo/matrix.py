@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
+
 from mergeflow.cache import Cache, cache_key
 from mergeflow.checkpoints import resolve
 from mergeflow.zoo.build import Zoo
@@ -33,8 +35,7 @@ class MergeSpec:
         return {
             "merge_method": self.method,
             "base_model": str(zoo.base),
-            "models": [{"model": str(path), "parameters": dict(self.per_model or {})}
-                       for path in zoo.experts.values()],
+            "models": [{"model": str(path), "parameters": dict(self.per_model or {})} for path in zoo.experts.values()],
             "parameters": dict(self.parameters),
             "seed": seed,
             "name": f"zoo {self.label}",
@@ -68,8 +69,15 @@ def _task_data_key(zoo: Zoo, split: str) -> dict[str, Any]:
 class Matrix:
     """Evaluates models of one zoo on all its tasks, with a content-addressed cache of the scores."""
 
-    def __init__(self, zoo: Zoo, *, split: str = "test", limit: int | None = None, cache: Cache | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        zoo: Zoo,
+        *,
+        split: str = "test",
+        limit: int | None = None,
+        cache: Cache | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.zoo = zoo
         self.split = split
         self.limit = limit
@@ -144,8 +152,12 @@ class Matrix:
         for spec in merges:
             self.progress(spec.label)
             models[spec.label] = self.merge(spec, seed)
-        return {"tasks": {"in_domain": list(self.zoo.in_domain), "ood": list(self.zoo.ood)}, "models": models,
-                "split": self.split, "zoo": {"size": self.zoo.size, "seed": self.zoo.seed}}
+        return {
+            "tasks": {"in_domain": list(self.zoo.in_domain), "ood": list(self.zoo.ood)},
+            "models": models,
+            "split": self.split,
+            "zoo": {"size": self.zoo.size, "seed": self.zoo.seed},
+        }
 
 
 def experts_row(matrix: Mapping[str, Any]) -> dict[str, float]:
@@ -206,14 +218,62 @@ def save_png(matrix: Mapping[str, Any], path: Path, title: str = "") -> Path:
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if not np.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if data[i, j] < 60 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if data[i, j] < 60 else "black",
+                )
     ax.axvline(len(ind) + 0.5, color="white", lw=2)
     fig.colorbar(im, ax=ax, label="accuracy (%)")
-    ax.set_title(title or f"zoo ({matrix['zoo']['size']}, seed {matrix['zoo']['seed']}): accuracy on the "
-                          f"{matrix.get('split', 'test')} split")
+    ax.set_title(
+        title
+        or f"zoo ({matrix['zoo']['size']}, seed {matrix['zoo']['seed']}): accuracy on the "
+        f"{matrix.get('split', 'test')} split"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+@click.command("matrix")
+@click.argument("zoo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the matrix here.")
+@click.option("--png", type=click.Path(path_type=Path), default=None,
+              help="Heatmap file [default: beside --json, else in the zoo folder].")
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="Score only the first N examples of each task.")
+@click.option("--no-progress", is_flag=True)
+def matrix_command(zoo_dir: Path, json_out: Path | None, png: Path | None, split: str, limit: int | None,
+                   no_progress: bool) -> None:
+    """Evaluate base, every expert and the data-free merges of ZOO_DIR on every task; print the matrix."""
+    from mergeflow.cli import user_errors
+
+    user_errors(run_matrix)(zoo_dir, json_out, png, split, limit, not no_progress)
+
+
+def run_matrix(zoo_dir: Path, json_out: Path | None = None, png: Path | None = None, split: str = "test",
+               limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    zoo = Zoo.load(zoo_dir)
+    bar = tqdm(total=1 + len(zoo.in_domain) + len(DATA_FREE_MERGES), unit="model", disable=not progress)
+
+    def step(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    matrix = Matrix(zoo, split=split, limit=limit, progress=step).run()
+    bar.close()
+    click.echo(format_table(matrix))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(matrix, indent=2) + "\n")
+    picture = save_png(matrix, png or (json_out.with_suffix(".png") if json_out else zoo.root / f"matrix-{split}.png"))
+    click.echo(f"heatmap: {picture}")
+    return matrix
