@@ -321,19 +321,20 @@ def compute_threads(threads: int | None) -> Iterator[None]:
 
 def merge_state_dict(recipe: Recipe, *, device: str = "cpu", threads: int | None = None) -> dict[str, torch.Tensor]:
     """Merge in memory (small models: evaluation of many candidate merges without touching disk)."""
-    plan = plan_merge(recipe, options=MergeOptions(device=device, progress=False))
-    try:
-        with compute_threads(threads):
+    with compute_threads(threads):
+        plan = plan_merge(recipe, options=MergeOptions(device=device, progress=False))
+        try:
             return dict(iter_merged(plan))
-    finally:
-        plan.close()
+        finally:
+            plan.close()
 
 
 def merge(recipe: Recipe, out: str | Path, *, options: MergeOptions = MergeOptions()) -> MergeResult:
     """Merge to ``out``: sharded safetensors + config + tokenizer + model card + provenance, renamed into place."""
     out = Path(out)
     start = time.perf_counter()
-    plan = plan_merge(recipe, out=out, options=options)
+    with compute_threads(options.threads):  # the NaN scan and global thresholds are compute too
+        plan = plan_merge(recipe, out=out, options=options)
     try:
         shard_size = parse_size(options.shard_size)
         progress = None
