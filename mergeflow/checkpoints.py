@@ -598,16 +598,14 @@ def _scan_file(path: Path) -> None:
             if isinstance(value, torch.Tensor):
                 _check_tensor(path, name, value)
         return
-    from safetensors import SafetensorError, safe_open
+    from mergeflow.tensors import CheckpointReader
 
     header = read_safetensors_header(path)
     floats = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] in _SCANNED_DTYPES]
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in floats:  # one tensor at a time: peak memory is the largest tensor, not the file
-                _check_tensor(path, name, f.get_tensor(name))
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
+    # one tensor at a time, read into a private buffer (no file mapping that would count in resident memory)
+    with CheckpointReader(path.parent, [path.name]) as reader:
+        for name in floats:
+            _check_tensor(path, name, reader.get(name))
 
 
 def scan_finite(folder: Path, weight_files: Iterable[str]) -> None:

@@ -39,7 +39,11 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
 }
+for _code, _attr in (("F8_E5M2", "float8_e5m2"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):  # float8 types depend on the torch version
+        _ST_DTYPES[_code] = getattr(torch, _attr)
 _TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
