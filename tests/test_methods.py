@@ -225,3 +225,14 @@ def test_kernels_never_modify_their_inputs(method: str, compat: bool) -> None:
     _run(method, base, experts, shared={"trim_scope": "tensor"} if method == "ties" else None, generators=gens,
          compat=compat)
     assert all(torch.equal(a, b) for a, b in zip(before, [base, *experts]))
+
+
+def test_sign_election_by_count_differs_from_mass() -> None:
+    base = torch.zeros(2)
+    experts = [torch.tensor([5.0, 1.0]), torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, 2.0])]
+    params = {"density": [1.0] * 3}
+    mass = _run("dare_ties", base, experts, params, {"election": "sum"})
+    count = _run("dare_ties", base, experts, params, {"election": "count"})
+    # entry 0: sum = +3 → only 5 agrees → 5; two of three signs are negative → mean(-1, -1) = -1
+    # entry 1: sum = +2, and two positive signs → mean(1, 2) = 1.5 in both
+    assert torch.equal(mass, torch.tensor([5.0, 1.5])) and torch.equal(count, torch.tensor([-1.0, 1.5]))

@@ -172,27 +172,13 @@ def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torc
 
 # --- sign election and disjoint merge (TIES family) ---
 
-def elect_sign(stacked: torch.Tensor, method: str = "sum") -> torch.Tensor:
-    """Majority sign per entry of a [K, ...] stack; ties of the vote go to +1 (mergekit and PEFT convention)."""
-    if method == "sum":
-        vote = stacked.sum(dim=0)
-    elif method == "count":
-        vote = stacked.sign().sum(dim=0)
-    else:
-        raise ValueError(f"unknown sign election {method!r}")
-    return torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
-
-
-def agreement(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Entries whose sign equals the elected one (zeros have sign 0 and never agree)."""
-    return stacked.sign() == sign
-
-
 def elect_and_merge(stacked: torch.Tensor, election: str, divisor: str) -> torch.Tensor:
-    """TIES sign election + disjoint merge of a [K, ...] stack of (weighted) deltas, consuming the stack.
+    """TIES sign election and disjoint merge of a [K, ...] stack of (weighted) deltas, consuming the stack.
 
-    Same result as ``disjoint_merge(stacked, agreement(stacked, elect_sign(stacked)), divisor)`` but one model at a
-    time, in place, so the temporaries are the size of one tensor instead of K.
+    The elected sign is that of the sum (``sum``, TIES "mass") or of the sign count (``count``); ties go to +1
+    (mergekit and PEFT). Entries agreeing with it (zeros never agree) are summed and divided by their count
+    (``count``, the official disjoint mean) or not at all (``none``). One model at a time and in place, so the
+    temporaries are the size of one tensor, not K.
     """
     vote = stacked.sum(dim=0) if election == "sum" else stacked.sign().sum(dim=0)
     sign = (vote >= 0).to(vote.dtype).mul_(2.0).sub_(1.0)  # ties of the vote go to +1
@@ -208,21 +194,3 @@ def elect_and_merge(stacked: torch.Tensor, election: str, divisor: str) -> torch
     elif divisor != "none":
         raise ValueError(f"unknown divisor {divisor!r}")
     return mixed
-
-
-def disjoint_merge(weighted: torch.Tensor, agree: torch.Tensor, divisor: str, weights: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """Sum of the agreeing entries, divided by the agreeing count (``count``), by their weight sum (``weight``), or
-    not at all (``none``)."""
-    mixed = (weighted * agree).sum(dim=0)
-    if divisor == "none":
-        return mixed
-    if divisor == "count":
-        div = agree.sum(dim=0).clamp_min(1).to(mixed.dtype)
-    elif divisor == "weight":
-        assert weights is not None
-        div = (weights * agree).sum(dim=0)
-        div = torch.where(div == 0, torch.ones_like(div), div)
-    else:
-        raise ValueError(f"unknown divisor {divisor!r}")
-    return mixed / div
