@@ -138,12 +138,23 @@ def _open(role: str, ref: str, recipe: Recipe) -> tuple[Snapshot, CheckpointRead
 def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions = MergeOptions(),
                strict: bool = True) -> MergePlan:
     """Resolve, inspect and validate everything a merge needs, without reading a single tensor's data."""
+    opened: list[Input] = []
+    try:
+        return _plan(recipe, out, options, strict, opened)
+    except BaseException:
+        for i in opened:  # a refused plan must not leave file descriptors open in a long-lived worker
+            i.reader.close()
+        raise
+
+
+def _plan(recipe: Recipe, out: Path | None, options: MergeOptions, strict: bool, opened: list[Input]) -> MergePlan:
     method = recipe.method
     device = pick_device(options.device)
     base: Input | None = None
     if recipe.base_model:
         snap, reader, arch = _open("base", recipe.base_model, recipe)
         base = Input("base", snap, reader, arch, snap.content_hash)
+        opened.append(base)
     experts: list[Input] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(recipe.experts):
@@ -151,6 +162,7 @@ def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions
         n = seen.get(snap.content_hash, 0)
         seen[snap.content_hash] = n + 1
         experts.append(Input(f"model[{i}]", snap, reader, arch, f"{snap.content_hash}#{n}"))
+        opened.append(experts[-1])
     reference = base if base is not None else experts[0]
     summaries = {id(i): summarize(i.role, i.snapshot.reference, i.snapshot.content_hash, i.arch, i.reader)
                  for i in [reference, *experts]}

@@ -350,3 +350,15 @@ def test_task_vector_manifest_norms_and_thresholds(families) -> None:
     for density in (0.1, 0.5):
         k = flat.numel() - int(density * flat.numel())
         assert manifest.thresholds[repr(density)] == flat.abs().kthvalue(k).values.item()
+
+
+def test_refused_plan_closes_its_files(families) -> None:
+    base, experts = families("llama")
+    gpt2_base, _ = families("gpt2")
+    recipe = parse_recipe(_recipe("task_arithmetic", base, [experts[0], gpt2_base]))
+    merge_state_dict(parse_recipe(_recipe("task_arithmetic", base, experts)))  # warm the hash memo
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(IncompatibleModelsError):
+            merge_state_dict(recipe)
+    assert len(os.listdir("/proc/self/fd")) == before
