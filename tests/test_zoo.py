@@ -13,7 +13,7 @@ import yaml
 
 from mergeflow.errors import ZooError
 from mergeflow.zoo import SIZES, TASKS, Zoo, build_zoo, default_zoo_dir
-from mergeflow.zoo.build import finetune_expert, sha256_file
+from mergeflow.zoo.build import ZooSize, finetune_expert, sha256_file
 from mergeflow.zoo.corpus import pretraining_blocks
 from mergeflow.zoo.tasks import SPLITS, generate_split, generate_task
 from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, UNK_ID, build_tokenizer, zoo_vocab
@@ -123,9 +123,8 @@ def test_zoo_layout_hashes_and_task_files(test_zoo: Zoo) -> None:  # noqa: F811
 
 
 def test_data_on_disk_is_the_generated_data(test_zoo: Zoo) -> None:  # noqa: F811
-    sizes = SIZES["test"].split_sizes()
     for task in ("topic", "reverse_nli"):
-        assert test_zoo.rows(task, "test") == generate_task(task, sizes, seed=0)["test"]
+        assert test_zoo.rows(task, "test") == generate_task(task, SIZES["test"].split_sizes(task), seed=0)["test"]
 
 
 def test_building_again_is_instant_and_guards_other_zoos(test_zoo: Zoo, tmp_path: Path) -> None:  # noqa: F811
@@ -141,11 +140,22 @@ def test_building_again_is_instant_and_guards_other_zoos(test_zoo: Zoo, tmp_path
     (tmp_path / "occupied" / "file.txt").write_text("x")
     with pytest.raises(ZooError, match="not a zoo"):
         build_zoo(tmp_path / "occupied", size="test", progress=False)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "zoo.json").write_text(json.dumps({**test_zoo.manifest, "recipe_sha256": "0" * 64}))
+    with pytest.raises(ZooError, match="another version of the test zoo recipe"):
+        build_zoo(stale, size="test", seed=0, progress=False)
     with pytest.raises(ZooError, match="is missing"):
         Zoo.load(tmp_path)
     (tmp_path / "zoo.json").write_text("{}")
     with pytest.raises(ZooError, match="not a valid zoo manifest"):
         Zoo.load(tmp_path)
+
+
+def test_sizes_travel_to_workers_as_json() -> None:
+    for size in SIZES.values():
+        assert ZooSize.from_json(json.loads(json.dumps(size.to_json()))) == size
+        assert size.split_sizes()["calib"] >= 100 and size.split_sizes()["fewshot"] >= 5
 
 
 def test_default_location_is_under_mergeflow_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -192,5 +202,5 @@ def test_experts_beat_the_base_on_their_own_task(test_zoo: Zoo) -> None:  # noqa
     for task in test_zoo.in_domain:
         assert base[task] < TASKS[task].chance + 15, summary  # the base does not know the tasks
         # margins that hold across seeds (measured on seeds 0-4 with 200 test examples per task)
-        assert experts[task][task] > base[task] + 25, summary
-    assert experts["topic"]["review_topic"] > base["review_topic"] + 20, summary  # the skill transfers out of domain
+        assert experts[task][task] > base[task] + 20, summary
+    assert experts["topic"]["review_topic"] > base["review_topic"] + 15, summary  # the skill transfers out of domain

@@ -34,14 +34,18 @@ def _area_doc(rng: random.Random) -> str:
 
 
 def _facts_doc(rng: random.Random) -> str:
+    # Three surface forms of one fact; the two-sentence one lets a cheap base link a place to a later activity.
     sentences = []
     for _ in range(rng.randint(1, 3)):
         place = rng.choice(tuple(PLACES))
         name, activity = rng.choice(NAMES), rng.choice(PLACES[place])
-        if rng.random() < 0.5:
+        form = rng.randrange(3)
+        if form == 0:
             sentences.append(f"in the {place} {name} {activity} .")
-        else:
+        elif form == 1:
             sentences.append(f"{name} {activity} in the {place} .")
+        else:
+            sentences.append(f"{name} was in the {place} . {name} {activity} .")
     return " ".join(sentences)
 
 

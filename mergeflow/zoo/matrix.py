@@ -244,21 +244,32 @@ def save_png(matrix: Mapping[str, Any], path: Path, title: str = "") -> Path:
 @click.command("matrix")
 @click.argument("zoo_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the matrix here.")
-@click.option("--png", type=click.Path(path_type=Path), default=None,
-              help="Heatmap file [default: beside --json, else in the zoo folder].")
+@click.option(
+    "--png",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Heatmap file [default: beside --json, else in the zoo folder].",
+)
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
 @click.option("--limit", type=int, default=None, help="Score only the first N examples of each task.")
 @click.option("--no-progress", is_flag=True)
-def matrix_command(zoo_dir: Path, json_out: Path | None, png: Path | None, split: str, limit: int | None,
-                   no_progress: bool) -> None:
+def matrix_command(
+    zoo_dir: Path, json_out: Path | None, png: Path | None, split: str, limit: int | None, no_progress: bool
+) -> None:
     """Evaluate base, every expert and the data-free merges of ZOO_DIR on every task; print the matrix."""
     from mergeflow.cli import user_errors
 
     user_errors(run_matrix)(zoo_dir, json_out, png, split, limit, not no_progress)
 
 
-def run_matrix(zoo_dir: Path, json_out: Path | None = None, png: Path | None = None, split: str = "test",
-               limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+def run_matrix(
+    zoo_dir: Path,
+    json_out: Path | None = None,
+    png: Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     zoo = Zoo.load(zoo_dir)
