@@ -25,6 +25,7 @@ import torch
 from mergeflow import __version__
 from mergeflow.architecture import Architecture
 from mergeflow.checkpoints import Snapshot, resolve
+from mergeflow.coefficients import Coefficients, CoefficientSource
 from mergeflow.compatibility import CompatibilityReport, compare, summarize
 from mergeflow.errors import IncompatibleModelsError, RecipeError
 from mergeflow.methods.base import KernelInput, MergeMethod
@@ -79,6 +80,8 @@ class MergePlan:
     device: torch.device
     report: CompatibilityReport
     thresholds: list[float] | None = None
+    coefficients: list[Coefficients] = field(default_factory=list)  # data-aware artifacts the kernels consume
+    coefficient_source: CoefficientSource | None = None
 
     @property
     def canonical_order(self) -> list[int]:
@@ -136,18 +139,23 @@ def _open(role: str, ref: str, recipe: Recipe) -> tuple[Snapshot, CheckpointRead
 
 
 def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions = MergeOptions(),
-               strict: bool = True) -> MergePlan:
-    """Resolve, inspect and validate everything a merge needs, without reading a single tensor's data."""
+               strict: bool = True, coefficients: list[Coefficients] | None = None) -> MergePlan:
+    """Resolve, inspect and validate everything a merge needs, without reading a single tensor's data.
+
+    Data-aware recipes need Coefficients: pass them (the pipeline's importance stage), or leave ``coefficients``
+    None and the recipe's ``importance`` estimators run here (cached by content) once everything else is checked.
+    """
     opened: list[Input] = []
     try:
-        return _plan(recipe, out, options, strict, opened)
+        return _plan(recipe, out, options, strict, opened, coefficients)
     except BaseException:
         for i in opened:  # a refused plan must not leave file descriptors open in a long-lived worker
             i.reader.close()
         raise
 
 
-def _plan(recipe: Recipe, out: Path | None, options: MergeOptions, strict: bool, opened: list[Input]) -> MergePlan:
+def _plan(recipe: Recipe, out: Path | None, options: MergeOptions, strict: bool, opened: list[Input],
+          coefficients: list[Coefficients] | None) -> MergePlan:
     method = recipe.method
     device = pick_device(options.device)
     base: Input | None = None
@@ -196,9 +204,34 @@ def _plan(recipe: Recipe, out: Path | None, options: MergeOptions, strict: bool,
     plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report)
     if problems:  # only reachable with strict=False (a report for `mergeflow check`): read no tensor data
         return plan
+    if coefficients is None and (recipe.importance or recipe.coefficients):
+        from mergeflow.importance.base import ModelRef, coefficients_for_recipe
+
+        def ref(i: Input) -> ModelRef:
+            return ModelRef(i.snapshot.reference, i.snapshot.path, i.snapshot.content_hash)
+
+        coefficients = coefficients_for_recipe(recipe, ref(base) if base else None, [ref(e) for e in experts],
+                                               device=device)
+    if coefficients:
+        _attach_coefficients(plan, coefficients)
     if not recipe.mergekit_compat and any(method.needs_global_threshold(sh) for _, sh in params.values()):
         plan.thresholds = _global_thresholds(plan)
     return plan
+
+
+def _attach_coefficients(plan: MergePlan, coefficients: list[Coefficients]) -> None:
+    method = plan.method
+    if plan.recipe.mergekit_compat:
+        raise RecipeError("coefficients: data-aware coefficients have no mergekit equivalent (mergekit_compat)")
+    source = CoefficientSource(coefficients, plan.reference.arch, [e.snapshot.content_hash for e in plan.experts],
+                               plan.base.snapshot.content_hash if plan.base else None)
+    for param in source.params:
+        if param not in method.partition_params:
+            accepts = ", ".join(method.partition_params) or "none"
+            raise RecipeError(f"coefficients: {method.name} takes no per-partition {param!r} (it accepts: {accepts}); "
+                              f"use a method that does, e.g. dare_linear for drop ratios")
+    plan.coefficients = list(coefficients)
+    plan.coefficient_source = source
 
 
 def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, list[Any]],
@@ -261,10 +294,15 @@ def _fit_vocab(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[Any]]]:
     # NaN/Inf were ruled out when the checkpoints were resolved (a scan memoised by file size and mtime)
     base = plan.base.reader.get(name) if plan.base else None
-    return base, [e.reader.get(name) for e in plan.experts]
+    models = [e.reader.get(name) for e in plan.experts]
+    coeffs: dict[str, list[Any]] = {}
+    if plan.coefficient_source is not None:
+        shape = plan.reference.reader.specs[name].shape
+        coeffs = plan.coefficient_source.tensor_params(name, shape)
+    return base, models, coeffs
 
 
 def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -277,7 +315,7 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
         pending: Future | None = pool.submit(_load, plan, names[0]) if names else None
         for index, name in enumerate(names):
             assert pending is not None
-            base_raw, models_raw = pending.result()
+            base_raw, models_raw, coeff_params = pending.result()
             pending = pool.submit(_load, plan, names[index + 1]) if index + 1 < len(names) else None
             reference_raw = base_raw if plan.base is not None else models_raw[0]
             if not reference_raw.is_floating_point():
@@ -295,6 +333,9 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
             if recipe.vocab_policy == "base" and base is not None:
                 models = [_fit_vocab(t, base) for t in models]
             per_model, shared = plan.params[name]
+            for pname, values in coeff_params.items():  # data-aware values replace the recipe's where given
+                current = per_model.get(pname, [None] * len(values))
+                per_model = {**per_model, pname: [c if v is None else v for v, c in zip(values, current)]}
             # Paper mode combines the experts in a canonical order (by content), so listing them differently gives
             # a bit-identical model; compat mode keeps the recipe order, as mergekit sums in config order.
             order = plan.canonical_order
@@ -331,22 +372,24 @@ def compute_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def merge_state_dict(recipe: Recipe, *, device: str = "cpu", threads: int | None = None) -> dict[str, torch.Tensor]:
+def merge_state_dict(recipe: Recipe, *, device: str = "cpu", threads: int | None = None,
+                     coefficients: list[Coefficients] | None = None) -> dict[str, torch.Tensor]:
     """Merge in memory (small models: evaluation of many candidate merges without touching disk)."""
     with compute_threads(threads):
-        plan = plan_merge(recipe, options=MergeOptions(device=device, progress=False))
+        plan = plan_merge(recipe, options=MergeOptions(device=device, progress=False), coefficients=coefficients)
         try:
             return dict(iter_merged(plan))
         finally:
             plan.close()
 
 
-def merge(recipe: Recipe, out: str | Path, *, options: MergeOptions = MergeOptions()) -> MergeResult:
+def merge(recipe: Recipe, out: str | Path, *, options: MergeOptions = MergeOptions(),
+          coefficients: list[Coefficients] | None = None) -> MergeResult:
     """Merge to ``out``: sharded safetensors + config + tokenizer + model card + provenance, renamed into place."""
     out = Path(out)
     start = time.perf_counter()
     with compute_threads(options.threads):  # the NaN scan and global thresholds are compute too
-        plan = plan_merge(recipe, out=out, options=options)
+        plan = plan_merge(recipe, out=out, options=options, coefficients=coefficients)
     try:
         shard_size = parse_size(options.shard_size)
         progress = None
@@ -426,6 +469,7 @@ def provenance_of(plan: MergePlan) -> dict[str, Any]:
         "inputs": [{"role": i.role, "reference": i.snapshot.reference, "content_hash": i.snapshot.content_hash,
                     "revision": i.snapshot.revision} for i in plan.inputs],
         "global_thresholds": plan.thresholds,
+        "coefficients": [c.summary() for c in plan.coefficients],
         "torch_version": torch.__version__,
     }
 

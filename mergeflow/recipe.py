@@ -90,6 +90,9 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str
     parameters: dict[str, Setting] = Field(default_factory=dict)
+    # the task this expert was fine-tuned for (zoo task, lm-eval task or .jsonl file): its data feeds the
+    # data-aware estimators of ``importance``
+    task: str | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -104,6 +107,32 @@ class ModelEntry(BaseModel):
         if isinstance(v, dict) and "model" in v:  # mergekit's ModelReference {model: {path: ...}} is not supported
             raise ValueError("LoRA / nested model references are not supported; give a folder or hub id")
         return v
+
+
+class ImportanceData(BaseModel):
+    """Which examples an estimator reads: ``n`` examples of each expert's task ``split`` (estimator defaults when
+    unset), drawn with ``seed``; ``target`` scores every expert on one task instead (out-of-domain mode, D-10)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    split: Literal["fewshot", "calib", "validation", "train"] | None = None
+    n: int | None = Field(default=None, ge=0)
+    seed: int = 0
+    target: str | None = None
+    zoo: str | None = None  # the zoo whose task files zoo task names refer to (default: the default zoo)
+
+
+class ImportanceSpec(BaseModel):
+    """One data-aware estimator run whose Coefficients the merge consumes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    estimator: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: ImportanceData = Field(default_factory=ImportanceData)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null(cls, v: Any) -> Any:
+        return {} if v is None else v
 
 
 _UNSUPPORTED = {
@@ -133,6 +162,9 @@ class Recipe(BaseModel):
     trust_remote_code: bool = False
     vocab_policy: Literal["error", "base"] = "error"
     confine_paths: bool = False
+    # data-aware coefficients: estimators to run (cached by content) and/or precomputed artifact folders
+    importance: list[ImportanceSpec] = Field(default_factory=list)
+    coefficients: list[str] = Field(default_factory=list)
     # folder that relative model paths are resolved against (the recipe file's folder); not part of the hash
     recipe_dir: Path | None = Field(default=None, exclude=True)
 
@@ -151,6 +183,18 @@ class Recipe(BaseModel):
     @classmethod
     def _null_parameters(cls, v: Any) -> Any:
         return {} if v is None else v
+
+    @field_validator("importance", "coefficients", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, (Mapping, str, Path)) else v
+
+    @field_validator("coefficients", mode="before")
+    @classmethod
+    def _paths(cls, v: Any) -> Any:
+        return [str(x) if isinstance(x, Path) else x for x in v]
 
     @field_validator("tokenizer_source")
     @classmethod
@@ -190,6 +234,7 @@ class Recipe(BaseModel):
             raise ValueError(f"models: {method.name} takes at most {method.max_models} model(s) besides the base, "
                              f"got {len(experts)}")
         _check_params(method, self)
+        _check_importance(method, self)
         if self.confine_paths and self.recipe_dir is not None:
             refs = [("base_model", self.base_model), ("tokenizer_source", self.tokenizer_source)]
             refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
@@ -299,6 +344,33 @@ def _check_params(method: MergeMethod, recipe: Recipe) -> None:
             if abs(sum(weights)) < 1e-8:
                 raise ValueError(f"models[*].parameters.weight: the weights sum to zero but {method.name} normalises "
                                  "by their sum (set normalize: false or change the weights)")
+
+
+def _check_importance(method: MergeMethod, recipe: Recipe) -> None:
+    """Estimator names and parameters, and the data each needs, checked before anything is loaded."""
+    if not (recipe.importance or recipe.coefficients):
+        return
+    if recipe.mergekit_compat:
+        raise ValueError("importance: data-aware coefficients have no mergekit equivalent; "
+                         "set mergekit_compat: false")
+    from mergeflow.importance.base import get_estimator
+
+    for i, spec in enumerate(recipe.importance):
+        try:
+            est = get_estimator(spec.estimator)
+            est.resolve_params(spec.parameters)
+        except RecipeError as exc:
+            raise ValueError(str(exc).replace("importance.", f"importance[{i}].", 1)) from None
+        if est.needs_base and not recipe.base_model:
+            raise ValueError(f"importance[{i}]: {est.name} needs base_model")
+        if spec.data.target is not None and not est.supports_ood:
+            raise ValueError(f"importance[{i}].data.target: {est.name} has no out-of-domain mode")
+        if spec.data.target is None:
+            missing = [j for j, m in enumerate(recipe.models) if m.model != recipe.base_model and not m.task]
+            if missing:
+                raise ValueError(f"models[{missing[0]}].task: {est.name} scores each expert on its own task; "
+                                 "name it (a zoo task, an lm-eval task or a .jsonl file), or set "
+                                 f"importance[{i}].data.target")
 
 
 def _format_validation_error(exc: ValidationError) -> str:

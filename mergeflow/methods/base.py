@@ -119,6 +119,9 @@ class MergeMethod:
     compat_guards_zero_weight_sum: bool = False
     # methods that trim by a global magnitude threshold ask the engine for per-model thresholds at this density param
     needs_global_threshold: Callable[[dict[str, Any]], bool] = field(default=lambda shared: False)
+    # per-model parameters the kernel accepts per partition or per entry (a tensor broadcastable to the tensor),
+    # i.e. the ones a data-aware Coefficients artifact may set
+    partition_params: tuple[str, ...] = ()
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)

@@ -48,4 +48,5 @@ register(MergeMethod(
     min_models=1,
     mergekit_name="linear",
     normalizes_by_weight_sum=True,
+    partition_params=("weight",),  # per-entry weights: Fisher merging is a weighted average with F_t as weights
 ), aliases=("weight_average",))

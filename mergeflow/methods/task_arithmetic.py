@@ -332,6 +332,8 @@ def _define(name: str, comp: Composition, extra: tuple[ParamSpec, ...], summary:
         compat_guards_zero_weight_sum=True,
         needs_global_threshold=(lambda shared: shared.get("trim_scope") == "global") if global_trim else
         (lambda shared: False),
+        # DARE's Bernoulli drop takes a drop ratio per entry (APL); the trims and samplers rank within a tensor
+        partition_params=("weight", "density") if comp.sparsify == "bernoulli" else ("weight",),
     ))
 
 
