@@ -165,7 +165,7 @@ def all_methods() -> list[MergeMethod]:
 
 def _load_builtin() -> None:
     # importing the modules registers their methods
-    from mergeflow.methods import linear, model_stock, slerp, tall, task_arithmetic  # noqa: F401
+    from mergeflow.methods import linear, model_stock, regmean, slerp, tall, task_arithmetic  # noqa: F401
 
 
 # Parameter specs shared by several methods

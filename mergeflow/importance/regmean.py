@@ -1,0 +1,142 @@
+"""RegMean (METHODS §5.12, D-27): Gram matrices of every linear layer's inputs, per expert, on its own task.
+
+For each ``nn.Linear`` (q, k, v, o, gate, up, down, and ``lm_head`` unless it is tied to the embeddings) the
+estimator forwards the expert's own task examples (full text: prompt and answer, rendered in the task's format, D-34)
+through **that expert** and accumulates ``G_t = X_tᵀ X_t / n_t`` over the non-pad tokens reaching the layer (fp32).
+Off-diagonal entries are shrunk, ``G̃_t = α G_t + (1 − α) diag(G_t)``, and ``G̃_t`` is written as the entry-level
+``gram`` field under the layer's weight name. The ``regmean`` merge method (mergeflow/methods/regmean.py) solves
+``W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹`` per layer and averages every other tensor.
+
+Memory: ``in × in`` fp32 per linear layer per expert (Llama-7B: about 28 GB per expert), kept on the CPU between
+experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mergeflow.coefficients import CoefficientField, Coefficients
+from mergeflow.errors import MergeflowError
+from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.scoring import Encoded, batches, encode
+from mergeflow.methods.base import ParamSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def linear_layers(model: PreTrainedModel) -> tuple[dict[str, nn.Linear], list[str]]:
+    """``({weight tensor name: module}, skipped module names)``: every ``nn.Linear`` whose weight is its own.
+
+    A linear layer whose weight is tied to another tensor (``lm_head`` tied to the embeddings) is skipped: the shared
+    tensor is merged once, as an embedding. GPT-2's ``Conv1D`` (weight stored ``[in, out]``) is not an ``nn.Linear``
+    and is listed as skipped (its tensors are then averaged).
+    """
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    layers: dict[str, nn.Linear] = {}
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if owners.get(id(module.weight), 0) > 1:
+                skipped.append(name)
+                continue
+            layers[f"{name}.weight" if name else "weight"] = module
+        elif type(module).__name__ == "Conv1D":
+            skipped.append(name)
+    return layers, skipped
+
+
+def gram_matrices(model: PreTrainedModel, enc: Encoded, *, batch_size: int = 8,
+                  on_batch: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """``({weight name: XᵀX / n}, {weight name: n})`` over the non-pad tokens of ``enc`` reaching each linear layer.
+
+    Inputs are gathered by forward pre-hooks, so every call of a layer counts (a layer called twice per forward sees
+    twice the rows). Sums are fp32 on the model's device; the Grams are returned on the CPU.
+    """
+    layers, _ = linear_layers(model)
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = dict.fromkeys(layers, 0)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            mask = current["mask"]
+            # [B, T, in] activations: real tokens only; anything else (e.g. tokens routed to an MoE expert): all rows
+            x = x[mask] if tuple(x.shape[:-1]) == tuple(mask.shape) else x.reshape(-1, x.shape[-1])
+            x = x.float()
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            sums[name].addmm_(x.T, x)
+            rows[name] += x.shape[0]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for _, b in batches(enc, batch_size):
+                b = b.to(model.device)
+                current["mask"] = b.attention_mask.bool()
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                if on_batch is not None:
+                    on_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    grams = {n: (s / rows[n]).cpu() for n, s in sums.items() if rows[n] > 0}
+    return grams, {n: rows[n] for n in grams}
+
+
+def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``α G + (1 − α) diag(G)``: off-diagonal entries scaled by α, the diagonal kept."""
+    return gram * alpha + torch.diag_embed(gram.diagonal()) * (1.0 - alpha)
+
+
+def _compute(run: ImportanceRun) -> Coefficients:
+    p = run.params
+    tokenizer = run.tokenizer()
+    grams: list[dict[str, torch.Tensor]] = []
+    per_expert: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for ref, task in zip(run.experts, run.tasks):
+        model = run.load_model(ref)
+        _, skipped = linear_layers(model)
+        enc = encode(tokenizer, task.examples, max_length=p["max_length"], answer_only=False)
+        raw, rows = gram_matrices(model, enc, batch_size=p["batch_size"], on_batch=lambda: run.count(forward=1))
+        del model
+        if not raw:
+            raise MergeflowError(f"regmean: expert {ref.reference} has no nn.Linear layer to compute a Gram for")
+        bad = [n for n, g in raw.items() if not torch.isfinite(g).all()]
+        if bad:
+            raise MergeflowError(f"regmean: non-finite Gram for expert {ref.reference} (layer {bad[0]})")
+        grams.append({n: shrink(g, p["alpha"]).contiguous() for n, g in raw.items()})
+        per_expert.append({"reference": ref.reference, "task": task.task, "examples": len(task),
+                           "tokens": int(enc.attention_mask.sum()), "layers": len(raw),
+                           "rows_per_layer_max": max(rows.values())})
+    out = run.coefficients({"gram": CoefficientField("entry")},
+                           stats={"experts": per_expert, "layers": sorted(grams[0]), "skipped_modules": skipped})
+    out.entry_tensors = {"gram": grams}
+    return out
+
+
+register_estimator(Estimator(
+    name="regmean",
+    compute=_compute,
+    params=(
+        ParamSpec("alpha", float, 0.9, low=0.0, high=1.0,
+                  help="off-diagonal scale of each Gram: α G + (1 − α) diag(G) (1: exact RegMean, 0: diagonal)"),
+        ParamSpec("batch_size", int, 8, low=1, help="examples per forward pass"),
+        ParamSpec("max_length", int, 1024, low=2, help="tokens per example (the prompt is cut on the left)"),
+    ),
+    summary="Gram matrices of every linear layer's inputs on each expert's own task (merge with regmean)",
+    paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 (arXiv:2212.09849)",
+    needs_base=False,
+    default_split="calib",
+    default_n=128,
+))

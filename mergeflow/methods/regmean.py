@@ -1,0 +1,78 @@
+"""RegMean: per linear layer, the weight minimising Σ_t ‖X_t W_tᵀ − X_t Wᵀ‖² given the Gram matrices of its inputs.
+
+``W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹``, solved in float64 as ``(Σ_t G̃_t) Wᵀ = Σ_t G̃_t W_tᵀ`` (a ridge of
+``1e-6 · mean(diag)`` is added if the system is singular, D-27). The Grams come from the ``regmean`` importance
+estimator as the per-model entry-level parameter ``gram``; tensors without one (biases, norms, embeddings) are
+averaged. Without any Gram the method refuses to run: it is data-aware and has no data-free meaning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.coefficients import CoefficientsError
+from mergeflow.errors import RecipeError
+from mergeflow.methods.base import KernelInput, MergeMethod, register
+
+RIDGE = 1e-6
+
+
+def regmean_kernel(x: KernelInput) -> torch.Tensor:
+    grams = x.params.get("gram")
+    if grams is None:
+        raise RecipeError("merge_method regmean needs the Gram matrices of the experts' linear layers: add "
+                          "`importance: {estimator: regmean}` (with each model's `task`), or pass the coefficients "
+                          "of a regmean estimator run")
+    if any(g is None for g in grams) or x.models[0].dim() != 2:
+        return _average(x.models)
+    weights = [m.to(torch.float64) for m in x.models]
+    in_features = weights[0].shape[1]
+    g64 = []
+    for i, g in enumerate(grams):
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (in_features, in_features):
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else g
+            raise CoefficientsError(f"regmean: the Gram of model {i} for {x.name} is {shape}, expected "
+                                    f"({in_features}, {in_features}) for a weight of shape {tuple(weights[0].shape)}")
+        g64.append(g.to(device=weights[0].device, dtype=torch.float64))
+    total = torch.stack(g64).sum(0)
+    rhs = sum(g @ w.T for g, w in zip(g64, weights))  # Σ_t G̃_t W_tᵀ  [in, out]
+    solved = solve_gram(total, rhs)
+    if solved is None:  # every Gram is zero: no data reached this layer
+        return _average(x.models)
+    return solved.T.to(x.models[0].dtype)
+
+
+def solve_gram(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+    """``gram⁻¹ rhs`` in float64; on a singular (or non-finite) solution retry with a ``1e-6·mean(diag)`` ridge.
+    None when ``gram`` is zero."""
+    try:
+        out = torch.linalg.solve(gram, rhs)
+        if torch.isfinite(out).all():
+            return out
+    except torch.linalg.LinAlgError:
+        pass
+    ridge = RIDGE * float(gram.diagonal().mean())
+    if not ridge > 0:
+        return None
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * eye, rhs)
+
+
+def _average(models: list[torch.Tensor]) -> torch.Tensor:
+    acc = torch.zeros_like(models[0])
+    for m in models:
+        acc.add_(m)
+    return acc.div_(len(models))
+
+
+register(MergeMethod(
+    name="regmean",
+    kernel=regmean_kernel,
+    params=(),
+    summary="linear layers: W = (Σ W_t G̃_t)(Σ G̃_t)⁻¹ from the Gram matrices of their inputs (importance "
+            "estimator regmean); other tensors averaged",
+    paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 (arXiv:2212.09849)",
+    needs_base=False,
+    min_models=1,
+    partition_params=("gram",),
+))
