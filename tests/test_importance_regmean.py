@@ -138,6 +138,25 @@ def test_singular_sum_uses_a_ridge_and_missing_grams_average():
     torch.testing.assert_close(_kernel(bias, [None, None]), torch.tensor([2.0, 1.0]))
 
 
+def test_conv1d_weights_stored_in_out(families):
+    """GPT-2: Conv1D layers (weight [in, out]) get Grams marked with a leading axis; the tied LM head gets none."""
+    _, experts = families("gpt2")
+    model = _load(experts[0])
+    tok = AutoTokenizer.from_pretrained(str(experts[0]))
+    layers, tied = linear_layers(model)
+    assert tied == ["lm_head"] and "transformer.h.0.attn.c_attn.weight" in layers and len(layers) == 2 * 4
+    enc = encode(tok, [Example(p, a) for p, a in ROWS[:3]], answer_only=False)
+    grams, _ = gram_matrices(model, enc, batch_size=2)
+    torch.testing.assert_close(grams["transformer.h.1.mlp.c_proj.weight"].double(),
+                               _reference_gram(model, tok, ROWS[:3], "transformer.h.1.mlp.c_proj"),
+                               rtol=1e-5, atol=1e-6)
+    gen = torch.Generator().manual_seed(2)
+    ws = [torch.randn(6, 6, generator=gen) for _ in range(2)]  # square: only the marker tells the orientation
+    gs = [_random_gram(6, 9, gen) for _ in range(2)]
+    as_linear = _kernel([w.T.contiguous() for w in ws], gs)
+    torch.testing.assert_close(_kernel(ws, [g.unsqueeze(0) for g in gs]), as_linear.T)
+
+
 def test_regmean_without_coefficients_refuses(families):
     _, experts = families("llama")
     recipe = parse_recipe({"merge_method": "regmean", "models": [{"model": str(e)} for e in experts]})

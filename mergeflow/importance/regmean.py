@@ -1,6 +1,7 @@
 """RegMean (METHODS §5.12, D-27): Gram matrices of every linear layer's inputs, per expert, on its own task.
 
-For each ``nn.Linear`` (q, k, v, o, gate, up, down, and ``lm_head`` unless it is tied to the embeddings) the
+For each ``nn.Linear`` (q, k, v, o, gate, up, down, and ``lm_head`` unless it is tied to the embeddings; also
+transformers' ``Conv1D``, whose weight is stored ``[in, out]``: its Gram is written with a leading axis of 1) the
 estimator forwards the expert's own task examples (full text: prompt and answer, rendered in the task's format, D-34)
 through **that expert** and accumulates ``G_t = X_tᵀ X_t / n_t`` over the non-pad tokens reaching the layer (fp32).
 Off-diagonal entries are shrunk, ``G̃_t = α G_t + (1 − α) diag(G_t)``, and ``G̃_t`` is written as the entry-level
@@ -29,27 +30,27 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def linear_layers(model: PreTrainedModel) -> tuple[dict[str, nn.Linear], list[str]]:
-    """``({weight tensor name: module}, skipped module names)``: every ``nn.Linear`` whose weight is its own.
+def is_transposed(module: nn.Module) -> bool:
+    """Whether a linear layer stores its weight ``[in, out]`` (transformers' ``Conv1D``: GPT-2 and relatives)."""
+    return type(module).__name__ == "Conv1D"
 
-    A linear layer whose weight is tied to another tensor (``lm_head`` tied to the embeddings) is skipped: the shared
-    tensor is merged once, as an embedding. GPT-2's ``Conv1D`` (weight stored ``[in, out]``) is not an ``nn.Linear``
-    and is listed as skipped (its tensors are then averaged).
-    """
+
+def linear_layers(model: PreTrainedModel) -> tuple[dict[str, nn.Module], list[str]]:
+    """``({weight tensor name: module}, tied module names)``: every ``nn.Linear`` (and ``Conv1D``) whose weight is
+    its own. A linear layer whose weight is tied to another tensor (``lm_head`` tied to the embeddings) is left out:
+    the shared tensor is merged once, as an embedding (averaged)."""
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
-    layers: dict[str, nn.Linear] = {}
-    skipped: list[str] = []
+    layers: dict[str, nn.Module] = {}
+    tied: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_transposed(module):
             if owners.get(id(module.weight), 0) > 1:
-                skipped.append(name)
+                tied.append(name)
                 continue
             layers[f"{name}.weight" if name else "weight"] = module
-        elif type(module).__name__ == "Conv1D":
-            skipped.append(name)
-    return layers, skipped
+    return layers, tied
 
 
 def gram_matrices(model: PreTrainedModel, enc: Encoded, *, batch_size: int = 8,
@@ -103,24 +104,27 @@ def _compute(run: ImportanceRun) -> Coefficients:
     tokenizer = run.tokenizer()
     grams: list[dict[str, torch.Tensor]] = []
     per_expert: list[dict[str, Any]] = []
-    skipped: list[str] = []
+    tied: list[str] = []
     for ref, task in zip(run.experts, run.tasks):
         model = run.load_model(ref)
-        _, skipped = linear_layers(model)
+        layers, tied = linear_layers(model)
+        transposed = {n for n, m in layers.items() if is_transposed(m)}
         enc = encode(tokenizer, task.examples, max_length=p["max_length"], answer_only=False)
         raw, rows = gram_matrices(model, enc, batch_size=p["batch_size"], on_batch=lambda: run.count(forward=1))
         del model
         if not raw:
-            raise MergeflowError(f"regmean: expert {ref.reference} has no nn.Linear layer to compute a Gram for")
+            raise MergeflowError(f"regmean: expert {ref.reference} has no linear layer to compute a Gram for")
         bad = [n for n, g in raw.items() if not torch.isfinite(g).all()]
         if bad:
             raise MergeflowError(f"regmean: non-finite Gram for expert {ref.reference} (layer {bad[0]})")
-        grams.append({n: shrink(g, p["alpha"]).contiguous() for n, g in raw.items()})
+        # a leading axis of 1 marks a weight stored [in, out] (Conv1D) for the merge kernel
+        grams.append({n: (shrink(g, p["alpha"]).unsqueeze(0) if n in transposed else shrink(g, p["alpha"]))
+                      .contiguous() for n, g in raw.items()})
         per_expert.append({"reference": ref.reference, "task": task.task, "examples": len(task),
                            "tokens": int(enc.attention_mask.sum()), "layers": len(raw),
                            "rows_per_layer_max": max(rows.values())})
     out = run.coefficients({"gram": CoefficientField("entry")},
-                           stats={"experts": per_expert, "layers": sorted(grams[0]), "skipped_modules": skipped})
+                           stats={"experts": per_expert, "layers": sorted(grams[0]), "tied_layers": tied})
     out.entry_tensors = {"gram": grams}
     return out
 

@@ -2,8 +2,9 @@
 
 ``W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹``, solved in float64 as ``(Σ_t G̃_t) Wᵀ = Σ_t G̃_t W_tᵀ`` (a ridge of
 ``1e-6 · mean(diag)`` is added if the system is singular, D-27). The Grams come from the ``regmean`` importance
-estimator as the per-model entry-level parameter ``gram``; tensors without one (biases, norms, embeddings) are
-averaged. Without any Gram the method refuses to run: it is data-aware and has no data-free meaning.
+estimator as the per-model entry-level parameter ``gram`` (``[in, in]`` for a weight stored ``[out, in]``, as
+nn.Linear does; ``[1, in, in]`` for one stored ``[in, out]``, as GPT-2's Conv1D does); tensors without one (biases,
+norms, embeddings, a tied LM head) are averaged. Without any Gram the method refuses to run: it is data-aware and has no data-free meaning.
 """
 
 from __future__ import annotations
@@ -25,21 +26,24 @@ def regmean_kernel(x: KernelInput) -> torch.Tensor:
                           "of a regmean estimator run")
     if any(g is None for g in grams) or x.models[0].dim() != 2:
         return _average(x.models)
-    weights = [m.to(torch.float64) for m in x.models]
-    in_features = weights[0].shape[1]
+    # a Gram [in, in] goes with a weight [out, in] (nn.Linear); a Gram [1, in, in] with a weight [in, out] (Conv1D)
+    transposed = isinstance(grams[0], torch.Tensor) and grams[0].dim() == 3
+    mats = [m.to(torch.float64) if transposed else m.to(torch.float64).T for m in x.models]  # [in, out] each
+    in_features = mats[0].shape[0]
     g64 = []
     for i, g in enumerate(grams):
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (in_features, in_features):
+        expected = (1, in_features, in_features) if transposed else (in_features, in_features)
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != expected:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else g
-            raise CoefficientsError(f"regmean: the Gram of model {i} for {x.name} is {shape}, expected "
-                                    f"({in_features}, {in_features}) for a weight of shape {tuple(weights[0].shape)}")
-        g64.append(g.to(device=weights[0].device, dtype=torch.float64))
+            raise CoefficientsError(f"regmean: the Gram of model {i} for {x.name} is {shape}, expected {expected} "
+                                    f"for a weight of shape {tuple(x.models[0].shape)}")
+        g64.append(g.reshape(in_features, in_features).to(device=mats[0].device, dtype=torch.float64))
     total = torch.stack(g64).sum(0)
-    rhs = sum(g @ w.T for g, w in zip(g64, weights))  # Σ_t G̃_t W_tᵀ  [in, out]
+    rhs = sum(g @ m for g, m in zip(g64, mats))  # Σ_t G̃_t W_tᵀ  [in, out]
     solved = solve_gram(total, rhs)
     if solved is None:  # every Gram is zero: no data reached this layer
         return _average(x.models)
-    return solved.T.to(x.models[0].dtype)
+    return (solved if transposed else solved.T).to(x.models[0].dtype)
 
 
 def solve_gram(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
