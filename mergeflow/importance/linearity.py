@@ -55,7 +55,7 @@ from mergeflow.importance.base import Estimator, ImportanceRun, register_estimat
 from mergeflow.importance.data import Example
 from mergeflow.importance.scoring import batches, encode
 from mergeflow.methods.base import ParamSpec
-from mergeflow.partitions import EMBED, HEAD, Partitioner
+from mergeflow.partitions import EMBED, HEAD, Partitioner, TensorPartition
 from mergeflow.tensors import CheckpointReader
 
 if TYPE_CHECKING:
@@ -705,7 +705,10 @@ def _compute(run: ImportanceRun) -> Coefficients:
             cond[j] = s.condition
         else:
             raw[:, j] = lam
-    values = raw.clamp(min=low, max=high) if (low is not None or high is not None) else raw.clone()
+    values = raw.clone()
+    solved = torch.tensor([pid in systems for pid in pids], dtype=torch.bool)
+    if low is not None or high is not None:  # the solved weights only: nonmodule_lambda is the user's own value
+        values[:, solved] = raw[:, solved].clamp(min=low, max=high)
     if p["level"] == "model":
         run.count(forward=session.counts["module_passes"])
     else:
@@ -741,8 +744,8 @@ ESTIMATOR = register_estimator(Estimator(
                   help="embeddings and final norm + LM head: own closed-form modules, or a fixed weight (D-18)"),
         ParamSpec("nonmodule_lambda", float, 1.0,
                   help="task-vector weight of the embeddings and the LM head when nonmodule = task_arithmetic"),
-        ParamSpec("clip_alpha_low", float, None, help="clip every weight from below (off by default; D-22)"),
-        ParamSpec("clip_alpha_high", float, None, help="clip every weight from above (off by default; D-22)"),
+        ParamSpec("clip_alpha_low", float, None, help="clip every solved weight from below (off by default; D-22)"),
+        ParamSpec("clip_alpha_high", float, None, help="clip every solved weight from above (off by default; D-22)"),
         ParamSpec("gqa_policy", str, None, choices=("group",),
                   help="head level on grouped-query models: one module per key/value group (D-20)"),
         ParamSpec("cond_max", float, 1e12, low=1.0,
@@ -854,6 +857,15 @@ def nonlinearity_score(base: str | Path, expert: str | Path, examples: Sequence[
         session.close()
 
 
+def _expand64(part: TensorPartition, values: Mapping[str, float], ndim: int) -> torch.Tensor:
+    """Like ``TensorPartition.expand`` but in float64 (the metrics compare against exact ``Σ α_t Δf_t``)."""
+    if part.axis is None:
+        return torch.tensor(values[part.labels[0]], dtype=torch.float64)
+    shape = [1] * ndim
+    shape[part.axis] = -1
+    return torch.tensor([values[lab] for lab in part.labels], dtype=torch.float64).view(shape)
+
+
 def _alpha_table(alpha: Mapping[str, Sequence[float]] | Sequence[float] | Coefficients, k: int,
                  level: str) -> Callable[[str], list[float]]:
     if isinstance(alpha, Coefficients):
@@ -910,7 +922,7 @@ def projection_distance(base: str | Path, experts: Sequence[str | Path], tasks: 
                 part = session.partitioner.partition(name)
                 acc = w0[name].double().clone()
                 for j in range(k):
-                    coeff = part.expand({p: alphas[p][j] for p in unit.pids}, 0.0, acc.shape).double()
+                    coeff = _expand64(part, {p: alphas[p][j] for p in unit.pids}, acc.dim())
                     acc += coeff * (ws[j][name].double() - w0[name].double())
                 merged[name] = acc
             insts = [session.instance(unit, None, dtype)] + [session.instance(unit, w, dtype) for w in ws]
