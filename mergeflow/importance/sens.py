@@ -80,6 +80,29 @@ class _Functional:
         return torch.func.functional_call(self.model, self.params, (), kwargs)
 
 
+class _Slot:
+    """The one expert model kept between steps, so that consecutive steps on the same expert load it once."""
+
+    def __init__(self, run: ImportanceRun) -> None:
+        self.run = run
+        self.index: int | None = None
+        self.model: PreTrainedModel | None = None
+
+    def get(self, i: int) -> PreTrainedModel:
+        if self.index != i or self.model is None:
+            self.model = None   # free the previous model before loading the next
+            self.model = self.run.load_model(self.run.experts[i])
+            self.index = i
+        return self.model
+
+    def first(self, order: range) -> list[int]:
+        """``order`` with the loaded expert moved to the front."""
+        return sorted(order, key=lambda i: i != self.index)
+
+    def release(self) -> None:
+        self.model, self.index = None, None
+
+
 # --------------------------------------------------------------------------------------------- layer groups
 
 
@@ -137,12 +160,13 @@ def _per_sample_fn(model: PreTrainedModel, fixed: dict[str, torch.Tensor], weigh
     return per_sample
 
 
-def _sensitivity(run: ImportanceRun, i: int, arch: Architecture, partitioner: Partitioner, groups: list[str],
-                 base_params: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, str]:
+def _sensitivity(run: ImportanceRun, slot: _Slot, i: int, arch: Architecture, partitioner: Partitioner,
+                 groups: list[str], base_params: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, str]:
     """Expert i's per-group sensitivities s_i (float64, [L]) and how the per-sample gradients were taken."""
     p = run.params
-    model = run.load_model(run.experts[i])
+    model = slot.get(i)
     model.requires_grad_(False)
+    attention_impl = getattr(model.config, "_attn_implementation", None)
     members = _group_members(model, arch, partitioner, groups)
     used = [n for names in members for n in names]
     all_params = {n: t.detach() for n, t in model.named_parameters()}
@@ -173,7 +197,9 @@ def _sensitivity(run: ImportanceRun, i: int, arch: Architecture, partitioner: Pa
         run.count(forward=1, backward=1)
         total += part.detach().double().cpu()
         start = stop
-    del model, all_params, params, fixed, weights
+    if attention_impl is not None and getattr(model.config, "_attn_implementation", None) != attention_impl:
+        with contextlib.suppress(AttributeError, ValueError, ImportError):
+            model.set_attn_implementation(attention_impl)
     return total, how
 
 
@@ -204,35 +230,49 @@ def logit_distance(a: torch.Tensor, b: torch.Tensor, attention: torch.Tensor, re
     return ((diff.square().sum(-1) * mask).sum(1)).sqrt()
 
 
-def _cross_task_distances(run: ImportanceRun) -> torch.Tensor:
-    """g[i, j]: mean distance between expert i's and expert j's logits on task j's examples ([K, K] float64)."""
+def _cross_task_distances(run: ImportanceRun, slot: _Slot) -> torch.Tensor:
+    """g[i, j]: mean distance between expert i's and expert j's logits on task j's examples ([K, K] float64).
+
+    When every task's reference logits (expert j on task j) fit in ``REFERENCE_CACHE_BYTES`` they are computed
+    once and each expert is then loaded once more to be compared on the other tasks (about 2K loads); otherwise
+    each pair runs with both models in memory, recomputing the reference (K² loads)."""
     p = run.params
     k = run.k
     g = torch.zeros((k, k), dtype=torch.float64)
     if k == 1:
         return g
     tok = run.tokenizer()
-    for j in range(k):
-        enc = encode(tok, run.tasks[j].examples, max_length=p["max_length"], answer_only=False)
-        chunks = [b for _, b in batches(enc, p["batch_size"])]
-        reference = run.load_model(run.experts[j])
-        vocab = reference.get_output_embeddings().weight.shape[0]
-        cached: list[torch.Tensor] | None = None
-        if sum(b.input_ids.numel() for b in chunks) * vocab * 4 <= REFERENCE_CACHE_BYTES:
-            cached = [_logits(run, reference, b.to(run.device)).cpu() for b in chunks]
+    encoded = [encode(tok, t.examples, max_length=p["max_length"], answer_only=False) for t in run.tasks]
+    chunks = [[b for _, b in batches(enc, p["batch_size"])] for enc in encoded]
+    vocab = slot.get(slot.first(range(k))[0]).get_output_embeddings().weight.shape[0]
+    size = sum(b.input_ids.numel() for task in chunks for b in task) * vocab * 4
+
+    def distances(model: PreTrainedModel, j: int, reference: Callable[[int, Encoded], torch.Tensor]) -> float:
+        total = 0.0
+        for c, b in enumerate(chunks[j]):
+            b = b.to(run.device)
+            total += float(logit_distance(_logits(run, model, b), reference(c, b), b.attention_mask,
+                                          p["logit_reduction"]).sum())
+        return total / len(encoded[j])
+
+    if size <= REFERENCE_CACHE_BYTES:
+        cached: dict[int, list[torch.Tensor]] = {}
+        for j in slot.first(range(k)):
+            model = slot.get(j)
+            cached[j] = [_logits(run, model, b.to(run.device)).cpu() for b in chunks[j]]
+        for i in slot.first(range(k)):
+            model = slot.get(i)
+            for j in range(k):
+                if j != i:
+                    g[i, j] = distances(model, j, lambda c, b, j=j: cached[j][c].to(run.device))
+        return g
+    for j in slot.first(range(k)):
+        model_j = slot.get(j)
         for i in range(k):
-            if i == j:
-                continue
-            other = run.load_model(run.experts[i])
-            total = 0.0
-            for c, b in enumerate(chunks):
-                b = b.to(run.device)
-                ref = cached[c].to(run.device) if cached is not None else _logits(run, reference, b)
-                total += float(logit_distance(_logits(run, other, b), ref, b.attention_mask,
-                                              p["logit_reduction"]).sum())
-            g[i, j] = total / len(enc)
-            del other
-        del reference, cached
+            if i != j:
+                other = run.load_model(run.experts[i])
+                g[i, j] = distances(other, j, lambda c, b, m=model_j: _logits(run, m, b))
+                del other
     return g
 
 
@@ -271,6 +311,7 @@ def _compute(run: ImportanceRun) -> Coefficients:
     scores: dict[str, torch.Tensor] = {}
     score_partitions: dict[str, list[str]] = {}
     stats: dict[str, Any] = {}
+    slot = _Slot(run)
 
     if p["ablation"] != "cross_task":
         base_params = None
@@ -282,7 +323,7 @@ def _compute(run: ImportanceRun) -> Coefficients:
             del base_model
         rows, hows = [], []
         for i in range(k):
-            s, how = _sensitivity(run, i, arch, partitioner, groups, base_params)
+            s, how = _sensitivity(run, slot, i, arch, partitioner, groups, base_params)
             rows.append(s)
             hows.append(how)
         del base_params
@@ -295,13 +336,14 @@ def _compute(run: ImportanceRun) -> Coefficients:
         alpha = torch.ones((k, len(groups)), dtype=torch.float64)
 
     if p["ablation"] != "task_specific":
-        distance = _cross_task_distances(run)
+        distance = _cross_task_distances(run, slot)
         tau = _tau(distance, p["cross_task"])
         scores["cross_task_distance"] = distance
         score_partitions["cross_task_distance"] = [f"task_of_expert.{j}" for j in range(k)]
     else:
         tau = torch.ones(k, dtype=torch.float64)
 
+    slot.release()
     sigma, temperature = sens_sigma(tau, alpha, p["temperature"], p["temperature_mode"])
     weight = p["lambda"] * k * sigma
     scores.update(alpha=alpha, tau=tau[:, None], sigma=sigma)
