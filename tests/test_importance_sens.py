@@ -194,6 +194,7 @@ def test_fallbacks_give_the_same_numbers(setup, monkeypatch, tmp_path):
     torch.testing.assert_close(pairwise.scores["cross_task_distance"], cached.scores["cross_task_distance"])
     looped = _sens(setup, cache=tmp_path / "c2", ablation="task_specific")
     assert looped.stats["per_sample_gradients"] == ["loop"] * 3
+    assert len(looped.stats["notes"]) == 3 and "vmap cannot trace" in looped.stats["notes"][0]
     torch.testing.assert_close(looped.scores["sensitivity"], vmapped.scores["sensitivity"], rtol=2e-5, atol=1e-7)
 
 

@@ -161,7 +161,8 @@ def _per_sample_fn(model: PreTrainedModel, fixed: dict[str, torch.Tensor], weigh
 
 
 def _sensitivity(run: ImportanceRun, slot: _Slot, i: int, arch: Architecture, partitioner: Partitioner,
-                 groups: list[str], base_params: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, str]:
+                 groups: list[str], base_params: dict[str, torch.Tensor] | None,
+                 notes: list[str]) -> tuple[torch.Tensor, str]:
     """Expert i's per-group sensitivities s_i (float64, [L]) and how the per-sample gradients were taken."""
     p = run.params
     model = slot.get(i)
@@ -189,8 +190,10 @@ def _sensitivity(run: ImportanceRun, slot: _Slot, i: int, arch: Architecture, pa
         if how == "vmap":
             try:
                 part = torch.func.vmap(per_sample, in_dims=(None, 0, 0, 0, 0))(params, *rows).sum(0)
-            except Exception:  # a model vmap cannot trace (or a chunk too big): one sample at a time
+            except Exception as exc:  # a model vmap cannot trace (or a chunk too big): one sample at a time
                 how = "loop"
+                notes.append(f"expert {i}: vmap failed ({type(exc).__name__}: {str(exc)[:200]}); one backward "
+                             "pass per sample")
                 continue
         else:
             part = per_sample(params, *(t[0] for t in rows))
@@ -230,6 +233,13 @@ def logit_distance(a: torch.Tensor, b: torch.Tensor, attention: torch.Tensor, re
     return ((diff.square().sum(-1) * mask).sum(1)).sqrt()
 
 
+def _vocab_size(model: PreTrainedModel) -> int:
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
 def _cross_task_distances(run: ImportanceRun, slot: _Slot) -> torch.Tensor:
     """g[i, j]: mean distance between expert i's and expert j's logits on task j's examples ([K, K] float64).
 
@@ -244,7 +254,7 @@ def _cross_task_distances(run: ImportanceRun, slot: _Slot) -> torch.Tensor:
     tok = run.tokenizer()
     encoded = [encode(tok, t.examples, max_length=p["max_length"], answer_only=False) for t in run.tasks]
     chunks = [[b for _, b in batches(enc, p["batch_size"])] for enc in encoded]
-    vocab = slot.get(slot.first(range(k))[0]).get_output_embeddings().weight.shape[0]
+    vocab = _vocab_size(slot.get(slot.first(range(k))[0]))
     size = sum(b.input_ids.numel() for task in chunks for b in task) * vocab * 4
 
     def distances(model: PreTrainedModel, j: int, reference: Callable[[int, Encoded], torch.Tensor]) -> float:
@@ -321,11 +331,13 @@ def _compute(run: ImportanceRun) -> Coefficients:
             base_model = run.load_model(run.base)
             base_params = {n: t.detach() for n, t in base_model.named_parameters()}
             del base_model
-        rows, hows = [], []
+        rows, hows, notes = [], [], []
         for i in range(k):
-            s, how = _sensitivity(run, slot, i, arch, partitioner, groups, base_params)
+            s, how = _sensitivity(run, slot, i, arch, partitioner, groups, base_params, notes)
             rows.append(s)
             hows.append(how)
+        if notes:
+            stats["notes"] = notes
         del base_params
         sensitivity = torch.stack(rows)
         alpha = _l2_rows(sensitivity)
