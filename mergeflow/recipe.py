@@ -348,6 +348,9 @@ def _check_params(method: MergeMethod, recipe: Recipe) -> None:
 
 def _check_importance(method: MergeMethod, recipe: Recipe) -> None:
     """Estimator names and parameters, and the data each needs, checked before anything is loaded."""
+    if method.requires_estimator and not (recipe.importance or recipe.coefficients):
+        raise ValueError(f"importance: {method.name} merges with coefficients from its estimator; add "
+                         f"`importance: {{estimator: {method.requires_estimator}}}` (and a task per model)")
     if not (recipe.importance or recipe.coefficients):
         return
     if recipe.mergekit_compat:

@@ -159,6 +159,13 @@ def test_conv1d_weights_stored_in_out(families):
 
 def test_regmean_without_coefficients_refuses(families):
     _, experts = families("llama")
-    recipe = parse_recipe({"merge_method": "regmean", "models": [{"model": str(e)} for e in experts]})
+    # refused when the recipe is read, before any checkpoint is opened
+    with pytest.raises(RecipeError, match=r"regmean merges with coefficients.*estimator: regmean"):
+        parse_recipe({"merge_method": "regmean", "models": [{"model": str(e)} for e in experts]})
+    # and by the kernel when no coefficients reach it at all
+    from mergeflow.methods.base import KernelInput, get_method
+
+    w = torch.ones(2, 2)
+    x = KernelInput(name="w", base=None, models=[w, w], params={}, shared={})
     with pytest.raises(RecipeError, match=r"regmean needs the Gram matrices.*importance"):
-        merge_state_dict(recipe, threads=1)
+        get_method("regmean").kernel(x)

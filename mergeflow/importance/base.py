@@ -169,7 +169,8 @@ def all_estimators() -> list[Estimator]:
 def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequence[ModelRef],
                          tasks: Sequence[TaskData], params: Mapping[str, Any] | None = None,
                          device: str | torch.device = "cpu", seed: int = 0, ood: bool = False,
-                         cache: Cache | None = None, use_cache: bool = True) -> Coefficients:
+                         cache: Cache | None = None, use_cache: bool = True,
+                         threads: int | None = None) -> Coefficients:
     """Run (or fetch from the cache) one estimator over ``experts``; ``tasks[i]`` is expert i's data."""
     est = get_estimator(estimator)
     resolved = est.resolve_params(params or {})
@@ -189,8 +190,11 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
     run = ImportanceRun(estimator, base, list(experts), list(tasks), resolved, device, seed, ood)
 
     def build(folder: Path) -> None:
+        from mergeflow.engine import compute_threads
+
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
+        # all cores but one, like the merge: oversubscribed OpenMP threads run tiny passes many times slower
+        with torch.random.fork_rng(devices=[]), compute_threads(threads):
             torch.manual_seed(seed)
             coeffs = est.compute(run)
         coeffs.key = key

@@ -122,6 +122,8 @@ class MergeMethod:
     # per-model parameters the kernel accepts per partition or per entry (a tensor broadcastable to the tensor),
     # i.e. the ones a data-aware Coefficients artifact may set
     partition_params: tuple[str, ...] = ()
+    # the estimator whose coefficients the method cannot run without (RegMean's Gram matrices), or None
+    requires_estimator: str | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)

@@ -73,6 +73,7 @@ register(MergeMethod(
     name="regmean",
     kernel=regmean_kernel,
     params=(),
+    requires_estimator="regmean",
     summary="linear layers: W = (Σ W_t G̃_t)(Σ G̃_t)⁻¹ from the Gram matrices of their inputs (importance "
             "estimator regmean); other tensors averaged",
     paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 (arXiv:2212.09849)",
