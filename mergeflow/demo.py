@@ -12,11 +12,11 @@ from typing import Any
 
 import click
 
-from mergeflow.zoo.matrix import DATA_FREE_MERGES, Matrix, format_table, save_png
+from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES, Matrix, format_table, save_png
 
 
 def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results"), limit: int | None = None,
-             progress: bool = True, zoo_dir: Path | None = None) -> dict[str, Any]:
+             progress: bool = True, zoo_dir: Path | None = None, data_aware: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mergeflow.zoo.build import build_zoo
@@ -27,10 +27,12 @@ def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results")
     built = time.perf_counter() - start
     click.echo(f"   {zoo.root} ({built:.0f} s); tasks {', '.join(zoo.in_domain)}; out-of-domain "
                f"{', '.join(zoo.ood)}")
-    merges = DATA_FREE_MERGES
+    merges = DATA_FREE_MERGES + (DATA_AWARE_MERGES if data_aware else ())
     total = 1 + len(zoo.in_domain) + len(merges)
-    click.echo(f"== 2/3 merge the {len(zoo.in_domain)} experts with {len(merges)} data-free methods and evaluate "
-               f"{total} models on {len(zoo.tasks)} tasks (cached by content)")
+    aware = sum(m.data_aware for m in merges)
+    click.echo(f"== 2/3 merge the {len(zoo.in_domain)} experts with {len(merges) - aware} data-free and {aware} "
+               f"data-aware methods (importance on the few-shot / calibration splits), evaluate {total} models on "
+               f"{len(zoo.tasks)} tasks (cached by content)")
     bar = tqdm(total=total, desc="merge + evaluate", unit="model", disable=not progress, dynamic_ncols=True)
     seen = {"n": 0}
 
@@ -65,8 +67,12 @@ def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results")
 @click.option("--zoo", "zoo_dir", type=click.Path(path_type=Path), default=None,
               help="Zoo folder (default: MERGEFLOW_HOME/zoo/<size>-seed<seed>, built if missing).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo_command(size: str, seed: int, out: Path, limit: int | None, zoo_dir: Path | None, no_progress: bool) -> None:
-    """Build the zoo, merge its experts with every data-free method, evaluate and print the table."""
+@click.option("--data-free-only", is_flag=True, help="Skip the data-aware methods (APL, Sens, SLTA, LM-Cocktail, "
+              "Fisher, RegMean).")
+def demo_command(size: str, seed: int, out: Path, limit: int | None, zoo_dir: Path | None, no_progress: bool,
+                 data_free_only: bool) -> None:
+    """Build the zoo, merge its experts with the data-free and data-aware methods, evaluate, print the table."""
     from mergeflow.cli import user_errors
 
-    user_errors(run_demo)(size=size, seed=seed, out=out, limit=limit, progress=not no_progress, zoo_dir=zoo_dir)
+    user_errors(run_demo)(size=size, seed=seed, out=out, limit=limit, progress=not no_progress, zoo_dir=zoo_dir,
+                          data_aware=not data_free_only)

@@ -24,15 +24,24 @@ RESULT_FILE = "scores.json"
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """One data-free merge of all the zoo's experts, labelled as in the tables (``task_arithmetic@0.3``)."""
+    """One merge of all the zoo's experts, labelled as in the tables (``task_arithmetic@0.3``).
+
+    ``importance`` lists data-aware estimator runs (``{"estimator", "parameters", "data"}``, as in a recipe): each
+    expert is scored on its own zoo task, with the data drawn with the merge's seed.
+    """
 
     label: str
     method: str
     parameters: dict[str, Any]
     per_model: dict[str, Any] | None = None
+    importance: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def data_aware(self) -> bool:
+        return bool(self.importance)
 
     def recipe(self, zoo: Zoo, seed: int = 0) -> dict[str, Any]:
-        return {
+        recipe: dict[str, Any] = {
             "merge_method": self.method,
             "base_model": str(zoo.base),
             "models": [{"model": str(path), "parameters": dict(self.per_model or {})} for path in zoo.experts.values()],
@@ -40,6 +49,14 @@ class MergeSpec:
             "seed": seed,
             "name": f"zoo {self.label}",
         }
+        if self.importance:
+            for entry, task in zip(recipe["models"], zoo.experts):
+                entry["task"] = task
+            recipe["importance"] = [
+                {**spec, "data": {**spec.get("data", {}), "seed": seed, "zoo": str(zoo.root)}}
+                for spec in self.importance
+            ]
+        return recipe
 
 
 # The data-free baselines, with the settings the papers and ZOO.md use as validation-free defaults.
@@ -57,6 +74,24 @@ DATA_FREE_MERGES: tuple[MergeSpec, ...] = (
     MergeSpec("della@0.7", "della", {"lambda": 1.0}, {"density": 0.7, "epsilon": 0.15}),
     MergeSpec("consensus", "consensus", {"lambda": 0.5, "k": 2}, {"tall_lambda": 0.4}),
     MergeSpec("model_stock", "model_stock", {}),
+)
+
+
+# The data-aware methods with the papers' defaults (METHODS.md; no tuning on the zoo): each expert is scored on its
+# own task's few-shot (APL, LM-Cocktail) or calibration examples (Sens, SLTA, Fisher, RegMean).
+DATA_AWARE_MERGES: tuple[MergeSpec, ...] = (
+    MergeSpec("lm_cocktail", "task_arithmetic", {}, importance=({"estimator": "cocktail"},)),
+    # 100 calibration examples: every zoo size has that many (METHODS' 256 is for real models)
+    MergeSpec("fisher", "linear", {}, importance=({"estimator": "fisher", "data": {"n": 100}},)),
+    MergeSpec("regmean", "regmean", {}, importance=({"estimator": "regmean", "data": {"n": 100}},)),
+    MergeSpec("ta+apl@0.9", "dare_linear", {"lambda": 0.5},
+              importance=({"estimator": "apl", "parameters": {"level": "layer", "p": 0.9}},)),
+    MergeSpec("mi-ta+apl@0.9", "dare_linear", {},
+              importance=({"estimator": "apl", "parameters": {"level": "layer", "p": 0.9, "weights": "mi"}},)),
+    MergeSpec("ta+sens", "task_arithmetic", {}, importance=({"estimator": "sens", "parameters": {"lambda": 0.5}},)),
+    MergeSpec("ties+sens", "ties", {}, {"density": 0.3}, importance=({"estimator": "sens"},)),
+    MergeSpec("slta(attn_mlp)", "task_arithmetic", {},
+              importance=({"estimator": "slta", "parameters": {"level": "attn_mlp"}},)),
 )
 
 
@@ -136,10 +171,14 @@ class Matrix:
         from mergeflow.recipe import parse_recipe
 
         recipe = parse_recipe(spec.recipe(self.zoo, seed))
-        plan = plan_merge(recipe)
-        identity = {"recipe": recipe.recipe_hash(), "inputs": plan.input_hashes()}
+        plan = plan_merge(recipe)  # data-aware recipes: computes (or fetches) the coefficients here
+        coefficients = plan.coefficients
+        # the coefficients' keys name the task data they read, so a merge's scores are keyed by its data too
+        identity = {"recipe": recipe.recipe_hash(), "inputs": plan.input_hashes(),
+                    "coefficients": [c.key for c in coefficients]}
         plan.close()
-        return self._cached(identity, lambda: self._evaluate_state(merge_state_dict(recipe)))
+        return self._cached(identity, lambda: self._evaluate_state(
+            merge_state_dict(recipe, coefficients=coefficients or None)))
 
     def run(self, merges: Iterable[MergeSpec] = DATA_FREE_MERGES, seed: int = 0) -> dict[str, Any]:
         """The matrix as ``{"tasks": {...}, "models": {"base": {...}, "expert:TASK": {...}, LABEL: {...}}}``."""
