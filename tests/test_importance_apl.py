@@ -123,14 +123,18 @@ def test_causal_layer_scores_are_explicit_swaps(families, tmp_path):
     expected = 0.9 - 0.3 * torch.tanh(coeffs.scores["layer"] / 5.0)
     torch.testing.assert_close(coeffs.fields["drop_ratio"].values, expected, rtol=0, atol=1e-12)
     assert coeffs.fields["drop_ratio"].default == [0.9, 0.9]  # D-2: embeddings / head pruned with p
-    # one forward for the clean run and both swaps (batched variants), one for the base
-    assert coeffs.stats["passes"]["forward"] == 1 + 2
+    # per expert the clean run, the prefix-reuse check and one per layer (layer 1's swap reuses layer 0's output);
+    # one base pass for the shared task
+    assert coeffs.stats["tracing"] == "in_place" and coeffs.stats["prefix_reuse"]
+    assert coeffs.stats["passes"]["forward"] == 2 * (1 + 1 + 2) + 1
 
 
-def test_causal_hidden_state_score_is_an_explicit_swap(families, tmp_path):
+@pytest.mark.parametrize("tracing", ["in_place", "batched"])
+def test_causal_hidden_state_score_is_an_explicit_swap(families, tmp_path, tracing):
     base, experts = families("llama")
     task = load_task_data(str(_write(tmp_path / "t.jsonl", ROWS)))
-    coeffs = _run(base, experts[:1], [task], level="hidden_state")
+    coeffs = _run(base, experts[:1], [task], level="hidden_state", tracing=tracing)
+    assert coeffs.stats["tracing"] == tracing
     cols = coeffs.score_partitions["hidden_state"]
     assert cols == [f"hidden.{j}" for j in range(32)]
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -161,14 +165,17 @@ def test_batched_swaps_equal_in_place_swaps(families, tmp_path, family):
     base, experts = families(family)
     task = load_task_data(str(_write(tmp_path / "t.jsonl", ROWS[:3])))
     level = "layer" if family == "llama" else "hidden_state"
-    batched = _run(base, experts[:1], [task], level=level, nonblock_policy="own_partitions", batch_size=12)
-    single = _run(base, experts[:1], [task], level=level, nonblock_policy="own_partitions", batch_variants=False)
-    assert batched.stats["batched_variants"] and not single.stats["batched_variants"]
+    common = {"level": level, "nonblock_policy": "own_partitions"}
+    batched = _run(base, experts[:1], [task], **common, batch_size=12, tracing="batched")
+    single = _run(base, experts[:1], [task], **common, tracing="in_place")
+    assert (batched.stats["tracing"], single.stats["tracing"]) == ("batched", "in_place")
+    assert single.stats["prefix_reuse"]
     assert batched.score_partitions == single.score_partitions
     torch.testing.assert_close(batched.scores[level], single.scores[level], rtol=0, atol=1e-6)
     n_parts = len(single.score_partitions[level])
-    assert single.stats["passes"]["forward"] == n_parts + 2
-    assert batched.stats["passes"]["forward"] < single.stats["passes"]["forward"]
+    # in place: the base, the clean run, the prefix-reuse check, one per partition; batched: 4 variants a forward
+    assert single.stats["passes"]["forward"] == 1 + 1 + 1 + n_parts
+    assert batched.stats["passes"]["forward"] == 1 + math.ceil((n_parts + 1) / 4)
 
 
 def test_hidden_state_budget_and_parameter_errors(families, tmp_path):
@@ -217,6 +224,18 @@ def test_gradient_scores_are_an_autograd_inner_product(families, tmp_path):
     s = layer.scores["layer"]
     expected = 0.9 - 0.3 * torch.tanh(s / s.max(1, keepdim=True).values / 5.0)
     torch.testing.assert_close(layer.fields["drop_ratio"].values, expected, rtol=0, atol=1e-12)
+
+    # preserve_mean_drop: the parameter-weighted mean of p̂ is p (embeddings and head are larger than a block)
+    even = _run(base, experts[:1], [task], level="layer", estimator="grad", nonblock_policy="own_partitions",
+                preserve_mean_drop=True)
+    shapes = {n: t.numel() for n, t in b.items()}
+    sizes = torch.tensor([sum(v for n, v in shapes.items() if "embed" in n),
+                          *(sum(v for n, v in shapes.items() if f"layers.{i}." in n) for i in (0, 1)),
+                          shapes["model.norm.weight"] + shapes["lm_head.weight"]], dtype=torch.float64)
+    p_hat = even.fields["drop_ratio"].values[0]
+    assert float((p_hat * sizes).sum() / sizes.sum()) == pytest.approx(0.9, abs=1e-12)
+    assert even.stats["mean_drop_ratio"][0] == pytest.approx(0.9, abs=1e-12)
+    assert float(p_hat.std()) > 1e-3
 
     e = _weights(experts[0])
     j = 7
@@ -324,7 +343,8 @@ def test_recipe_end_to_end_and_cache(families, tmp_path, monkeypatch):
 
     refs = [_ref(e) for e in experts]
     (coeffs,) = coefficients_for_recipe(recipe, _ref(base), refs)
-    assert len(calls) == 1 and coeffs.path is not None and coeffs.path.parent.parent == (tmp_path / "home" / "cache").resolve()
+    assert len(calls) == 1 and coeffs.path is not None
+    assert [p.name for p in coeffs.path.parent.iterdir()] == [coeffs.key]  # one artifact, under its key
     drop = coeffs.fields["drop_ratio"]
     assert drop.partitions == ["layer.0", "layer.1", "embed", "head"]
     assert drop.values[:, 2:].abs().max() == 0 and drop.default == [0.0, 0.0, 0.0]
