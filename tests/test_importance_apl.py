@@ -85,13 +85,14 @@ def _gold_by_hand(model, tok, rows) -> float:
     return sum(probs) / len(probs)
 
 
-def _loss_by_hand(model, tok, rows) -> torch.Tensor:
+def _loss_by_hand(model, tok, rows, all_tokens=False) -> torch.Tensor:
     losses = []
     for row in rows:
         p_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
         ids = tok(row["prompt"] + " " + row["answer"], add_special_tokens=False)["input_ids"]
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-        losses.append(-torch.stack([logp[j - 1, ids[j]] for j in range(len(p_ids), len(ids))]).mean())
+        first = 1 if all_tokens else len(p_ids)
+        losses.append(-torch.stack([logp[j - 1, ids[j]] for j in range(first, len(ids))]).mean())
     return torch.stack(losses).mean()
 
 
@@ -224,6 +225,17 @@ def test_gradient_scores_are_an_autograd_inner_product(families, tmp_path):
     s = layer.scores["layer"]
     expected = 0.9 - 0.3 * torch.tanh(s / s.max(1, keepdim=True).values / 5.0)
     torch.testing.assert_close(layer.fields["drop_ratio"].values, expected, rtol=0, atol=1e-12)
+
+    # loss over every token instead of the answer's (D-4 option)
+    every = _run(base, experts[:1], [task], level="layer", estimator="grad", loss_tokens="all")
+    model.zero_grad()
+    _loss_by_hand(model, tok, ROWS, all_tokens=True).backward()
+    e = _weights(experts[0])
+    for i in (0, 1):
+        inner = sum(float(((e[n] - b[n]) * p.grad).double().sum()) for n, p in model.named_parameters()
+                    if n.startswith(f"model.layers.{i}."))
+        assert float(every.scores["layer"][0, i]) == pytest.approx(abs(inner), rel=1e-4)
+        assert abs(inner) != pytest.approx(float(layer.scores["layer"][0, i + 1]), rel=1e-2)
 
     # preserve_mean_drop: the parameter-weighted mean of p̂ is p (embeddings and head are larger than a block)
     even = _run(base, experts[:1], [task], level="layer", estimator="grad", nonblock_policy="own_partitions",

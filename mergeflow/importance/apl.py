@@ -16,10 +16,11 @@ Importance (§2.4), unified so that a larger score means more important:
   (D-7). The model score is ``s^M = P(θ_t) − P(θ_b)`` (Eq. 6); ``P(θ_b)`` depends only on the data, so it is computed
   once per distinct task.
 * ``grad`` (Eqs. 9–10, "w/GA"): one forward + backward of the **base** per distinct task (OOD: one, shared — D-10) on
-  the answer-token LM loss, mean over examples (D-4); ``s_S = |Σ_{i∈S} Δ_i g_i|`` — the signed sum over the whole
-  partition first, the absolute value last (D-6). The model-level score comes from causal tracing (two extra
-  forwards) when MI weights are asked for; otherwise the artifact records the gradient whole-model score
-  ``|<Δ, g>|`` instead (``stats.model_score`` says which), so that the gradient path stays one forward + backward.
+  the answer-token LM loss (``loss_tokens: all``: every token), mean over examples (D-4); ``s_S = |Σ_{i∈S} Δ_i g_i|``
+  — the signed sum over the whole partition first, the absolute value last (D-6). The model-level score comes from
+  causal tracing (two extra forwards) when MI weights are asked for; otherwise the artifact records the gradient
+  whole-model score ``|<Δ, g>|`` instead (``stats.model_score`` says which), so that the gradient path stays one
+  forward + backward.
 
 Partitions (§1.3): ``model`` (one partition: p̂ = p, i.e. exactly DARE, as the paper states), ``layer`` (one per
 decoder block) and ``hidden_state``. D-1: in the default ``residual`` mode, hidden state h is every entry whose
@@ -29,10 +30,11 @@ uncalibrated ``ungrouped`` partition. ``per_layer_rows`` makes every output row 
 Causal tracing costs one pass per partition, so at the hidden_state level it is refused above
 ``hidden_state_budget`` partitions unless ``estimator: grad`` (D-1, §2.12).
 
-Tensors outside the calibrated partitions (D-2: embeddings, final norm and LM head at the layer level; ``ungrouped``
-at the hidden_state level) follow ``nonblock_policy``: ``base_p`` (default) prunes them with the uncalibrated p,
-``own_partitions`` scores and calibrates them like the blocks, ``keep_unpruned`` gives them drop ratio 0 (DARE
-keeps them whole). All floating tensors are pruned otherwise (D-9).
+Tensors outside the calibrated partitions (D-2: embeddings, final norm and LM head at the layer level and with
+``per_layer_rows``; ``ungrouped`` in the residual hidden_state mode) follow ``nonblock_policy``: ``base_p``
+(default) prunes them with the uncalibrated p, ``own_partitions`` scores and calibrates them like the blocks,
+``keep_unpruned`` gives them drop ratio 0 (DARE keeps them whole). Every other floating tensor is pruned (D-9; the
+``exclude_regex`` option of D-9 is not offered here).
 
 Drop ratio (Eq. 11, stripped from every reachable copy of the paper and **reconstructed**, D-3, §2.5)::
 
@@ -61,8 +63,8 @@ run the swaps (``tracing``):
 
 * ``in_place``: the partition's entries are overwritten with the base's (whole tensors swapped by reference, slices
   copied) and restored after one forward. The clean run records every decoder block's output, and a swap whose first
-  changed block is l replays the recorded outputs of blocks 0 … l−1 instead of computing them (checked once per expert
-  by recomputing the last block from its recorded input). Layer level: the clean run plus Σ_l (L − l) blocks instead
+  changed block is l replays the recorded outputs of blocks 0 … l−1 instead of computing them (checked on every clean
+  run by recomputing the last block from its recorded input). Layer level: the clean run plus Σ_l (L − l) blocks instead
   of (L + 1) L — about 0.6× the time of (L + 2) plain forwards at L = 8–16.
 * ``batched``: the few-shot batch is repeated once per variant along the batch axis, and forward hooks on the modules
   that own the swapped entries rewrite those rows' outputs as if the entries held the base values — a whole-module
@@ -142,6 +144,8 @@ PARAMS = (
     ParamSpec("scale_by_k", bool, False, help="multiply the MI-TA weights by the number of experts"),
     ParamSpec("probability", str, "normalized", choices=("normalized", "sequence"),
               help="gold-answer probability: length-normalised (default) or the full sequence product"),
+    ParamSpec("loss_tokens", str, "answer", choices=("answer", "all"),
+              help="tokens of the gradient estimator's LM loss: the gold answer's (default) or every token (D-4)"),
     ParamSpec("batch_size", int, 32, low=1,
               help="sequences per forward pass; causal tracing fills it with several swapped variants"),
     ParamSpec("tracing", str, "auto", choices=("auto", "batched", "in_place"),
@@ -257,8 +261,7 @@ def drop_ratios(scores: torch.Tensor, sizes: torch.Tensor | None, cfg: DropRatio
 
 def mi_weights(model_scores: torch.Tensor, temperature: float, normalize: str = "raw") -> torch.Tensor:
     """MI-TA merging weights ``softmax(s^M / T_m)`` over the experts (Eq. 12 reconstructed, §2.7); they sum to one."""
-    s = normalize_scores(model_scores, "zscore" if normalize == "zscore" else "raw")
-    return torch.softmax(s / temperature, dim=0)
+    return torch.softmax(normalize_scores(model_scores, normalize) / temperature, dim=0)
 
 
 # ------------------------------------------------------------------------------------------------ causal tracing
@@ -456,7 +459,7 @@ class _Tracer:
                     except torch.OutOfMemoryError:
                         raise
                     except (_Unbatchable, RuntimeError) as exc:  # a module the hooks cannot follow
-                        log.info("apl: batched swaps are not exact for this model (%s); one forward per swap", exc)
+                        log.warning("apl: swaps cannot be batched for this model (%s); one forward per swap", exc)
                         self.batched = False
                 if probs is None:
                     probs = torch.stack([self._sequential(part, swaps) for swaps in group])
@@ -858,7 +861,11 @@ def compute(run: ImportanceRun) -> Coefficients:
             base_tracer = _Tracer(base_model, base_model, run, batch_size=batch_size, normalize=normalize_p,
                                   batched=False)
             base_prob = float(base_tracer.probabilities(enc, [[]])[0])
-        grads = _gradient(run, base_model, enc, batch_size) if estimator == "grad" else None
+        grads = None
+        if estimator == "grad":
+            loss_enc = enc if prm["loss_tokens"] == "answer" else encode(
+                tokenizer, run.tasks[experts_of_task[0]].examples, answer_only=False).to(run.device)
+            grads = _gradient(run, base_model, loss_enc, batch_size)
         for k in experts_of_task:
             model = run.load_model(run.experts[k])
             model.requires_grad_(False)
