@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mergeflow.zoo import Zoo
-from mergeflow.zoo.matrix import DATA_FREE_MERGES, experts_row
+from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES, experts_row
 from tests.zoo_fixtures import test_zoo  # noqa: F401
 
 
@@ -19,7 +19,8 @@ def test_demo_end_to_end_and_warm_rerun(test_zoo: Zoo, tmp_path: Path, monkeypat
 
     matrix = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo", limit=40, progress=False)
     printed = capsys.readouterr().out
-    labels = [m.label for m in DATA_FREE_MERGES]
+    labels = [m.label for m in DATA_FREE_MERGES + DATA_AWARE_MERGES]
+    assert {"lm_cocktail", "fisher", "regmean", "ta+sens", "mi-ta+apl@0.9", "slta(attn_mlp)"} <= set(labels)
     assert list(matrix["models"]) == ["base", *(f"expert:{t}" for t in test_zoo.in_domain), *labels]
     assert matrix["tasks"] == {"in_domain": list(test_zoo.in_domain), "ood": list(test_zoo.ood)}
     for label in ["base", "experts (own task)", *labels]:
@@ -37,11 +38,14 @@ def test_demo_end_to_end_and_warm_rerun(test_zoo: Zoo, tmp_path: Path, monkeypat
     assert saved["models"] == matrix["models"]
     assert (tmp_path / "demo" / "accuracy_table.png").stat().st_size > 10_000
 
-    # a warm re-run is served from the content-addressed cache: no evaluation at all
+    # a warm re-run is served from the content-addressed cache: no evaluation and no estimator pass at all
+    from mergeflow.importance.base import ImportanceRun
+
     def no_eval(*args, **kwargs):
-        raise AssertionError("evaluate() called on a warm re-run")
+        raise AssertionError("evaluate() or an estimator called on a warm re-run")
 
     monkeypatch.setattr(evaluation, "evaluate", no_eval)
+    monkeypatch.setattr(ImportanceRun, "load_model", no_eval)
     again = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo2", limit=40, progress=False)
     assert again["models"] == matrix["models"]
 
