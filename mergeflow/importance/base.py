@@ -1,25 +1,38 @@
 """What an importance estimator is, the run context it gets, and the registry (like ``mergeflow.methods.base``).
 
-An estimator is a function ``compute(run: ImportanceRun) -> Coefficients`` plus a parameter spec. The run holds the
-resolved base and experts (paths and content hashes), the task data of each expert (in-domain) or of the target
-task (out-of-domain), the validated parameters, the device and the seed. Estimators load models through the run
-(fp32, eval mode, on the run's device), compute in fp32 (fp64 for small solves) and return their artifact through
-:meth:`ImportanceRun.coefficients`, which fills in the provenance. :func:`compute_coefficients` validates, keys and
-caches: an artifact is computed once per (inputs' content hashes, data hash, parameters, code version).
+An estimator is a parameter spec plus either one function ``compute(run: ImportanceRun) -> Coefficients`` or two
+stages: ``measure(run) -> Measurements`` (the expensive passes over models and data: gradients, logits, Gram
+matrices, module features) and ``finalize(run, measurements) -> Coefficients`` (cheap arithmetic on them: softmax
+temperatures, scales, shrinkage, clipping, solves). The run holds the resolved base and experts (paths and content
+hashes), the task data of each expert (in-domain) or of the target task (out-of-domain), the validated parameters,
+the device and the seed. Estimators load models through the run (fp32, eval mode, on the run's device), compute in
+fp32 (fp64 for small solves) and return their artifact through :meth:`ImportanceRun.coefficients`, which fills in the
+provenance.
+
+:func:`compute_coefficients` validates, keys and caches: an artifact is computed once per (inputs' content hashes,
+data hash, parameters, code version). A two-stage estimator's measurements are cached as well, under kind
+``importance_measurements`` and a key made of the same inputs but only the parameters the measurement depends on
+(``Estimator.measure_params``), so a re-run that changes a finalize parameter (a temperature, λ, α, a clip) skips
+every model pass. Measurements may come in parts (:class:`MeasurePart`: Sens-Merging's sensitivities and logit
+distances), each cached on its own and measured only when the parameters need it, so an ablation that needs one part
+reuses it from a run that measured both, and vice versa.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mergeflow.cache import Cache
-from mergeflow.coefficients import CoefficientField, Coefficients, coefficients_key
+from mergeflow.cache import CODE_VERSION, Cache, cache_key
+from mergeflow.coefficients import CoefficientField, Coefficients, _jsonable, coefficients_key
 from mergeflow.errors import RecipeError
 from mergeflow.importance.data import TaskData, load_task_data
 from mergeflow.methods.base import ParamSpec
@@ -30,6 +43,12 @@ if TYPE_CHECKING:
     from mergeflow.recipe import Recipe
 
 CACHE_KIND = "coefficients"
+MEASUREMENTS_KIND = "importance_measurements"
+MEASUREMENTS_META = "measurements.json"
+MEASUREMENTS_TENSORS = "tensors.safetensors"
+MEASUREMENTS_ENTRIES = "entries"
+MEASUREMENTS_FORMAT = 1
+WHOLE = "all"  # the part name of measurements that are not split into parts
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,8 @@ class ImportanceRun:
     ood: bool = False              # every expert is scored on one target task (METHODS D-10)
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     _tokenizer: Any = None
+    part: str = WHOLE              # measure stage: the part of the measurements to measure
+    _folder: Path | None = None    # measure stage: the measurements folder being written
 
     @property
     def k(self) -> int:
@@ -81,6 +102,18 @@ class ImportanceRun:
         self.passes["forward"] += forward
         self.passes["backward"] += backward
 
+    def write_entry(self, name: str, expert: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Measure stage: save expert ``expert``'s per-entry tensors ``name`` (a Fisher diagonal, Gram matrices)
+        straight into the measurements folder, so that a model-sized measurement is held for one expert at a time.
+        They come back through :meth:`Measurements.entry`."""
+        from safetensors.torch import save_file
+
+        if self._folder is None:
+            raise RuntimeError("write_entry is for the measure stage of a two-stage estimator")
+        sub = self._folder / MEASUREMENTS_ENTRIES / name
+        sub.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(sub / f"{expert}.safetensors"))
+
     def coefficients(self, fields: Mapping[str, CoefficientField], *,
                      scores: Mapping[str, torch.Tensor] | None = None,
                      score_partitions: Mapping[str, list[str]] | None = None,
@@ -98,17 +131,165 @@ class ImportanceRun:
         )
 
 
+@dataclass
+class Measurements:
+    """What the measure stage of a two-stage estimator found: the input of its finalize stage.
+
+    ``tensors``: named tensors of any dtype (per-sample Grams, losses, sensitivities), held in memory; ``stats``: JSON
+    data (how gradients were taken, per-expert norms); ``passes``: the forward/backward passes the measurement cost
+    (filled in by :func:`compute_coefficients`); ``entries``: model-sized per-expert tensors written during the
+    measurement with :meth:`ImportanceRun.write_entry`, one safetensors file per expert, read back lazily with
+    :meth:`entry`. On disk: ``measurements.json``, ``tensors.safetensors`` and ``entries/<name>/<expert>.safetensors``.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    entries: dict[str, list[Path]] = field(default_factory=dict)
+    key: str = ""
+    seconds: float | None = None
+    path: Path | None = None
+
+    def entry(self, name: str, expert: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Expert ``expert``'s tensors of entry measurement ``name``, read one at a time (never modify them in place:
+        they may share the cached file's mapping)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.entries[name][expert]), framework="pt") as f:
+            for tensor in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                yield tensor, f.get_tensor(tensor)
+
+    def save(self, folder: Path, provenance: Mapping[str, Any] | None = None) -> None:
+        """Write ``tensors`` and the metadata into ``folder`` (which already holds the entries written there)."""
+        from safetensors.torch import save_file
+
+        save_file({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()},
+                  str(folder / MEASUREMENTS_TENSORS))
+        entries = {}
+        root = folder / MEASUREMENTS_ENTRIES
+        for sub in sorted(root.iterdir()) if root.is_dir() else []:
+            n = len(list(sub.glob("*.safetensors")))
+            if sorted(p.name for p in sub.glob("*.safetensors")) != sorted(f"{i}.safetensors" for i in range(n)):
+                raise RuntimeError(f"measurement entries {sub.name}: files are not numbered 0..{n - 1}")
+            entries[sub.name] = n
+        meta = {"format": MEASUREMENTS_FORMAT, "code_version": CODE_VERSION, "key": self.key,
+                "seconds": self.seconds, "passes": dict(self.passes), "entries": entries,
+                "stats": _jsonable(self.stats), **_jsonable(dict(provenance or {}))}
+        (folder / MEASUREMENTS_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        self.path = folder
+
+    @classmethod
+    def load(cls, folder: Path) -> Measurements:
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / MEASUREMENTS_META).read_text())
+        if meta.get("format") != MEASUREMENTS_FORMAT:
+            raise RuntimeError(f"{folder}: measurements format {meta.get('format')} is not {MEASUREMENTS_FORMAT}")
+        entries = {name: [folder / MEASUREMENTS_ENTRIES / name / f"{i}.safetensors" for i in range(n)]
+                   for name, n in meta["entries"].items()}
+        return cls(tensors=load_file(str(folder / MEASUREMENTS_TENSORS)), stats=meta["stats"],
+                   passes=meta["passes"], entries=entries, key=meta["key"], seconds=meta["seconds"], path=folder)
+
+    @classmethod
+    def combine(cls, parts: Sequence[Measurements]) -> Measurements:
+        """One view of several parts (their names must not collide); passes add up."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(passes={})
+        for m in parts:
+            for mine, theirs in ((out.tensors, m.tensors), (out.stats, m.stats), (out.entries, m.entries)):
+                clash = sorted(set(mine) & set(theirs))
+                if clash:
+                    raise ValueError(f"measurement parts both hold {clash[0]!r}")
+                mine.update(theirs)
+            for kind, n in m.passes.items():
+                out.passes[kind] = out.passes.get(kind, 0) + n
+        return out
+
+
+class LazyEntries(Sequence[dict[str, torch.Tensor]]):
+    """Per-expert entry tensors of a final artifact, made one expert at a time (``make(expert)``) when the artifact
+    is saved: finalize turns measured entries into coefficients without holding K model-sized copies."""
+
+    def __init__(self, n: int, make: Callable[[int], dict[str, torch.Tensor]]) -> None:
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, expert: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        if not isinstance(expert, int):
+            raise TypeError("LazyEntries are indexed by expert number")
+        if not -self.n <= expert < self.n:
+            raise IndexError(expert)
+        return self.make(expert % self.n)
+
+
+def _always(_params: Mapping[str, Any]) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
-class Estimator:
+class MeasurePart:
+    """A part of a two-stage estimator's measurements that is cached on its own: its name (``run.part`` in
+    measure), the measure parameters it depends on, and whether given parameters need it at all."""
+
     name: str
-    compute: Callable[[ImportanceRun], Coefficients]
+    params: tuple[str, ...]
+    needed: Callable[[Mapping[str, Any]], bool] = _always
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimator:
+    """An estimator: one stage (``compute``) or two (``measure`` + ``finalize``; see the module docstring).
+
+    ``measure_params``: the parameters the measurements depend on; every other parameter may only be read by
+    ``finalize`` (the measure stage sees only its own parameters, so reading another one is a KeyError rather than
+    a stale cache hit). ``measure_parts``: optional split of the measurements into parts, each with its own subset of
+    ``measure_params``; without it the measurements are one part, :data:`WHOLE`. ``check_params``: checks across
+    parameters, run before anything is measured.
+    """
+
+    name: str
     params: tuple[ParamSpec, ...]
     summary: str
     paper: str
+    compute: Callable[[ImportanceRun], Coefficients] | None = None
+    measure: Callable[[ImportanceRun], Measurements] | None = None
+    finalize: Callable[[ImportanceRun, Measurements], Coefficients] | None = None
+    measure_params: tuple[str, ...] = ()
+    measure_parts: tuple[MeasurePart, ...] = ()
+    check_params: Callable[[Mapping[str, Any]], None] | None = None
     needs_base: bool = True
     default_split: str = "fewshot"   # which split of each task it reads by default
     default_n: int | None = 5        # examples per task by default (None: the whole split)
     supports_ood: bool = False
+
+    def __post_init__(self) -> None:
+        if self.two_stage:
+            if self.compute is not None or self.measure is None or self.finalize is None:
+                raise ValueError(f"estimator {self.name}: give compute, or measure and finalize")
+            known = {p.name for p in self.params}
+            unknown = sorted(set(self.measure_params) - known)
+            if unknown:
+                raise ValueError(f"estimator {self.name}: measure parameter {unknown[0]!r} is not a parameter")
+            for part in self.measure_parts:
+                extra = sorted(set(part.params) - set(self.measure_params))
+                if extra:
+                    raise ValueError(f"estimator {self.name}: part {part.name} depends on {extra[0]!r}, which is "
+                                     "not in measure_params")
+        elif self.compute is None:
+            raise ValueError(f"estimator {self.name}: give compute, or measure and finalize")
+
+    @property
+    def two_stage(self) -> bool:
+        return self.measure is not None or self.finalize is not None
+
+    def parts(self, params: Mapping[str, Any]) -> list[MeasurePart]:
+        """The parts of the measurements that ``params`` need, in declaration order."""
+        if not self.measure_parts:
+            return [MeasurePart(WHOLE, self.measure_params)]
+        return [part for part in self.measure_parts if part.needed(params)]
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -128,6 +309,8 @@ class Estimator:
                 out[spec.name] = None
                 continue
             out[spec.name] = spec.check(value, f"importance.parameters.{spec.name}")
+        if self.check_params is not None:
+            self.check_params(out)
         return out
 
 
@@ -166,12 +349,24 @@ def all_estimators() -> list[Estimator]:
     return sorted(_REGISTRY.values(), key=lambda e: e.name)
 
 
+def measurements_key(estimator: str, part: str, *, base_hash: str | None, expert_hashes: Sequence[str],
+                     data: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    """The content address of one part of an estimator's measurements: its inputs and its measure parameters."""
+    return cache_key(MEASUREMENTS_KIND, estimator=estimator, part=part, base=base_hash, experts=list(expert_hashes),
+                     data=dict(data), params=dict(params))
+
+
 def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequence[ModelRef],
                          tasks: Sequence[TaskData], params: Mapping[str, Any] | None = None,
                          device: str | torch.device = "cpu", seed: int = 0, ood: bool = False,
                          cache: Cache | None = None, use_cache: bool = True,
                          threads: int | None = None) -> Coefficients:
-    """Run (or fetch from the cache) one estimator over ``experts``; ``tasks[i]`` is expert i's data."""
+    """Run (or fetch from the cache) one estimator over ``experts``; ``tasks[i]`` is expert i's data.
+
+    A two-stage estimator fetches each part of its measurements from the cache or measures it, then finalizes;
+    the artifact's ``stats["measurements"]`` says, per part, its key, whether it was reused, the seconds and passes
+    it cost when it was measured; ``stats["passes"]`` counts the passes of the measurements the artifact used.
+    """
     est = get_estimator(estimator)
     resolved = est.resolve_params(params or {})
     if est.needs_base and base is None:
@@ -183,32 +378,74 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
     if not experts:
         raise RecipeError("importance: no experts")
     device = torch.device(device)
-    key = coefficients_key(estimator, base_hash=base.content_hash if base else None,
-                           expert_hashes=[e.content_hash for e in experts],
-                           data={"tasks": [t.sha256 for t in tasks], "ood": ood, "seed": seed},
-                           params=resolved)
+    base_hash = base.content_hash if base else None
+    expert_hashes = [e.content_hash for e in experts]
+    data = {"tasks": [t.sha256 for t in tasks], "ood": ood, "seed": seed}
+    key = coefficients_key(estimator, base_hash=base_hash, expert_hashes=expert_hashes, data=data, params=resolved)
     run = ImportanceRun(estimator, base, list(experts), list(tasks), resolved, device, seed, ood)
+    store = (cache or Cache()) if use_cache else None
+
+    def measured(scratch: contextlib.ExitStack) -> tuple[Measurements, dict[str, Any]]:
+        """Every part the parameters need, from the cache or measured now (in a scratch folder without a cache)."""
+        assert est.measure is not None
+        parts, record = [], {}
+        for part in est.parts(resolved):
+            part_params = {n: resolved[n] for n in part.params}
+            mkey = measurements_key(estimator, part.name, base_hash=base_hash, expert_hashes=expert_hashes,
+                                    data=data, params=part_params)
+            built: list[bool] = []
+
+            def build_part(folder: Path, part: MeasurePart = part, part_params: dict[str, Any] = part_params,
+                           mkey: str = mkey, built: list[bool] = built) -> None:
+                assert est.measure is not None
+                built.append(True)
+                part_run = ImportanceRun(estimator, base, list(experts), list(tasks), part_params, device, seed, ood,
+                                         _tokenizer=run._tokenizer, part=part.name, _folder=folder)
+                start = time.perf_counter()
+                torch.manual_seed(seed)  # each part as if measured alone: the same numbers whatever else is measured
+                m = est.measure(part_run)
+                m.passes, m.key = dict(part_run.passes), mkey
+                m.seconds = round(time.perf_counter() - start, 3)
+                m.save(folder, {"estimator": estimator, "part": part.name, "params": part_params, "base": base_hash,
+                                "experts": expert_hashes, "data": data, "device": str(device)})
+                run._tokenizer = part_run._tokenizer
+
+            if store is None:
+                folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mergeflow-measurements-")))
+                build_part(folder)
+            else:
+                folder = store.get_or_create(MEASUREMENTS_KIND, mkey, build_part)
+            m = Measurements.load(folder)  # the same bytes whether measured now or before
+            parts.append(m)
+            record[part.name] = {"key": mkey, "reused": not built, "seconds": m.seconds, "passes": m.passes}
+        return Measurements.combine(parts), {"reused": all(r["reused"] for r in record.values()), "parts": record}
 
     def build(folder: Path) -> None:
         from mergeflow.engine import compute_threads
 
         start = time.perf_counter()
         # all cores but one, like the merge: oversubscribed OpenMP threads run tiny passes many times slower
-        with torch.random.fork_rng(devices=[]), compute_threads(threads):
-            torch.manual_seed(seed)
-            coeffs = est.compute(run)
-        coeffs.key = key
-        coeffs.stats.setdefault("seconds", round(time.perf_counter() - start, 3))
-        coeffs.stats.setdefault("device", str(device))
-        coeffs.save(folder)
+        with torch.random.fork_rng(devices=[]), compute_threads(threads), contextlib.ExitStack() as scratch:
+            if est.two_stage:
+                assert est.finalize is not None
+                measurements, record = measured(scratch)
+                run.passes = dict(measurements.passes)
+                torch.manual_seed(seed)
+                coeffs = est.finalize(run, measurements)
+                coeffs.stats["measurements"] = record
+            else:
+                assert est.compute is not None
+                torch.manual_seed(seed)
+                coeffs = est.compute(run)
+            coeffs.key = key
+            coeffs.stats.setdefault("seconds", round(time.perf_counter() - start, 3))
+            coeffs.stats.setdefault("device", str(device))
+            coeffs.save(folder)  # inside the scratch context: lazy entries read the measurements while saving
 
-    if not use_cache:
-        import tempfile
-
+    if store is None:
         tmp = Path(tempfile.mkdtemp(prefix="mergeflow-coefficients-"))
         build(tmp)
         return Coefficients.load(tmp)
-    store = cache or Cache()
     return Coefficients.load(store.get_or_create(CACHE_KIND, key, build))
 
 

@@ -17,6 +17,9 @@ experts' own task examples (each distinct task once, in expert order), so every 
 Differences from the official code, both to score exactly what the evaluation scores (D-34): texts are tokenised
 as lm-eval does (prompt + the task's delimiter + answer, no BOS added) and an over-long example loses the left side
 of its prompt rather than the end of its answer.
+
+Two stages: the members' losses are measured (the base's and the experts' cached apart, so ``include_base`` either
+way reuses them) and ``temperature`` and ``include_base`` are applied afterwards, without a model pass.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
-from mergeflow.importance.base import Estimator, ImportanceRun, ModelRef, register_estimator
+from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
 from mergeflow.importance.data import Example
 from mergeflow.importance.scoring import Encoded, answer_logprobs, batches, encode
 from mergeflow.methods.base import ParamSpec
@@ -90,39 +93,55 @@ def cocktail_loss(model: PreTrainedModel, enc: Encoded, batch_size: int) -> tupl
     return sum(losses) / len(losses), len(losses)
 
 
-def _compute(run: ImportanceRun) -> Coefficients:
+def _measure(run: ImportanceRun) -> Measurements:
+    """The losses of one part of the members: the base (part ``base``) or every expert (part ``experts``)."""
     p = run.params
-    members: list[tuple[str, ModelRef]] = []
-    if p["include_base"]:
+    if run.part == "base":
         assert run.base is not None  # needs_base
-        members.append(("base", run.base))
-    members += [(f"model[{i}]", e) for i, e in enumerate(run.experts)]
-    examples = cocktail_examples(run)
-    enc = encode_with_eos(run.tokenizer(), examples, max_length=p["max_length"], append_eos=p["append_eos"])
+        members = [run.base]
+    else:
+        members = list(run.experts)
+    enc = encode_with_eos(run.tokenizer(), cocktail_examples(run), max_length=p["max_length"],
+                          append_eos=p["append_eos"])
     losses = []
-    for _, ref in members:
+    for ref in members:
         model = run.load_model(ref)
         loss, n_batches = cocktail_loss(model, enc, p["batch_size"])
         run.count(forward=n_batches)
         losses.append(loss)
         del model
-    loss_t = torch.tensor(losses, dtype=torch.float64)
+    return Measurements({f"loss.{run.part}": torch.tensor(losses, dtype=torch.float64)})
+
+
+def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+    p = run.params
+    labels = [f"model[{i}]" for i in range(run.k)]
+    loss_t = measured.tensors["loss.experts"]
+    if p["include_base"]:
+        labels.insert(0, "base")
+        loss_t = torch.cat([measured.tensors["loss.base"], loss_t])
     weights = torch.softmax(-loss_t / p["temperature"], dim=0)
     expert_w = weights[1:] if p["include_base"] else weights
-    labels = [name for name, _ in members]
     field = CoefficientField("model", ["model"], expert_w[:, None].clone(), default=expert_w.tolist())
     return run.coefficients(
         {"weight": field},
         scores={"loss": loss_t, "member_weight": weights},
         score_partitions={"loss": labels, "member_weight": labels},
-        stats={"examples": len(examples), "members": labels,
+        stats={"examples": len(cocktail_examples(run)), "members": labels,
                "base_weight": float(weights[0]) if p["include_base"] else 0.0},
     )
 
 
+_LOSS_PARAMS = ("batch_size", "max_length", "append_eos")
+
 COCKTAIL = register_estimator(Estimator(
     name="cocktail",
-    compute=_compute,
+    measure=_measure,
+    finalize=_finalize,
+    # the members' losses; the temperature and whether the base is a member are applied afterwards
+    measure_params=_LOSS_PARAMS,
+    measure_parts=(MeasurePart("base", _LOSS_PARAMS, lambda p: p["include_base"]),
+                   MeasurePart("experts", _LOSS_PARAMS)),
     params=PARAMS,
     summary="one weight per model, softmax(−loss/T) of its LM loss on the target's few-shot examples; the base "
             "takes part (θ = Σ w_m θ_m, as task arithmetic with λ = 1)",

@@ -22,6 +22,10 @@ and D-28–D-30.
 
 All-zero guards (D-7): an expert whose layer sensitivities are all zero gets α = 1/√L; all distances zero gives
 τ = 1/K. The ablations of Table 4 set τ := 1 (``task_specific``) or α := 1 (``cross_task``), keeping softmax and K.
+
+Two stages: the sensitivities (of every layer group, embeddings and head included) and the distances are measured
+and cached as two parts, each only when the ablation needs it; every other parameter (temperature, mode, λ,
+``cross_task``, ``nonblock``, the ablation itself) is applied afterwards without a model pass.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
-from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
 from mergeflow.importance.scoring import Encoded, batches, encode, lm_loss
 from mergeflow.methods.base import ParamSpec
 from mergeflow.partitions import Partitioner, is_block_partition
@@ -311,51 +315,68 @@ def sens_sigma(tau: torch.Tensor, alpha: torch.Tensor, temperature: float, mode:
     return torch.softmax(products / temperature, dim=0), temperature
 
 
-def _compute(run: ImportanceRun) -> Coefficients:
-    p = run.params
-    k = run.k
+def _layer_groups(run: ImportanceRun) -> tuple[Architecture, Partitioner, list[str]]:
     arch = Architecture.from_folder((run.base or run.experts[0]).path)
     partitioner = Partitioner(arch, "layer")
-    ids = partitioner.partition_ids()
+    return arch, partitioner, partitioner.partition_ids()
+
+
+def _measure(run: ImportanceRun) -> Measurements:
+    """Part ``sensitivity``: every expert's sensitivity in every layer group (embeddings and head included, whatever
+    ``nonblock``); part ``distance``: the cross-task logit distances."""
+    p = run.params
+    slot = _Slot(run)
+    if run.part == "distance":
+        distance = _cross_task_distances(run, slot)
+        slot.release()
+        return Measurements({"cross_task_distance": distance})
+    arch, partitioner, groups = _layer_groups(run)
+    base_params = None
+    if p["use_delta"]:
+        if run.base is None:
+            raise MergeflowError("sens: use_delta needs a base model")
+        base_model = run.load_model(run.base)
+        base_params = {n: t.detach() for n, t in base_model.named_parameters()}
+        del base_model
+    rows, hows, notes = [], [], []
+    for i in range(run.k):
+        s, how = _sensitivity(run, slot, i, arch, partitioner, groups, base_params, notes)
+        rows.append(s)
+        hows.append(how)
+    slot.release()
+    return Measurements({"sensitivity": torch.stack(rows)},
+                        stats={"groups": groups, "per_sample_gradients": hows, "notes": notes})
+
+
+def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+    p = run.params
+    k = run.k
+    _, _, ids = _layer_groups(run)
     groups = ids if p["nonblock"] == "own" else [g for g in ids if is_block_partition(g)]
     scores: dict[str, torch.Tensor] = {}
     score_partitions: dict[str, list[str]] = {}
     stats: dict[str, Any] = {}
-    slot = _Slot(run)
 
     if p["ablation"] != "cross_task":
-        base_params = None
-        if p["use_delta"]:
-            if run.base is None:
-                raise MergeflowError("sens: use_delta needs a base model")
-            base_model = run.load_model(run.base)
-            base_params = {n: t.detach() for n, t in base_model.named_parameters()}
-            del base_model
-        rows, hows, notes = [], [], []
-        for i in range(k):
-            s, how = _sensitivity(run, slot, i, arch, partitioner, groups, base_params, notes)
-            rows.append(s)
-            hows.append(how)
-        if notes:
-            stats["notes"] = notes
-        del base_params
-        sensitivity = torch.stack(rows)
+        measured_groups = measured.stats["groups"]
+        sensitivity = measured.tensors["sensitivity"][:, [measured_groups.index(g) for g in groups]]
         alpha = _l2_rows(sensitivity)
         scores["sensitivity"] = sensitivity
         score_partitions["sensitivity"] = list(groups)
-        stats["per_sample_gradients"] = hows
+        if measured.stats["notes"]:
+            stats["notes"] = measured.stats["notes"]
+        stats["per_sample_gradients"] = measured.stats["per_sample_gradients"]
     else:
         alpha = torch.ones((k, len(groups)), dtype=torch.float64)
 
     if p["ablation"] != "task_specific":
-        distance = _cross_task_distances(run, slot)
+        distance = measured.tensors["cross_task_distance"]
         tau = _tau(distance, p["cross_task"])
         scores["cross_task_distance"] = distance
         score_partitions["cross_task_distance"] = [f"task_of_expert.{j}" for j in range(k)]
     else:
         tau = torch.ones(k, dtype=torch.float64)
 
-    slot.release()
     sigma, temperature = sens_sigma(tau, alpha, p["temperature"], p["temperature_mode"])
     weight = p["lambda"] * k * sigma
     scores.update(alpha=alpha, tau=tau[:, None], sigma=sigma)
@@ -368,7 +389,15 @@ def _compute(run: ImportanceRun) -> Coefficients:
 
 SENS = register_estimator(Estimator(
     name="sens",
-    compute=_compute,
+    measure=_measure,
+    finalize=_finalize,
+    # sensitivities and distances are measured (and cached) apart: an ablation needs one of them; temperature,
+    # temperature_mode, cross_task, ablation, lambda and nonblock only combine them
+    measure_params=("use_delta", "logit_reduction", "batch_size", "max_length"),
+    measure_parts=(MeasurePart("sensitivity", ("use_delta", "batch_size", "max_length"),
+                               lambda p: p["ablation"] != "cross_task"),
+                   MeasurePart("distance", ("logit_reduction", "batch_size", "max_length"),
+                               lambda p: p["ablation"] != "task_specific")),
     params=PARAMS,
     summary="per-(expert, layer) task-vector weights λ·K·softmax(τ·α/T): layer sensitivities |θ⊙∇L| on each "
             "expert's task times cross-task logit distances",
