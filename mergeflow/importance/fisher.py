@@ -15,6 +15,10 @@ Written weight per entry: ``λ_t · c_t · (F_t + minimal_fisher_weight)`` with 
 ratio) and ``c_t = 1`` — or, with ``normalize``, ``c_t ∝ 1 / ‖F_t‖₂`` (MergeLM's per-model global-norm
 normalisation, the c_t summing to 1). Tensors without a gradient (floating buffers) get no weight: the recipe's
 weight applies there (uniform by default), i.e. they are averaged.
+
+Two stages: the Fisher diagonals are measured (each written to the cached measurements as soon as it is computed, so
+one expert's Fisher is in memory at a time) and ``minimal_fisher_weight`` and ``normalize`` are applied afterwards,
+one expert at a time while the artifact is written.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
-from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.base import Estimator, ImportanceRun, LazyEntries, Measurements, register_estimator
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -186,12 +190,12 @@ def state_dict_tensors(model: PreTrainedModel, per_param: dict[str, torch.Tensor
     return out
 
 
-def _compute(run: ImportanceRun) -> Coefficients:
+def _measure(run: ImportanceRun) -> Measurements:
+    """Each expert's Fisher diagonal, written to the measurements as soon as it is computed (entry ``fisher``)."""
     p = run.params
     tokenizer = run.tokenizer()
-    fishers: list[dict[str, torch.Tensor]] = []
     per_expert: list[dict[str, Any]] = []
-    for ref, task in zip(run.experts, run.tasks):
+    for i, (ref, task) in enumerate(zip(run.experts, run.tasks)):
         model = run.load_model(ref)
         enc = encode(tokenizer, task.examples, max_length=p["max_length"])
         if p["fisher"] == "sampled":
@@ -210,26 +214,39 @@ def _compute(run: ImportanceRun) -> Coefficients:
                                  "check the model and its task data")
         total = sum(float(t.double().sum()) for t in fisher.values())
         norm = sum(float(t.double().square().sum()) for t in fisher.values()) ** 0.5
-        fishers.append(fisher)
+        run.write_entry("fisher", i, fisher)
         per_expert.append({"reference": ref.reference, "task": task.task, "examples": len(task),
                            "answer_tokens": int(enc.answer_mask.sum()), "fisher_l2": norm,
                            "fisher_mean": total / max(1, sum(t.numel() for t in fisher.values())),
                            "per_example_gradients": how})
+        del fisher
+    return Measurements(stats={"experts": per_expert})
+
+
+def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+    p = run.params
+    per_expert = measured.stats["experts"]
     eps = p["minimal_fisher_weight"]
     scale = [1.0 / run.k] * run.k  # λ_t = 1/K
     if p["normalize"]:
         inv = [1.0 / (e["fisher_l2"] + eps) for e in per_expert]
         scale = [s * i / sum(inv) for s, i in zip(scale, inv)]
-    weights = [{n: (t + eps).mul_(c) for n, t in fisher.items()} for fisher, c in zip(fishers, scale)]
+
+    def weights(i: int) -> dict[str, torch.Tensor]:  # one expert at a time, as the artifact is saved
+        return {n: (t + eps).mul_(scale[i]) for n, t in measured.entry("fisher", i)}
+
     out = run.coefficients({"weight": CoefficientField("entry")},
                            stats={"experts": per_expert, "model_scale": scale})
-    out.entry_tensors = {"weight": weights}
+    out.entry_tensors = {"weight": LazyEntries(run.k, weights)}  # type: ignore[dict-item]
     return out
 
 
 register_estimator(Estimator(
     name="fisher",
-    compute=_compute,
+    measure=_measure,
+    finalize=_finalize,
+    # the Fisher diagonals; minimal_fisher_weight and normalize only scale them
+    measure_params=("fisher", "batch_size", "max_length"),
     params=(
         ParamSpec("fisher", str, "sampled", choices=FISHER_KINDS,
                   help="labels: sampled from the expert's own distribution (seeded) or the gold answer (empirical)"),

@@ -8,8 +8,9 @@ Off-diagonal entries are shrunk, ``G̃_t = α G_t + (1 − α) diag(G_t)``, and 
 ``gram`` field under the layer's weight name. The ``regmean`` merge method (mergeflow/methods/regmean.py) solves
 ``W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹`` per layer and averages every other tensor.
 
-Memory: ``in × in`` fp32 per linear layer per expert (Llama-7B: about 28 GB per expert), kept on the CPU between
-experts.
+Memory: ``in × in`` fp32 per linear layer per expert (Llama-7B: about 28 GB per expert), one expert's at a time: two
+stages, the raw Grams are measured (each expert's written to the cached measurements as soon as they are computed) and
+``alpha`` shrinks them one expert at a time while the artifact is written, so a new ``alpha`` runs no model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
-from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.base import Estimator, ImportanceRun, LazyEntries, Measurements, register_estimator
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -99,16 +100,18 @@ def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return gram * alpha + torch.diag_embed(gram.diagonal()) * (1.0 - alpha)
 
 
-def _compute(run: ImportanceRun) -> Coefficients:
+def _measure(run: ImportanceRun) -> Measurements:
+    """Each expert's raw Grams, written to the measurements as soon as they are computed (entry ``gram``)."""
     p = run.params
     tokenizer = run.tokenizer()
-    grams: list[dict[str, torch.Tensor]] = []
     per_expert: list[dict[str, Any]] = []
     tied: list[str] = []
-    for ref, task in zip(run.experts, run.tasks):
+    transposed: list[list[str]] = []
+    layers_of_first: list[str] = []
+    for i, (ref, task) in enumerate(zip(run.experts, run.tasks)):
         model = run.load_model(ref)
         layers, tied = linear_layers(model)
-        transposed = {n for n, m in layers.items() if is_transposed(m)}
+        transposed.append(sorted(n for n, m in layers.items() if is_transposed(m)))
         enc = encode(tokenizer, task.examples, max_length=p["max_length"], answer_only=False)
         raw, rows = gram_matrices(model, enc, batch_size=p["batch_size"], on_batch=lambda: run.count(forward=1))
         del model
@@ -117,21 +120,37 @@ def _compute(run: ImportanceRun) -> Coefficients:
         bad = [n for n, g in raw.items() if not torch.isfinite(g).all()]
         if bad:
             raise MergeflowError(f"regmean: non-finite Gram for expert {ref.reference} (layer {bad[0]})")
-        # a leading axis of 1 marks a weight stored [in, out] (Conv1D) for the merge kernel
-        grams.append({n: (shrink(g, p["alpha"]).unsqueeze(0) if n in transposed else shrink(g, p["alpha"]))
-                      .contiguous() for n, g in raw.items()})
+        run.write_entry("gram", i, raw)
+        if i == 0:
+            layers_of_first = sorted(raw)
         per_expert.append({"reference": ref.reference, "task": task.task, "examples": len(task),
                            "tokens": int(enc.attention_mask.sum()), "layers": len(raw),
                            "rows_per_layer_max": max(rows.values())})
-    out = run.coefficients({"gram": CoefficientField("entry")},
-                           stats={"experts": per_expert, "layers": sorted(grams[0]), "tied_layers": tied})
-    out.entry_tensors = {"gram": grams}
+        del raw
+    return Measurements(stats={"experts": per_expert, "layers": layers_of_first, "tied_layers": tied,
+                               "transposed": transposed})
+
+
+def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+    alpha = run.params["alpha"]
+    transposed = [set(names) for names in measured.stats["transposed"]]
+
+    def grams(i: int) -> dict[str, torch.Tensor]:  # one expert at a time, as the artifact is saved
+        # a leading axis of 1 marks a weight stored [in, out] (Conv1D) for the merge kernel
+        return {n: (shrink(g, alpha).unsqueeze(0) if n in transposed[i] else shrink(g, alpha)).contiguous()
+                for n, g in measured.entry("gram", i)}
+
+    stats = {name: measured.stats[name] for name in ("experts", "layers", "tied_layers")}
+    out = run.coefficients({"gram": CoefficientField("entry")}, stats=stats)
+    out.entry_tensors = {"gram": LazyEntries(run.k, grams)}  # type: ignore[dict-item]
     return out
 
 
 register_estimator(Estimator(
     name="regmean",
-    compute=_compute,
+    measure=_measure,
+    finalize=_finalize,
+    measure_params=("batch_size", "max_length"),  # the raw Grams; alpha only shrinks them
     params=(
         ParamSpec("alpha", float, 0.9, low=0.0, high=1.0,
                   help="off-diagonal scale of each Gram: α G + (1 − α) diag(G) (1: exact RegMean, 0: diagonal)"),
