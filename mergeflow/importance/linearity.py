@@ -29,6 +29,10 @@ base's):
 Memory: the captured features of every task stay on the CPU in fp32 (for Llama-2-7B, 30 samples × 512 tokens, that is
 about 8 GB per task at attn/MLP level); per module, the tensors of that one module for the K+1 models.
 
+Two stages: the per-sample Grams of every module (``[N, K, K]`` per task, small; the embeddings and the head always
+included) are measured and cached; ``balanced``, ``cond_max``, the clips and ``nonmodule``/``nonmodule_lambda`` only
+build and solve the ``K×K`` systems from them, without a model pass.
+
 Analysis metrics (METHODS §4.5), each for one or more models and the same kind of data as the estimator:
 :func:`nonlinearity_score` (Def. 2 / Eq. 19), :func:`projection_distance` (Eq. 8, with the cosine metrics of
 Eqs. 15–17 / D-19). The numerical core is exposed for tests and notebooks: :func:`sample_grams`,
@@ -51,7 +55,7 @@ from torch import nn
 from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import ArchitectureError, RecipeError
-from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, register_estimator
 from mergeflow.importance.data import Example
 from mergeflow.importance.scoring import batches, encode
 from mergeflow.methods.base import ParamSpec
@@ -629,23 +633,36 @@ def _unit_grams(session: _Session, unit: _Unit, feats: Mapping[int, list[Feature
 
 
 @torch.no_grad()
-def _systems(session: _Session, tasks: Sequence[Sequence[Example]], *, balanced: bool, cond_max: float,
-             nonmodule: bool = True, modules: Sequence[str] | None = None,
-             dtype: torch.dtype = torch.float32) -> dict[str, ModuleSystem]:
+def _module_grams(session: _Session, tasks: Sequence[Sequence[Example]], *, nonmodule: bool = True,
+                  modules: Sequence[str] | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[list[int], dict[str, dict[int, torch.Tensor]]]:
+    """The task key of each task (:func:`_task_keys`) and, per module (in unit order) and distinct task key, the
+    per-sample Grams ``[N, K, K]`` float64: everything the systems are built from."""
     keys = _task_keys(tasks)
     feats = {key: session.capture(tasks[key]) for key in dict.fromkeys(keys)}
     wanted = None if modules is None else set(modules)
-    out: dict[str, ModuleSystem] = {}
+    out: dict[str, dict[int, torch.Tensor]] = {}
     for unit in session.units(nonmodule=nonmodule):
         if wanted is not None and not wanted & set(unit.pids):
             continue
         grams, _ = _unit_grams(session, unit, feats, dtype)
         for p in unit.pids:
-            if wanted is not None and p not in wanted:
-                continue
-            system = slta_system([grams[p][key] for key in keys], balanced=balanced)
-            out[p] = solve_alpha(system, cond_max=cond_max)
-    return out
+            if wanted is None or p in wanted:
+                out[p] = grams[p]
+    return keys, out
+
+
+def _solve(keys: Sequence[int], grams: Mapping[str, Mapping[int, torch.Tensor]], *, balanced: bool,
+           cond_max: float) -> dict[str, ModuleSystem]:
+    return {p: solve_alpha(slta_system([by_key[key] for key in keys], balanced=balanced), cond_max=cond_max)
+            for p, by_key in grams.items()}
+
+
+def _systems(session: _Session, tasks: Sequence[Sequence[Example]], *, balanced: bool, cond_max: float,
+             nonmodule: bool = True, modules: Sequence[str] | None = None,
+             dtype: torch.dtype = torch.float32) -> dict[str, ModuleSystem]:
+    keys, grams = _module_grams(session, tasks, nonmodule=nonmodule, modules=modules, dtype=dtype)
+    return _solve(keys, grams, balanced=balanced, cond_max=cond_max)
 
 
 def module_systems(base: str | Path, experts: Sequence[str | Path], tasks: Sequence[Sequence[Example]], *,
@@ -670,13 +687,16 @@ def module_systems(base: str | Path, experts: Sequence[str | Path], tasks: Seque
         session.close()
 
 
-def _compute(run: ImportanceRun) -> Coefficients:
-    p = run.params
+def _check_clip(p: Mapping[str, Any]) -> None:
     low, high = p["clip_alpha_low"], p["clip_alpha_high"]
     if low is not None and high is not None and low > high:
         raise RecipeError(f"importance.parameters: clip_alpha_low {low} is above clip_alpha_high {high}")
+
+
+def _measure(run: ImportanceRun) -> Measurements:
+    """Every module's per-sample Grams (the embeddings and the head included, whatever ``nonmodule``)."""
+    p = run.params
     assert run.base is not None
-    closed = p["nonmodule"] == "closed_form"
     # checks the level and the GQA policy before the base model is loaded
     arch = Architecture.from_folder(run.base.path)
     if p["level"] == "head_mlp" and arch.gqa and p["gqa_policy"] is None:
@@ -687,11 +707,29 @@ def _compute(run: ImportanceRun) -> Coefficients:
                        device=run.device, batch_size=p["batch_size"], max_length=p["max_length"],
                        model=run.load_model(run.base), tokenizer=run.tokenizer())
     try:
-        systems = _systems(session, [t.examples for t in run.tasks], balanced=p["balanced"],
-                           cond_max=p["cond_max"], nonmodule=closed)
+        keys, grams = _module_grams(session, [t.examples for t in run.tasks])
         order = session.partitioner.partition_ids()
     finally:
         session.close()
+    if p["level"] == "model":
+        run.count(forward=session.counts["module_passes"])
+    else:
+        run.count(forward=session.counts["base_forwards"])
+    tensors = {f"grams.{key}.{pid}": g for pid, by_key in grams.items() for key, g in by_key.items()}
+    return Measurements(tensors, stats={"modules": list(grams), "task_keys": keys, "partitions": order,
+                                        "module_passes": session.counts["module_passes"],
+                                        "base_forwards": session.counts["base_forwards"]})
+
+
+def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+    p = run.params
+    low, high = p["clip_alpha_low"], p["clip_alpha_high"]
+    closed = p["nonmodule"] == "closed_form"
+    keys = measured.stats["task_keys"]
+    modules = [pid for pid in measured.stats["modules"] if closed or pid not in (EMBED, HEAD)]
+    grams = {pid: {key: measured.tensors[f"grams.{key}.{pid}"] for key in keys} for pid in modules}
+    systems = _solve(keys, grams, balanced=p["balanced"], cond_max=p["cond_max"])
+    order = measured.stats["partitions"]
     k = run.k
     lam = float(p["nonmodule_lambda"])
     pids = [pid for pid in order if pid in systems or (not closed and pid in (EMBED, HEAD))]
@@ -709,18 +747,14 @@ def _compute(run: ImportanceRun) -> Coefficients:
     solved = torch.tensor([pid in systems for pid in pids], dtype=torch.bool)
     if low is not None or high is not None:  # the solved weights only: nonmodule_lambda is the user's own value
         values[:, solved] = raw[:, solved].clamp(min=low, max=high)
-    if p["level"] == "model":
-        run.count(forward=session.counts["module_passes"])
-    else:
-        run.count(forward=session.counts["base_forwards"])
     methods: dict[str, int] = {}
     for s in systems.values():
         methods[s.method] = methods.get(s.method, 0) + 1
     stats = {
         "level": p["level"],
         "modules": len(systems),
-        "module_passes": session.counts["module_passes"],
-        "base_forwards": session.counts["base_forwards"],
+        "module_passes": measured.stats["module_passes"],
+        "base_forwards": measured.stats["base_forwards"],
         "solver": methods,
         "lstsq_modules": [pid for pid, s in systems.items() if s.method == "lstsq"][:50],
         "zero_delta": {pid: [i for i, z in enumerate(s.zero.tolist()) if z]
@@ -735,7 +769,11 @@ def _compute(run: ImportanceRun) -> Coefficients:
 
 ESTIMATOR = register_estimator(Estimator(
     name="slta",
-    compute=_compute,
+    measure=_measure,
+    finalize=_finalize,
+    # the modules' per-sample Grams; balanced, cond_max, the clips and nonmodule(_lambda) only build and solve systems
+    measure_params=("level", "gqa_policy", "batch_size", "max_length"),
+    check_params=_check_clip,
     params=(
         ParamSpec("level", str, "attn_mlp", choices=LEVELS,
                   help="what one module is: model (D-17), layer, attn_mlp (paper's best), head_mlp (D-20)"),
