@@ -1,0 +1,362 @@
+"""Two-stage estimators: measurements cached under their own key, finalize knobs re-run without a model pass.
+
+For each converted estimator: a run, then runs that change only finalize parameters with every model load and the
+measure stage refused (so a pass would fail the test); their artifacts must equal a from-scratch computation with
+the new parameters (``use_cache=False``: fresh measurements) bit for bit, and report the measurements' passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergeflow.cache import Cache
+from mergeflow.checkpoints import resolve
+from mergeflow.coefficients import CoefficientField, Coefficients
+from mergeflow.errors import RecipeError
+from mergeflow.importance import base as importance_base
+from mergeflow.importance.base import (
+    MEASUREMENTS_KIND,
+    Estimator,
+    ImportanceRun,
+    LazyEntries,
+    Measurements,
+    MeasurePart,
+    ModelRef,
+    compute_coefficients,
+    get_estimator,
+)
+from mergeflow.importance.data import load_task_data
+from mergeflow.methods.base import ParamSpec
+
+ROWS = [
+    [("the quick brown fox", "jumps over the lazy dog"), ("the lazy dog", "jumps over"), ("over the lazy", "dog")],
+    [("nine plus three", "mod ten equals two"), ("three plus nine mod ten", "equals two")],
+    [("alice went to the kitchen", "and cooked the soup"), ("alice cooked", "the soup"), ("the soup", "alice")],
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one compute thread is fastest on a shared, busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(families, tmp_path_factory):
+    base, experts = families("llama")
+    folder = tmp_path_factory.mktemp("stages_tasks")
+    tasks = [load_task_data(str(_jsonl(folder / f"t{i}.jsonl", rows)), n=len(rows)) for i, rows in enumerate(ROWS)]
+    return _ref(base), [_ref(e) for e in experts], tasks
+
+
+def _ref(path) -> ModelRef:
+    return ModelRef(str(path), path, resolve(str(path)).content_hash)
+
+
+def _compute(name, setup, cache: Path | None, *, with_base=True, **params) -> Coefficients:
+    base, experts, tasks = setup
+    return compute_coefficients(name, base=base if with_base else None, experts=experts, tasks=tasks, params=params,
+                                cache=Cache(cache) if cache else None, use_cache=cache is not None, threads=1)
+
+
+@contextlib.contextmanager
+def _no_model_pass(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[None]:
+    """Within: loading a model, or measuring anything for estimator ``name``, fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model pass ran where the measurements should have been reused")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImportanceRun, "load_model", refuse)
+        m.setitem(importance_base._REGISTRY, name, dataclasses.replace(get_estimator(name), measure=refuse))
+        yield
+
+
+def _assert_equal(a: torch.Tensor, b: torch.Tensor, what: object) -> None:
+    """Bit for bit (NaN where the other has NaN: SLTA's condition of an unsolved module)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_same(a: Coefficients, b: Coefficients) -> None:
+    assert a.params == b.params
+    assert a.fields.keys() == b.fields.keys()
+    for name, fa in a.fields.items():
+        fb = b.fields[name]
+        assert (fa.level, fa.partitions, fa.default, fa.gqa_policy) == (fb.level, fb.partitions, fb.default,
+                                                                        fb.gqa_policy), name
+        if fa.level == "entry":
+            assert a.path is not None and b.path is not None
+            for i in range(len(a.experts)):
+                ta = load_file(str(a.path / "entry" / name / f"{i}.safetensors"))
+                tb = load_file(str(b.path / "entry" / name / f"{i}.safetensors"))
+                assert ta.keys() == tb.keys() and ta
+                for n in ta:
+                    _assert_equal(ta[n], tb[n], (name, i, n))
+        else:
+            _assert_equal(fa.values, fb.values, name)
+    assert a.scores.keys() == b.scores.keys() and a.score_partitions == b.score_partitions
+    for name in a.scores:
+        _assert_equal(a.scores[name], b.scores[name], name)
+
+
+def _check_variants(monkeypatch, name, setup, cache, first_params, variants, *, with_base=True) -> Coefficients:
+    """First run measures; each variant (finalize parameters only) reuses the measurements and equals from scratch."""
+    first = _compute(name, setup, cache, with_base=with_base, **first_params)
+    assert first.stats["measurements"]["reused"] is False
+    parts = first.stats["measurements"]["parts"]
+    for part in parts.values():
+        assert Cache(cache).get(MEASUREMENTS_KIND, part["key"]) is not None
+    for change in variants:
+        params = {**first_params, **change}
+        with _no_model_pass(monkeypatch, name):
+            again = _compute(name, setup, cache, with_base=with_base, **params)
+        record = again.stats["measurements"]
+        assert record["reused"] is True, change
+        assert record["parts"] and all(r["key"] == parts[p]["key"] for p, r in record["parts"].items())
+        # what the measurements it uses cost, for the cost report
+        used = {kind: sum(parts[p]["passes"][kind] for p in record["parts"]) for kind in ("forward", "backward")}
+        assert again.stats["passes"] == used
+        scratch = _compute(name, setup, None, with_base=with_base, **params)
+        assert scratch.stats["measurements"]["reused"] is False
+        assert scratch.stats["passes"] == used
+        _assert_same(again, scratch)
+        _assert_same_except(again, first, change)
+    return first
+
+
+def _assert_same_except(a: Coefficients, b: Coefficients, change: dict) -> None:
+    """The changed knob changes the result: the variants are not no-ops."""
+    assert _differ(a, b), f"changing {change} changed nothing"
+
+
+def _differ(a: Coefficients, b: Coefficients) -> bool:
+    if a.scores.keys() != b.scores.keys() or any(
+            not torch.equal(a.scores[n].nan_to_num(), b.scores[n].nan_to_num()) for n in a.scores):
+        return True
+    for name, fa in a.fields.items():
+        fb = b.fields[name]
+        if (fa.partitions, fa.default) != (fb.partitions, fb.default):
+            return True
+        if fa.level == "entry":
+            assert a.path is not None and b.path is not None
+            ta = load_file(str(a.path / "entry" / name / "0.safetensors"))
+            tb = load_file(str(b.path / "entry" / name / "0.safetensors"))
+            if any(not torch.equal(ta[n], tb[n]) for n in ta):
+                return True
+        elif not torch.equal(fa.values, fb.values):
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------ converted estimators
+
+
+def test_sens_finalize_knobs_and_ablation_parts(setup, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    first = _check_variants(monkeypatch, "sens", setup, cache, {"batch_size": 3}, [
+        {"temperature": 0.2},
+        {"temperature_mode": "relative"},
+        {"cross_task": "inverse"},
+        {"lambda": 0.5},
+        {"nonblock": "uniform"},
+        {"ablation": "task_specific"},
+        {"ablation": "cross_task"},
+    ])
+    assert set(first.stats["measurements"]["parts"]) == {"sensitivity", "distance"}
+    # a fresh cache: the cross-task ablation measures the distances only, then "both" reuses them and measures
+    # only the sensitivities
+    other = tmp_path / "other"
+    cross = _compute("sens", setup, other, batch_size=3, ablation="cross_task")
+    assert set(cross.stats["measurements"]["parts"]) == {"distance"} and cross.stats["passes"]["backward"] == 0
+    both = _compute("sens", setup, other, batch_size=3)
+    parts = both.stats["measurements"]["parts"]
+    assert parts["distance"]["reused"] and not parts["sensitivity"]["reused"]
+    assert not both.stats["measurements"]["reused"]
+    assert both.stats["passes"] == first.stats["passes"]
+    _assert_same(both, first)
+    # a measure parameter is a new measurement (of the part that depends on it only)
+    frob = _compute("sens", setup, other, batch_size=3, logit_reduction="frobenius")
+    parts = frob.stats["measurements"]["parts"]
+    assert parts["sensitivity"]["reused"] and not parts["distance"]["reused"]
+
+
+def test_cocktail_temperature_and_base_membership(setup, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    # without the base first: only the experts' losses are measured; with it, only the base's loss is added
+    alone = _compute("cocktail", setup, cache, include_base=False)
+    assert set(alone.stats["measurements"]["parts"]) == {"experts"}
+    assert alone.stats["passes"]["forward"] == 3 * 4  # 3 experts × 4 mini-batches of 2 (8 examples)
+    first = _check_variants(monkeypatch, "cocktail", setup, tmp_path / "cache2", {}, [
+        {"temperature": 0.5},
+        {"include_base": False},
+        {"include_base": False, "temperature": 1.0},
+    ])
+    assert first.stats["passes"]["forward"] == 4 * 4
+    with_base = _compute("cocktail", setup, cache)
+    parts = with_base.stats["measurements"]["parts"]
+    assert parts["experts"]["reused"] and not parts["base"]["reused"]
+    _assert_same(with_base, first)
+
+
+def test_fisher_scales_reuse_the_diagonals(setup, monkeypatch, tmp_path):
+    first = _check_variants(monkeypatch, "fisher", setup, tmp_path / "cache", {"fisher": "empirical", "batch_size": 2},
+                            [{"normalize": True}, {"minimal_fisher_weight": 1e-3}], with_base=False)
+    measured = Cache(tmp_path / "cache").get(MEASUREMENTS_KIND, first.stats["measurements"]["parts"]["all"]["key"])
+    assert measured is not None
+    # the written weight is (F + ε)/K: the raw diagonal is in the measurements
+    raw = load_file(str(measured / "entries" / "fisher" / "1.safetensors"))
+    weight = load_file(str(first.path / "entry" / "weight" / "1.safetensors"))
+    assert raw.keys() == weight.keys()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(weight[name], (raw[name] + 1e-6).mul_(1 / 3))
+
+
+def test_regmean_alpha_reuses_the_grams(setup, monkeypatch, tmp_path):
+    first = _check_variants(monkeypatch, "regmean", setup, tmp_path / "cache", {"batch_size": 2},
+                            [{"alpha": 0.5}, {"alpha": 1.0}], with_base=False)
+    assert first.stats["tied_layers"] == [] and "lm_head.weight" in first.stats["layers"]
+
+
+def test_regmean_conv1d_marker_survives_the_two_stages(families, tmp_path, monkeypatch):
+    base, experts = families("gpt2")
+    tasks = [load_task_data(str(_jsonl(tmp_path / f"t{i}.jsonl", rows)), n=2) for i, rows in enumerate(ROWS)]
+    gpt2 = (_ref(base), [_ref(e) for e in experts], tasks)
+    art = _check_variants(monkeypatch, "regmean", gpt2, tmp_path / "cache", {}, [{"alpha": 0.3}], with_base=False)
+    assert art.stats["tied_layers"] == ["lm_head"]
+    grams = load_file(str(art.path / "entry" / "gram" / "0.safetensors"))
+    g = grams["transformer.h.0.mlp.c_fc.weight"]
+    assert g.dim() == 3 and g.shape[0] == 1  # [1, in, in]: the weight is stored [in, out]
+
+
+def test_slta_solve_knobs_reuse_the_module_grams(setup, monkeypatch, tmp_path):
+    first = _check_variants(monkeypatch, "slta", setup, tmp_path / "cache", {"level": "layer", "batch_size": 2}, [
+        {"balanced": False},
+        {"clip_alpha_high": 0.3, "clip_alpha_low": -0.1},
+        {"nonmodule": "task_arithmetic", "nonmodule_lambda": 0.7},
+    ])
+    assert first.stats["passes"]["forward"] == 2 + 1 + 2  # one base forward per batch of 2 (3, 2, 3 examples)
+    # cond_max: every system above it is solved by least squares (the same α on these well-posed systems)
+    with _no_model_pass(monkeypatch, "slta"):
+        lstsq = _compute("slta", setup, tmp_path / "cache", level="layer", batch_size=2, cond_max=1.0)
+    assert lstsq.stats["measurements"]["reused"] and set(lstsq.stats["solver"]) == {"lstsq"}
+    _assert_same(lstsq, _compute("slta", setup, None, level="layer", batch_size=2, cond_max=1.0))
+    torch.testing.assert_close(lstsq.fields["weight"].values, first.fields["weight"].values, rtol=1e-6, atol=1e-9)
+
+
+def test_slta_clip_order_is_refused_before_measuring(setup, monkeypatch, tmp_path):
+    with _no_model_pass(monkeypatch, "slta"), pytest.raises(RecipeError, match="clip_alpha_low"):
+        _compute("slta", setup, tmp_path / "cache", clip_alpha_low=1.0, clip_alpha_high=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ the protocol
+
+
+PARAMS = (ParamSpec("scale", float, 1.0), ParamSpec("size", int, 2), ParamSpec("extra", bool, False))
+
+
+def _toy(calls: list[tuple[str, dict]], *, parts: tuple[MeasurePart, ...] = ()) -> Estimator:
+    """Measures ``arange(size)`` per part (and an entry tensor per expert); finalize multiplies by ``scale``."""
+
+    def measure(run: ImportanceRun) -> Measurements:
+        calls.append((run.part, dict(run.params)))
+        run.count(forward=run.params["size"])
+        for i in range(run.k):
+            run.write_entry(f"big.{run.part}", i, {"w": torch.full((3,), float(i))})
+        return Measurements({f"v.{run.part}": torch.arange(run.params["size"], dtype=torch.float64)},
+                            stats={f"n.{run.part}": run.params["size"]})
+
+    def finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+        total = sum(float(t.sum()) for t in measured.tensors.values())
+        values = torch.full((run.k, 1), total * run.params["scale"], dtype=torch.float64)
+        return run.coefficients({"weight": CoefficientField("model", ["model"], values)},
+                                stats={"measured": sorted(measured.stats)})
+
+    return Estimator(name="toy", params=PARAMS, summary="toy", paper="none", measure=measure, finalize=finalize,
+                     measure_params=("size", "extra"), measure_parts=parts, needs_base=False)
+
+
+@pytest.fixture
+def toy_inputs(tmp_path):
+    task = load_task_data(str(_jsonl(tmp_path / "t.jsonl", ROWS[0])), n=3)
+    experts = [ModelRef(f"e{i}", tmp_path / f"e{i}", f"{i:064x}") for i in range(2)]
+    return experts, [task, task]
+
+
+def _toy_run(monkeypatch, est, toy_inputs, cache, **params) -> Coefficients:
+    monkeypatch.setitem(importance_base._REGISTRY, "toy", est)
+    experts, tasks = toy_inputs
+    return compute_coefficients("toy", base=None, experts=experts, tasks=tasks, params=params,
+                                cache=Cache(cache) if cache else None, use_cache=cache is not None, threads=1)
+
+
+def test_measure_sees_only_its_parameters_and_runs_once(monkeypatch, toy_inputs, tmp_path):
+    calls: list = []
+    est = _toy(calls)
+    a = _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=2.0)
+    assert calls == [("all", {"size": 2, "extra": False})]  # no finalize parameter reaches measure
+    assert float(a.fields["weight"].values[0, 0]) == 2.0 and a.stats["passes"]["forward"] == 2
+    b = _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=3.0)
+    assert len(calls) == 1 and float(b.fields["weight"].values[0, 0]) == 3.0
+    assert b.stats["measurements"]["reused"] and b.stats["passes"] == {"forward": 2, "backward": 0}
+    c = _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=3.0, size=3)  # a measure parameter: measured again
+    assert len(calls) == 2 and float(c.fields["weight"].values[0, 0]) == 9.0 and not c.stats["measurements"]["reused"]
+    _toy_run(monkeypatch, est, toy_inputs, None, scale=3.0)  # without a cache: measured in a scratch folder
+    assert len(calls) == 3
+    folders = sorted(p.name for p in (tmp_path / MEASUREMENTS_KIND).iterdir())
+    assert len(folders) == 2
+    m = Measurements.load(tmp_path / MEASUREMENTS_KIND / b.stats["measurements"]["parts"]["all"]["key"])
+    assert m.passes == {"forward": 2, "backward": 0} and m.stats == {"n.all": 2}
+    assert [dict(m.entry("big.all", i))["w"].tolist() for i in range(2)] == [[0.0] * 3, [1.0] * 3]
+
+
+def test_parts_are_measured_when_needed_and_cached_apart(monkeypatch, toy_inputs, tmp_path):
+    calls: list = []
+    parts = (MeasurePart("one", ("size",)), MeasurePart("two", ("size", "extra"), lambda p: p["scale"] > 1))
+    est = _toy(calls, parts=parts)
+    a = _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=1.0)
+    assert calls == [("one", {"size": 2})] and a.stats["measured"] == ["n.one"]
+    b = _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=2.0)
+    assert calls[1:] == [("two", {"size": 2, "extra": False})]
+    assert {p: r["reused"] for p, r in b.stats["measurements"]["parts"].items()} == {"one": True, "two": False}
+    assert b.stats["passes"]["forward"] == 4 and float(b.fields["weight"].values[0, 0]) == 4.0
+    _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=2.0, extra=True)  # only part two depends on extra
+    assert calls[2:] == [("two", {"size": 2, "extra": True})]
+
+
+def test_estimator_declarations_are_checked():
+    def f(*args):
+        return None
+
+    with pytest.raises(ValueError, match="give compute, or measure and finalize"):
+        Estimator(name="x", params=PARAMS, summary="", paper="")
+    with pytest.raises(ValueError, match="give compute, or measure and finalize"):
+        Estimator(name="x", params=PARAMS, summary="", paper="", compute=f, measure=f, finalize=f)
+    with pytest.raises(ValueError, match="not a parameter"):
+        Estimator(name="x", params=PARAMS, summary="", paper="", measure=f, finalize=f, measure_params=("nope",))
+    with pytest.raises(ValueError, match="not in measure_params"):
+        Estimator(name="x", params=PARAMS, summary="", paper="", measure=f, finalize=f, measure_params=("size",),
+                  measure_parts=(MeasurePart("p", ("scale",)),))
+    for name in ("sens", "cocktail", "fisher", "regmean", "slta"):
+        assert get_estimator(name).two_stage, name
+    with pytest.raises(ValueError, match="both hold"):
+        Measurements.combine([Measurements({"a": torch.zeros(1)}), Measurements({"a": torch.ones(1)})])
+    lazy = LazyEntries(2, lambda i: {"w": torch.tensor([float(i)])})
+    assert len(lazy) == 2 and [float(d["w"]) for d in lazy] == [0.0, 1.0]
+    with pytest.raises(IndexError):
+        lazy[2]
