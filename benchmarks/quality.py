@@ -393,7 +393,8 @@ def estimator_costs(runner: Runner) -> dict[str, Any]:
 
 
 def run(zoo_dir: Path | None, seeds: int, limit: int | None, ablations: bool, out_dir: Path,
-        only: Sequence[str] = ()) -> dict[str, Any]:
+        only: Sequence[str] = (), partial: Path | None = None) -> dict[str, Any]:
+    """The benchmark; ``partial`` is rewritten after every method so a long run's progress is never lost."""
     from mergeflow.zoo.build import Zoo, build_zoo
     from mergeflow.zoo.matrix import experts_row
 
@@ -426,6 +427,9 @@ def run(zoo_dir: Path | None, seeds: int, limit: int | None, ablations: bool, ou
         m = result["methods"][method.label]
         runner.log(f"{method.label}: test {m['in_domain_avg']:.1f} ± {m['std']:.1f} with {spec.label} "
                    f"({time.perf_counter() - t0:.0f} s)")
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({**result, "targets": targets(result), "partial": True}, indent=1) + "\n")
     result["targets"] = targets(result)
     if ablations:
         result["ablations"] = {"pruning": pruning_ablation(runner)}
@@ -472,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mergeflow.errors import MergeflowError
 
     try:
-        result = run(args.zoo, args.seeds, args.limit, not args.skip_ablations, args.out, args.only)
+        result = run(args.zoo, args.seeds, args.limit, not args.skip_ablations, args.out, args.only,
+                     partial=args.json.with_suffix(".partial.json") if args.json else None)
     except MergeflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
