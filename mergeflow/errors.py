@@ -42,3 +42,8 @@ class EvaluationError(MergeflowError):
 
 class ZooError(MergeflowError):
     """The offline model zoo cannot be built or read."""
+
+
+class TrackingError(MergeflowError):
+    """A merged model cannot be logged or registered: incomplete model folder, missing artifact, a selection rule
+    that does not match the alias's, or an MLflow store that refuses or cannot be reached."""
