@@ -115,6 +115,11 @@ def _locate(reference: str | Path, *, revision: str | None, base_dir: Path | Non
         if revision is not None:
             raise CheckpointError(f"cannot resolve {text!r}: 'revision' applies to hub ids; put the version in the URI")
         return _from_mlflow(text)
+    if text.startswith("zoo:"):
+        if revision is not None:
+            raise CheckpointError(f"cannot resolve {text!r}: 'revision' applies to hub ids; the zoo is named by "
+                                  "size and seed")
+        return _from_zoo(text), None
     candidate = _absolute(Path(text).expanduser(), base_dir)
     if candidate.exists() or candidate.is_symlink():
         return _local_folder(candidate, text, base_dir, revision), None
@@ -255,6 +260,17 @@ def _from_mlflow(uri: str) -> tuple[Path, str | None]:
     except Exception as e:  # MLflow raises its own MlflowException and plain OSErrors for connection problems
         raise CheckpointError(f"cannot resolve {uri!r}: MLflow could not provide it ({type(e).__name__}: {e})") from e
     return _find_model_dir(root, uri), version
+
+
+def _from_zoo(text: str) -> Path:
+    """A model of the offline zoo (``zoo:full/base``), built deterministically under MERGEFLOW_HOME if missing."""
+    from mergeflow.errors import ZooError
+    from mergeflow.zoo.build import resolve_zoo_reference
+
+    try:
+        return resolve_zoo_reference(text)
+    except ZooError as e:
+        raise CheckpointError(f"cannot resolve {text!r}: {e}") from e
 
 
 def _find_model_dir(root: Path, reference: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -135,12 +136,70 @@ class ImportanceSpec(BaseModel):
         return {} if v is None else v
 
 
+class SelectionSpec(BaseModel):
+    """How a pipeline ranks merges (the sweep's winner, the ``champion`` alias): ``metric`` on ``split``, never on
+    the test split the reports use. ``in_domain_avg``: mean accuracy over the evaluated zoo in-domain tasks (or over
+    all tasks when none is a zoo task); ``avg``: mean over every evaluated task; ``acc:TASK``: one task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    metric: str = "in_domain_avg"
+    split: Literal["validation", "test"] = "validation"
+    limit: int | None = Field(default=None, ge=1)
+    higher_is_better: bool = True
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in ("in_domain_avg", "avg") and not (v.startswith("acc:") and len(v) > 4):
+            raise ValueError(f"unknown selection metric {v!r}; use in_domain_avg, avg or acc:TASK")
+        return v
+
+
+class EvaluationSpec(BaseModel):
+    """What the pipeline's evaluate stage runs with lm-eval: task names (``zoo``/``zoo-ood`` groups, zoo task names
+    or any lm-eval task), the zoo those names refer to (``zoo:SIZE[@SEED]`` or a folder), the reported split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tasks: list[str] = Field(default_factory=lambda: ["zoo", "zoo-ood"], min_length=1)
+    zoo: str | None = None
+    split: Literal["test", "validation"] = "test"
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+
+class RegistrySpec(BaseModel):
+    """Where the register stage files the merge: an MLflow experiment, a registered model and the alias that
+    moves to a new version only when it beats the current holder on the selection metric."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = None  # registered model name; default: the recipe's name, else "mergeflow"
+    experiment: str | None = None  # default: the registered model name
+    alias: str = "champion"
+
+    @field_validator("name", "alias")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r}: use letters, digits, '.', '_' and '-' (MLflow names and aliases)")
+        return v
+
+
 _UNSUPPORTED = {
     "slices": "layer slices (passthrough / frankenmerges) are not supported; merge whole models with `models:`",
     "modules": "per-module definitions are not supported; use `models:` with tensor-name filters in parameters",
     "tokenizer": "tokenizer unions are not supported; use tokenizer_source: base or a model reference",
     "chat_template": "chat_template is not supported; the tokenizer files are copied from tokenizer_source",
 }
+
+
+PIPELINE_SECTIONS = ("evaluation", "registry")
 
 
 class Recipe(BaseModel):
@@ -165,6 +224,9 @@ class Recipe(BaseModel):
     # data-aware coefficients: estimators to run (cached by content) and/or precomputed artifact folders
     importance: list[ImportanceSpec] = Field(default_factory=list)
     coefficients: list[str] = Field(default_factory=list)
+    # pipeline stages after the merge; they do not change the model, so they are not part of the recipe hash
+    evaluation: EvaluationSpec | None = None
+    registry: RegistrySpec | None = None
     # folder that relative model paths are resolved against (the recipe file's folder); not part of the hash
     recipe_dir: Path | None = Field(default=None, exclude=True)
 
@@ -299,7 +361,9 @@ class Recipe(BaseModel):
         return self.model_dump(mode="json", by_alias=False, exclude_none=True)
 
     def recipe_hash(self) -> str:
-        raw = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        """The identity of the merged model: the canonical recipe without its evaluation and registry sections."""
+        model = {k: v for k, v in self.canonical().items() if k not in PIPELINE_SECTIONS}
+        raw = json.dumps(model, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
 
     def to_yaml(self) -> str:

@@ -454,24 +454,33 @@ def coefficients_for_recipe(recipe: Recipe, base: ModelRef | None, experts: Sequ
     """The artifacts a recipe's merge consumes: its precomputed ``coefficients`` folders, then one per
     ``importance`` entry (computed, or fetched from the cache). ``experts`` are in the recipe's order."""
     out = [Coefficients.load(recipe.resolve_reference(path)) for path in recipe.coefficients]
-    entries = recipe.experts
-    for spec in recipe.importance:
-        est = get_estimator(spec.estimator)
-        split = spec.data.split or est.default_split
-        n = spec.data.n if spec.data.n is not None else est.default_n
-        zoo = recipe.resolve_reference(spec.data.zoo) if spec.data.zoo else None
-        if spec.data.target is not None:
-            target = load_task_data(spec.data.target, split, n, spec.data.seed, zoo=zoo)
-            tasks = [target] * len(experts)
-        else:
-            cache_by_task: dict[str, TaskData] = {}
-            tasks = []
-            for entry in entries:
-                assert entry.task is not None  # checked when the recipe was validated
-                if entry.task not in cache_by_task:
-                    cache_by_task[entry.task] = load_task_data(entry.task, split, n, spec.data.seed, zoo=zoo)
-                tasks.append(cache_by_task[entry.task])
-        out.append(compute_coefficients(spec.estimator, base=base, experts=experts, tasks=tasks,
-                                        params=spec.parameters, device=device, seed=spec.data.seed,
-                                        ood=spec.data.target is not None, cache=cache))
+    for index in range(len(recipe.importance)):
+        out.append(coefficients_for_spec(recipe, index, base, experts, device=device, cache=cache))
     return out
+
+
+def coefficients_for_spec(recipe: Recipe, index: int, base: ModelRef | None, experts: Sequence[ModelRef], *,
+                          device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
+    """The artifact of the recipe's ``importance[index]`` entry: each expert scored on its own task's data (or all
+    on the out-of-domain ``target``), computed or fetched from the cache. One call per entry lets a pipeline run
+    the entries as separate (GPU) tasks."""
+    if not 0 <= index < len(recipe.importance):
+        raise RecipeError(f"importance[{index}]: the recipe has {len(recipe.importance)} importance entries")
+    spec = recipe.importance[index]
+    est = get_estimator(spec.estimator)
+    split = spec.data.split or est.default_split
+    n = spec.data.n if spec.data.n is not None else est.default_n
+    zoo = recipe.resolve_reference(spec.data.zoo) if spec.data.zoo else None
+    if spec.data.target is not None:
+        target = load_task_data(spec.data.target, split, n, spec.data.seed, zoo=zoo)
+        tasks = [target] * len(experts)
+    else:
+        cache_by_task: dict[str, TaskData] = {}
+        tasks = []
+        for entry in recipe.experts:
+            assert entry.task is not None  # checked when the recipe was validated
+            if entry.task not in cache_by_task:
+                cache_by_task[entry.task] = load_task_data(entry.task, split, n, spec.data.seed, zoo=zoo)
+            tasks.append(cache_by_task[entry.task])
+    return compute_coefficients(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
+                                device=device, seed=spec.data.seed, ood=spec.data.target is not None, cache=cache)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -185,8 +186,23 @@ class Zoo:
         with self.data_file(task, split).open() as f:
             return [json.loads(line) for line in f]
 
+    def member(self, name: str) -> Path:
+        """The folder of ``base`` or of the expert of task ``name``."""
+        if name == "base":
+            return self.base
+        if name not in self.experts:
+            raise ZooError(f"zoo {self.size} (seed {self.seed}) has no member {name!r}; choose base or one of "
+                           f"{', '.join(self.in_domain)}")
+        return self.experts[name]
+
     @classmethod
     def load(cls, path: str | Path) -> Zoo:
+        """Open a built zoo: a folder, or a ``zoo:SIZE[@SEED]`` reference (built under MERGEFLOW_HOME if missing)."""
+        if isinstance(path, str) and path.startswith(ZOO_SCHEME):
+            size, seed, member = parse_zoo_reference(path)
+            if member is not None:
+                raise ZooError(f"{path!r} names a zoo model, not a zoo; use zoo:{size}@{seed}")
+            return build_zoo(size=size, seed=seed, progress=False)
         root = Path(path).expanduser().resolve()
         try:
             manifest = json.loads((root / MANIFEST).read_text())
@@ -204,6 +220,32 @@ class Zoo:
             ) from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ZooError(f"{root / MANIFEST} is not a valid zoo manifest: {e}") from None
+
+
+ZOO_SCHEME = "zoo:"
+_ZOO_REFERENCE = re.compile(r"zoo:(?P<size>[a-z]+)(?:@(?P<seed>[0-9]+))?(?:/(?P<member>[A-Za-z0-9_]+))?")
+
+
+def parse_zoo_reference(text: str) -> tuple[str, int, str | None]:
+    """``zoo:SIZE[@SEED][/MEMBER]`` → (size, seed, member): how recipes and deployments name the offline zoo's
+    models (``zoo:full/base``, ``zoo:full@1/sentiment``) without a machine path; seed 0 by default."""
+    match = _ZOO_REFERENCE.fullmatch(text.strip())
+    if match is None:
+        raise ZooError(f"cannot read zoo reference {text!r}: expected zoo:SIZE[@SEED][/base|/TASK], "
+                       "e.g. zoo:full/base or zoo:test@1/topic")
+    size = match["size"]
+    if size not in SIZES:
+        raise ZooError(f"zoo reference {text!r}: unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    return size, int(match["seed"] or 0), match["member"]
+
+
+def resolve_zoo_reference(text: str, *, progress: bool = False) -> Path:
+    """The folder of the zoo model ``text`` names, building the zoo first if it is not built (cached)."""
+    size, seed, member = parse_zoo_reference(text)
+    if member is None:
+        raise ZooError(f"zoo reference {text!r} names a zoo, not a model; add /base or /TASK")
+    zoo = build_zoo(size=size, seed=seed, progress=progress)
+    return zoo.member(member)
 
 
 def default_zoo_dir(size: str = "full", seed: int = 0) -> Path:

@@ -40,11 +40,18 @@ class MergeSpec:
     def data_aware(self) -> bool:
         return bool(self.importance)
 
-    def recipe(self, zoo: Zoo, seed: int = 0) -> dict[str, Any]:
+    def recipe(self, zoo: Zoo, seed: int = 0, *, by_reference: bool = False) -> dict[str, Any]:
+        """The recipe merging all of ``zoo``'s experts; ``by_reference`` names the zoo's models ``zoo:SIZE@SEED/...``
+        instead of by folder, so the recipe (and its hash, and the registry's params) is the same on every machine."""
+        ref = f"zoo:{zoo.size}@{zoo.seed}"
+
+        def where(member: str) -> str:
+            return f"{ref}/{member}" if by_reference else str(zoo.member(member))
+
         recipe: dict[str, Any] = {
             "merge_method": self.method,
-            "base_model": str(zoo.base),
-            "models": [{"model": str(path), "parameters": dict(self.per_model or {})} for path in zoo.experts.values()],
+            "base_model": where("base"),
+            "models": [{"model": where(task), "parameters": dict(self.per_model or {})} for task in zoo.experts],
             "parameters": dict(self.parameters),
             "seed": seed,
             "name": f"zoo {self.label}",
@@ -53,7 +60,7 @@ class MergeSpec:
             for entry, task in zip(recipe["models"], zoo.experts):
                 entry["task"] = task
             recipe["importance"] = [
-                {**spec, "data": {**spec.get("data", {}), "seed": seed, "zoo": str(zoo.root)}}
+                {**spec, "data": {**spec.get("data", {}), "seed": seed, "zoo": ref if by_reference else str(zoo.root)}}
                 for spec in self.importance
             ]
         return recipe

@@ -1,0 +1,460 @@
+"""The merge pipeline's stages as plain functions: ``resolve``, ``task_vectors``, ``importance``, ``merge``,
+``evaluate``, ``register``.
+
+Each stage takes and returns small JSON-able manifests (paths, content hashes and a few numbers), never tensors, so
+an orchestrator can cache, retry, persist and ship them between machines; the heavy intermediates (task-vector
+manifests, Coefficients, merged models, scores) live in the content-addressed cache (:mod:`mergeflow.cache`) under
+keys made of their inputs' content hashes, their parameters and the code version. Calling the stages in order with
+no orchestrator at all is :func:`run_pipeline`; the Prefect tasks in ``tasks/`` wrap the same functions one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mergeflow.cache import Cache, cache_key
+from mergeflow.errors import RecipeError
+from mergeflow.recipe import EvaluationSpec, Recipe, RegistrySpec, load_recipe, parse_recipe
+
+Manifest = dict[str, Any]
+
+MERGED_KIND = "merged_model"
+EVAL_KIND = "evaluation"
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+
+def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path, *, base_dir: Path | None = None) -> Recipe:
+    """A Recipe from itself, a mapping (a flow parameter) or a YAML/JSON file (relative to ``base_dir``)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return parse_recipe(recipe, recipe_dir=base_dir)
+    path = Path(recipe).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return load_recipe(path)
+
+
+def registry_spec(recipe: Recipe, name: str | None = None) -> RegistrySpec:
+    """The recipe's registry section with ``name`` (a flow parameter) taking precedence, and defaults filled in."""
+    spec = recipe.registry or RegistrySpec()
+    chosen = name or spec.name or _slug(recipe.name) or "mergeflow"
+    return spec.model_copy(update={"name": chosen, "experiment": spec.experiment or chosen})
+
+
+def evaluation_spec(recipe: Recipe) -> EvaluationSpec:
+    return recipe.evaluation or EvaluationSpec()
+
+
+def _slug(text: str | None) -> str | None:
+    if not text:
+        return None
+    out = "".join(c if c.isalnum() or c in "._-" else "-" for c in text.strip()).strip("-.")
+    return out or None
+
+
+# ---------------------------------------------------------------------------------------------------- resolve
+
+
+def resolve_stage(recipe: Recipe, reference: str) -> Manifest:
+    """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot."""
+    from mergeflow.checkpoints import resolve
+
+    snap = resolve(recipe.resolve_reference(reference), allow_pickle=recipe.allow_pickle,
+                   trust_remote_code=recipe.trust_remote_code)
+    return {"reference": reference, "path": str(snap.path), "content_hash": snap.content_hash,
+            "revision": snap.revision, "format": snap.format, "weight_files": list(snap.weight_files)}
+
+
+def references(recipe: Recipe) -> tuple[str | None, list[str]]:
+    """The base reference (or None) and the experts' references, in recipe order."""
+    return recipe.base_model, [m.model for m in recipe.experts]
+
+
+# ------------------------------------------------------------------------------------------------ task_vectors
+
+
+def trim_densities(recipe: Recipe, base: Mapping[str, Any], index: int) -> list[float]:
+    """The densities expert ``index`` is trimmed at globally (TIES-style methods in paper mode), else none; read
+    from the base's tensor names and the recipe, without reading tensor data."""
+    from mergeflow.architecture import Architecture
+    from mergeflow.engine import _layer_fraction
+    from mergeflow.tensors import CheckpointReader
+
+    if recipe.mergekit_compat or not recipe.method.needs_base:
+        return []
+    reader = CheckpointReader(Path(base["path"]), tuple(base["weight_files"]), allow_pickle=recipe.allow_pickle)
+    try:
+        config = json.loads((Path(base["path"]) / "config.json").read_text())
+        arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
+        densities: set[float] = set()
+        for name, spec in reader.specs.items():
+            if spec.dtype.is_floating_point:
+                per_model, shared = recipe.tensor_params(name, _layer_fraction(arch, name))
+                if recipe.method.needs_global_threshold(shared):
+                    densities.add(float(per_model["density"][index]))
+    finally:
+        reader.close()
+    # several densities for one expert is an error the merge reports; summarise the plain task vector then
+    return sorted(densities) if len(densities) == 1 else []
+
+
+def task_vectors_stage(base: Mapping[str, Any], expert: Mapping[str, Any], densities: Sequence[float] = (),
+                       *, allow_pickle: bool = False) -> Manifest:
+    """The task vector ``expert − base`` summarised (norms, and the exact global trim threshold at each density),
+    streamed per tensor and cached by the two content hashes; the merge reuses it from the cache."""
+    from mergeflow.architecture import Architecture
+    from mergeflow.checkpoints import resolve
+    from mergeflow.engine import Input
+    from mergeflow.task_vectors import task_vector_manifest
+    from mergeflow.tensors import CheckpointReader
+
+    def open_input(role: str, m: Mapping[str, Any]) -> Input:
+        snap = resolve(Path(m["path"]), allow_pickle=allow_pickle, scan_finite=False)
+        if snap.content_hash != m["content_hash"]:
+            raise RecipeError(f"{m['reference']} changed since it was resolved; run the pipeline again")
+        reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=allow_pickle)
+        config = json.loads((snap.path / "config.json").read_text())
+        return Input(role, snap, reader, Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()}),
+                     snap.content_hash)
+
+    base_in = open_input("base", base)
+    try:
+        expert_in = open_input("expert", expert)
+        try:
+            manifest = task_vector_manifest(base_in, expert_in, densities=densities)
+        finally:
+            expert_in.reader.close()
+    finally:
+        base_in.reader.close()
+    return {"expert": expert["reference"], "expert_hash": manifest.expert_hash, "base_hash": manifest.base_hash,
+            "densities": list(densities), "numel": manifest.numel, "l2_norm": manifest.l2_norm,
+            "thresholds": manifest.thresholds, "seconds": manifest.seconds}
+
+
+# -------------------------------------------------------------------------------------------------- importance
+
+
+def importance_stage(recipe: Recipe, index: int, base: Mapping[str, Any] | None,
+                     experts: Sequence[Mapping[str, Any]], *, device: str = "cpu") -> Manifest:
+    """The Coefficients of the recipe's ``importance[index]`` entry (computed, or fetched by content)."""
+    from mergeflow.engine import pick_device
+    from mergeflow.importance.base import ModelRef, coefficients_for_spec
+
+    def ref(m: Mapping[str, Any]) -> ModelRef:
+        return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
+
+    start = time.perf_counter()
+    coeffs = coefficients_for_spec(recipe, index, ref(base) if base else None, [ref(e) for e in experts],
+                                   device=pick_device(device))
+    summary = coeffs.summary()
+    return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),
+            "params": coeffs.params, "fields": summary["fields"], "passes": coeffs.stats.get("passes", {}),
+            "seconds": round(time.perf_counter() - start, 3), "device": str(coeffs.stats.get("device", device))}
+
+
+# ------------------------------------------------------------------------------------------------------- merge
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, float]]:
+    """Sample this process's resident memory every 20 ms; ``out["peak_mb"]`` is the peak seen inside the block."""
+    import psutil
+
+    proc = psutil.Process()
+    out = {"peak_mb": proc.memory_info().rss / 2**20}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            out["peak_mb"] = max(out["peak_mb"], proc.memory_info().rss / 2**20)
+
+    thread = threading.Thread(target=sample, name="mergeflow-rss", daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak_mb"] = round(max(out["peak_mb"], proc.memory_info().rss / 2**20), 1)
+
+
+def merge_key(recipe: Recipe, inputs: Sequence[Mapping[str, Any]], coefficients: Sequence[Mapping[str, Any]]) -> str:
+    """The content address of a merged model: the recipe hash, its inputs' content hashes, the coefficients."""
+    return cache_key(MERGED_KIND, recipe=recipe.recipe_hash(),
+                     inputs=sorted([m["reference"], m["content_hash"]] for m in inputs),
+                     coefficients=[c["key"] for c in coefficients])
+
+
+def merge_stage(recipe: Recipe, inputs: Sequence[Mapping[str, Any]], coefficients: Sequence[Mapping[str, Any]] = (),
+                *, device: str = "cpu", threads: int | None = None, cache: Cache | None = None) -> Manifest:
+    """Merge into the cache (a complete folder, renamed into place) and return where it is and its content hash.
+
+    ``inputs``: the resolve manifests of the base and experts; ``coefficients``: the importance manifests, in the
+    recipe's ``importance`` order. A recipe whose importance entries have no coefficients here is refused.
+    """
+    from mergeflow.checkpoints import resolve
+    from mergeflow.coefficients import Coefficients
+    from mergeflow.engine import MergeOptions, merge
+
+    if len(coefficients) != len(recipe.importance):
+        raise RecipeError(f"importance: the recipe has {len(recipe.importance)} entries but the merge was given "
+                          f"{len(coefficients)} coefficient artifacts")
+    ordered = sorted(coefficients, key=lambda c: c["index"])
+    loaded = [Coefficients.load(recipe.resolve_reference(p)) for p in recipe.coefficients]
+    loaded += [Coefficients.load(c["path"]) for c in ordered]
+    key = merge_key(recipe, inputs, [{"key": c.key} for c in loaded])
+    store = cache or Cache()
+    built: dict[str, Any] = {}
+
+    def build(folder: Path) -> None:
+        # The recipe's own references (not the snapshot folders), so the model card and provenance name what the
+        # user wrote; they resolve to the same snapshots (checked below), from the hub cache or the hash memo.
+        with peak_rss() as mem:
+            result = merge(recipe, folder / "model", coefficients=loaded or None,
+                           options=MergeOptions(device=device, progress=False, threads=threads))
+        expected = {m["reference"]: m["content_hash"] for m in inputs}
+        changed = sorted(r for r, h in result.input_hashes.items() if expected.get(r, h) != h)
+        if changed:
+            raise RecipeError(f"{changed[0]} changed between the resolve and merge stages "
+                              f"({expected[changed[0]]} → {result.input_hashes[changed[0]]}); run the pipeline again")
+        built.update(seconds=round(result.seconds, 3), peak_rss_mb=mem["peak_mb"], bytes=result.bytes_written,
+                     tensors=result.n_tensors)
+        (folder / "stage.json").write_text(json.dumps(built, indent=1) + "\n")
+
+    folder = store.get_or_create(MERGED_KIND, key, build)
+    stats = json.loads((folder / "stage.json").read_text())
+    model = folder / "model"
+    snap = resolve(model, scan_finite=False)
+    return {"path": str(model), "content_hash": snap.content_hash, "recipe_hash": recipe.recipe_hash(), "key": key,
+            "reused": not built, "method": recipe.merge_method, "name": recipe.name, **stats}
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+def _zoo_identity(zoo: Any) -> dict[str, Any] | None:
+    if zoo is None:
+        return None
+    info = zoo.manifest.get("task_info", {})
+    return {"size": zoo.size, "seed": zoo.seed, "recipe": zoo.manifest.get("recipe_sha256"),
+            "data": {t: {s: v.get("sha256") for s, v in i.get("splits", {}).items()} for t, i in info.items()}}
+
+
+def evaluate_stage(model: Mapping[str, Any], spec: EvaluationSpec, *, split: str | None = None,
+                   limit: int | None = None, recipe_dir: Path | None = None, device: str = "cpu",
+                   cache: Cache | None = None) -> Manifest:
+    """lm-eval accuracy of a model folder on ``spec.tasks`` (``split``/``limit`` override the spec's: the
+    selection metric runs on validation), cached by the model's content hash, the task data and the settings."""
+    from mergeflow.evaluation import _resolve_zoo, _split_names, evaluate_path
+
+    split = split or spec.split
+    limit = limit if limit is not None else spec.limit
+    names = _split_names(spec.tasks)
+    zoo_ref = spec.zoo
+    if zoo_ref and recipe_dir is not None and not zoo_ref.startswith("zoo:"):
+        zoo_ref = str((recipe_dir / zoo_ref).resolve()) if not Path(zoo_ref).is_absolute() else zoo_ref
+    zoo = _resolve_zoo(zoo_ref, names)
+    key = cache_key(EVAL_KIND, model=model["content_hash"], tasks=names, zoo=_zoo_identity(zoo), split=split,
+                    limit=limit, num_fewshot=spec.num_fewshot)
+    store = cache or Cache()
+    ran: list[float] = []
+
+    def build(folder: Path) -> None:
+        start = time.perf_counter()
+        result = evaluate_path(model["path"], names, zoo=zoo, split=split, limit=limit, batch_size=spec.batch_size,
+                               device=device, num_fewshot=spec.num_fewshot)
+        ran.append(time.perf_counter() - start)
+        record = {**result.to_dict(), "seconds": round(ran[0], 3),
+                  "in_domain": [t for t in result.scores if zoo is not None and t in zoo.in_domain]}
+        (folder / "scores.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    folder = store.get_or_create(EVAL_KIND, key, build)
+    record = json.loads((folder / "scores.json").read_text())
+    acc = {t: s["acc"] for t, s in record["scores"].items()}
+    in_domain = record["in_domain"] or list(acc)
+    return {"model": model["content_hash"], "split": split, "limit": limit, "accuracy": acc,
+            "in_domain_avg": round(statistics.fmean(acc[t] for t in in_domain), 3),
+            "avg": round(statistics.fmean(acc.values()), 3), "in_domain": in_domain, "ood": [
+                t for t in acc if t not in in_domain], "seconds": record["seconds"], "reused": not ran,
+            "path": str(folder / "scores.json")}
+
+
+def selection_value(evaluation: Mapping[str, Any], metric: str) -> float:
+    """The selection metric (``in_domain_avg``, ``avg`` or ``acc:TASK``) of an evaluate manifest."""
+    if metric in ("in_domain_avg", "avg"):
+        return float(evaluation[metric])
+    task = metric.removeprefix("acc:")
+    if task not in evaluation["accuracy"]:
+        raise RecipeError(f"evaluation.selection.metric: {metric!r} names a task that was not evaluated "
+                          f"({', '.join(evaluation['accuracy'])})")
+    return float(evaluation["accuracy"][task])
+
+
+# ---------------------------------------------------------------------------------------------------- register
+
+
+def merge_metrics(reported: Mapping[str, Any], selection: Mapping[str, Any] | None,
+                  merged: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers logged with a merge: per-task and average accuracy (reported split, and the selection split
+    under its own prefix), the merge's time and peak memory."""
+    out: dict[str, float] = {}
+    for prefix, ev in (("", reported), ("selection_", selection)):
+        if not ev:
+            continue
+        split = ev["split"]
+        for task, acc in ev["accuracy"].items():
+            out[f"{prefix}{split}_acc_{task}"] = float(acc)
+        out[f"{prefix}{split}_in_domain_avg"] = float(ev["in_domain_avg"])
+        out[f"{prefix}{split}_avg"] = float(ev["avg"])
+    for name in ("seconds", "peak_rss_mb"):
+        if name in merged:
+            out[f"merge_{name}"] = float(merged[name])
+    return out
+
+
+def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]],
+                   reported: Mapping[str, Any], selection: Mapping[str, Any] | None = None,
+                   coefficients: Sequence[Mapping[str, Any]] = (), *, registered_name: str | None = None,
+                   tags: Mapping[str, str] | None = None, artifacts: Mapping[str, str | Path] | None = None,
+                   extra_metrics: Mapping[str, float] | None = None, promote: bool = True) -> Manifest:
+    """Log the merge as an MLflow run and register its folder as a model version; with ``promote``, move the
+    alias to it if it beats the current holder (a sweep promotes only its best merge, see :func:`promote_best`)."""
+    from mergeflow import tracking
+
+    spec = registry_spec(recipe, registered_name)
+    sel = evaluation_spec(recipe).selection
+    ev = selection or reported
+    value = selection_value(ev, sel.metric)
+    files: dict[str, Path] = {k: Path(v) for k, v in (artifacts or {}).items()}
+    model_dir = Path(merged["path"])
+    if (model_dir / "README.md").is_file():
+        files.setdefault("model_card", model_dir / "README.md")
+    for c in coefficients:
+        files[f"coefficients/{c['index']}-{c['estimator']}"] = Path(c["path"])
+    metrics = {**merge_metrics(reported, selection, merged), **(extra_metrics or {})}
+    registration = tracking.log_merge(
+        model_dir, recipe=recipe.canonical(), recipe_hash=recipe.recipe_hash(),
+        input_hashes={m["reference"]: m["content_hash"] for m in inputs}, experiment=spec.experiment,
+        registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev['split']}_{sel.metric}", value),
+        higher_is_better=sel.higher_is_better, alias=spec.alias, tags=dict(tags or {}), artifacts=files,
+        run_name=recipe.name, promote=promote)
+    return {**registration.to_dict(), "selection_metric": f"{ev['split']}_{sel.metric}", "selection_value": value,
+            "higher_is_better": sel.higher_is_better, "alias": spec.alias}
+
+
+def promote_best(candidates: Sequence[Mapping[str, Any]]) -> Manifest:
+    """For each registered model among ``candidates`` (register manifests), move its alias to the best candidate
+    on the selection metric if that beats the current holder; one move per model, whatever the candidates' order."""
+    from mergeflow import tracking
+
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for c in candidates:
+        groups.setdefault((c["name"], c["alias"]), []).append(c)
+    outcomes = []
+    for (name, alias), group in groups.items():
+        higher = group[0]["higher_is_better"]
+        best = (max if higher else min)(group, key=lambda c: (c["selection_value"], -int(c["version"])))
+        moved, previous = tracking.promote(name, best["version"], best["selection_metric"], best["selection_value"],
+                                           alias=alias, higher_is_better=higher)
+        holder = best["version"] if moved else previous
+        summary = (f"moved to version {best['version']} ({best['selection_metric']} {best['selection_value']:.2f})"
+                   if moved else f"stays on version {previous} (best of this run: version {best['version']}, "
+                   f"{best['selection_metric']} {best['selection_value']:.2f})")
+        outcomes.append({"name": name, "alias": alias, "version": holder, "moved": moved, "previous": previous,
+                         "best_of_run": best["version"], "summary": summary})
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return {"name": ", ".join(o["name"] for o in outcomes), "alias": outcomes[0]["alias"], "models": outcomes,
+            "summary": "; ".join(f"{o['name']}: {o['summary']}" for o in outcomes)}
+
+
+# ------------------------------------------------------------------------------------------------- all stages
+
+
+def run_pipeline(recipe: Recipe | Mapping[str, Any] | str | Path, *, registered_name: str | None = None,
+                 device: str = "cpu", register: bool = True) -> Manifest:
+    """resolve → task_vectors → importance → merge → evaluate → register, in this process, no orchestrator."""
+    recipe = as_recipe(recipe)
+    base_ref, expert_refs = references(recipe)
+    base = resolve_stage(recipe, base_ref) if base_ref else None
+    experts = [resolve_stage(recipe, r) for r in expert_refs]
+    inputs = ([base] if base else []) + experts
+    vectors = [task_vectors_stage(base, e, trim_densities(recipe, base, i), allow_pickle=recipe.allow_pickle)
+               for i, e in enumerate(experts)] if base else []
+    coefficients = [importance_stage(recipe, i, base, experts, device=device) for i in range(len(recipe.importance))]
+    merged = merge_stage(recipe, inputs, coefficients, device=device)
+    spec = evaluation_spec(recipe)
+    reported = evaluate_stage(merged, spec, recipe_dir=recipe.recipe_dir, device=device)
+    selection = evaluate_stage(merged, spec, split=spec.selection.split, limit=spec.selection.limit,
+                               recipe_dir=recipe.recipe_dir, device=device) \
+        if spec.selection.split != reported["split"] else None
+    out: Manifest = {"inputs": inputs, "task_vectors": vectors, "coefficients": coefficients, "merged": merged,
+                     "evaluation": reported, "selection": selection}
+    if register:
+        out["registration"] = register_stage(recipe, merged, inputs, reported, selection, coefficients,
+                                             registered_name=registered_name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ sweeps
+
+
+def expand_grid(recipe: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every combination of ``grid`` applied to ``recipe``: keys are dotted paths into the recipe
+    (``parameters.lambda``, ``merge_method``, ``importance.0.parameters.p``; ``models.*.parameters.density`` sets
+    every model), values the lists to try. Returns (label, recipe) pairs; each recipe is validated."""
+    import copy
+    import itertools
+
+    if not grid:
+        return [(str(recipe.get("name") or recipe.get("merge_method") or "recipe"), dict(recipe))]
+    keys = list(grid)
+    for k in keys:
+        values = grid[k]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise RecipeError(f"grid.{k}: expected a non-empty list of values")
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        data = copy.deepcopy(dict(recipe))
+        for k, v in zip(keys, combo):
+            _set_path(data, k.split("."), v, k)
+        label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+        data["name"] = f"{recipe.get('name') or recipe.get('merge_method')} {label}"
+        parse_recipe(data, source=f"grid point {label}")  # refuse a bad point before anything runs
+        out.append((label, data))
+    return out
+
+
+def _set_path(data: Any, path: list[str], value: Any, where: str) -> None:
+    head, rest = path[0], path[1:]
+    if head == "*":
+        if not isinstance(data, list) or not rest:
+            raise RecipeError(f"grid.{where}: '*' stands for every item of a list and needs a path after it")
+        for item in data:
+            _set_path(item, rest, value, where)
+        return
+    if isinstance(data, list):
+        if not head.isdigit() or int(head) >= len(data):
+            raise RecipeError(f"grid.{where}: {head!r} is not an index of a {len(data)}-item list")
+        if rest:
+            _set_path(data[int(head)], rest, value, where)
+        else:
+            data[int(head)] = value
+        return
+    if not isinstance(data, dict):
+        raise RecipeError(f"grid.{where}: cannot set {head!r} inside a {type(data).__name__}")
+    if rest:
+        data.setdefault(head, {} if not rest[0].isdigit() and rest[0] != "*" else [])
+        _set_path(data[head], rest, value, where)
+    else:
+        data[head] = value
