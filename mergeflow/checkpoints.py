@@ -240,7 +240,9 @@ def _from_mlflow(uri: str) -> tuple[Path, str | None]:
         raise CheckpointError(f"cannot resolve {uri!r}: MLflow is not installed (pip install 'mergeflow[pipeline]')"
                               ) from e
     from mergeflow.cache import Cache, cache_key
+    from mergeflow.tracking import configure
 
+    configure()  # the project's store (MLFLOW_TRACKING_URI, else the project folder's mlflow.db), as when logging
     name, version, alias = match["name"], match["version"], match["alias"]
     try:
         if alias is not None:

@@ -326,7 +326,8 @@ def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[M
                    reported: Mapping[str, Any], selection: Mapping[str, Any] | None = None,
                    coefficients: Sequence[Mapping[str, Any]] = (), *, registered_name: str | None = None,
                    tags: Mapping[str, str] | None = None, artifacts: Mapping[str, str | Path] | None = None,
-                   extra_metrics: Mapping[str, float] | None = None, promote: bool = True) -> Manifest:
+                   extra_metrics: Mapping[str, float] | None = None, promote: bool = True,
+                   flow_run_id: str | None = None) -> Manifest:
     """Log the merge as an MLflow run and register its folder as a model version; with ``promote``, move the
     alias to it if it beats the current holder (a sweep promotes only its best merge, see :func:`promote_best`)."""
     from mergeflow import tracking
@@ -347,7 +348,7 @@ def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[M
         input_hashes={m["reference"]: m["content_hash"] for m in inputs}, experiment=spec.experiment,
         registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev['split']}_{sel.metric}", value),
         higher_is_better=sel.higher_is_better, alias=spec.alias, tags=dict(tags or {}), artifacts=files,
-        run_name=recipe.name, promote=promote)
+        run_name=recipe.name, promote=promote, flow_run_id=flow_run_id)
     return {**registration.to_dict(), "selection_metric": f"{ev['split']}_{sel.metric}", "selection_value": value,
             "higher_is_better": sel.higher_is_better, "alias": spec.alias}
 

@@ -32,7 +32,7 @@ def zoo_recipe(**extra):
 # ------------------------------------------------------------------------------------------------ references
 
 
-def test_zoo_references_parse_and_resolve(test_zoo):
+def test_zoo_references_parse_and_resolve(test_zoo):  # noqa: F811
     assert parse_zoo_reference("zoo:full/base") == ("full", 0, "base")
     assert parse_zoo_reference("zoo:test@3/topic") == ("test", 3, "topic")
     assert parse_zoo_reference("zoo:test") == ("test", 0, None)
@@ -90,13 +90,13 @@ def test_expand_grid_sets_paths_and_validates():
 
 
 @pytest.fixture(scope="module")
-def resolved(test_zoo):
+def resolved(test_zoo):  # noqa: F811
     recipe = parse_recipe(zoo_recipe())
     base_ref, expert_refs = pipeline.references(recipe)
     return recipe, pipeline.resolve_stage(recipe, base_ref), [pipeline.resolve_stage(recipe, r) for r in expert_refs]
 
 
-def test_resolve_manifest(resolved, test_zoo):
+def test_resolve_manifest(resolved, test_zoo):  # noqa: F811
     _, base, experts = resolved
     assert base["path"] == str(test_zoo.base)
     assert base["content_hash"] == resolve(test_zoo.base).content_hash
@@ -144,7 +144,7 @@ def test_merge_stage_is_content_addressed_and_checked(resolved):
         pipeline.merge_stage(parse_recipe(zoo_recipe(parameters={"lambda": 0.7})), stale)
 
 
-def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):
+def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):  # noqa: F811
     from mergeflow.evaluation import evaluate_path
 
     recipe, base, _ = resolved
@@ -162,7 +162,7 @@ def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):
         pipeline.selection_value(sel, "acc:arith")
 
 
-def test_run_pipeline_data_aware_end_to_end(test_zoo):
+def test_run_pipeline_data_aware_end_to_end(test_zoo):  # noqa: F811
     recipe = zoo_recipe(merge_method="task_arithmetic", models=[{"model": f"zoo:test/{t}", "task": t} for t in TASKS],
                         parameters={}, importance=[{"estimator": "cocktail", "data": {"zoo": "zoo:test"}}])
     out = pipeline.run_pipeline(recipe, register=False, device="cpu")
