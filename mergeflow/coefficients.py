@@ -304,3 +304,41 @@ def _entry_value(art: Coefficients, fname: str, row: int, tensor: str) -> torch.
         if tensor not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
             return None
         return f.get_tensor(tensor).clone()  # a private copy: safetensors' tensors may share the file mapping
+
+
+def plot_coefficients(coeffs: Coefficients, folder: str | Path, *, labels: list[str] | None = None) -> list[Path]:
+    """One heatmap PNG per 2-D table of the artifact (its fields and raw scores, rows = experts, columns =
+    partitions): where each expert's importance or weight sits across layers/modules. Tables wider than 64 columns
+    (hidden-state level) are skipped: a picture of thousands of columns says nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = labels or [e.get("task") or Path(e["reference"]).name for e in coeffs.experts]
+    tables: list[tuple[str, torch.Tensor, list[str]]] = []
+    for name, f in coeffs.fields.items():
+        if f.values is not None and f.values.dim() == 2:
+            tables.append((name, f.values, f.partitions))
+    for name, t in coeffs.scores.items():
+        if t.dim() == 2:
+            tables.append((f"score_{name}", t, coeffs.score_partitions.get(name, [str(i) for i in range(t.shape[1])])))
+    out = []
+    for name, values, columns in tables:
+        if values.shape[1] > 64 or values.shape[0] != len(rows):
+            continue
+        data = values.double().numpy()
+        fig, ax = plt.subplots(figsize=(0.5 * len(columns) + 3, 0.45 * len(rows) + 1.6))
+        im = ax.imshow(data, cmap="magma", aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows)
+        fig.colorbar(im, ax=ax, label=name)
+        ax.set_title(f"{coeffs.estimator}: {name}")
+        fig.tight_layout()
+        path = folder / f"{coeffs.estimator}_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out

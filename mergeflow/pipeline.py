@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -65,14 +66,35 @@ def _slug(text: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------- resolve
 
 
-def resolve_stage(recipe: Recipe, reference: str) -> Manifest:
+def reference_resolver(recipe_dir: str | Path | None) -> Any:
+    """How a recipe in ``recipe_dir`` turns a reference into what :func:`mergeflow.checkpoints.resolve` takes: an
+    existing (or ``./``-prefixed) path relative to the recipe's folder becomes absolute; anything else (hub id,
+    ``models:/`` URI, ``zoo:`` name) is left as written. The same rule as :meth:`Recipe.resolve_reference`."""
+    folder = Path(recipe_dir) if recipe_dir else None
+
+    def resolve_reference(ref: str) -> str:
+        if folder is None or ref.startswith(("zoo:", "models:/")):
+            return ref
+        candidate = Path(ref) if Path(ref).is_absolute() else folder / ref
+        return str(candidate.resolve()) if ref.startswith((".", "/")) or candidate.exists() else ref
+
+    return resolve_reference
+
+
+def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> Manifest:
     """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot."""
     from mergeflow.checkpoints import resolve
 
-    snap = resolve(recipe.resolve_reference(reference), allow_pickle=recipe.allow_pickle,
-                   trust_remote_code=recipe.trust_remote_code)
+    snap = resolve(reference_resolver(recipe_dir)(reference), allow_pickle=allow_pickle,
+                   trust_remote_code=trust_remote_code)
     return {"reference": reference, "path": str(snap.path), "content_hash": snap.content_hash,
             "revision": snap.revision, "format": snap.format, "weight_files": list(snap.weight_files)}
+
+
+def resolve_options(recipe: Recipe) -> dict[str, Any]:
+    """The recipe settings that change how a reference resolves (the rest of the recipe does not)."""
+    return {"allow_pickle": recipe.allow_pickle, "trust_remote_code": recipe.trust_remote_code}
 
 
 def references(recipe: Recipe) -> tuple[str | None, list[str]]:
@@ -144,18 +166,34 @@ def task_vectors_stage(base: Mapping[str, Any], expert: Mapping[str, Any], densi
 # -------------------------------------------------------------------------------------------------- importance
 
 
-def importance_stage(recipe: Recipe, index: int, base: Mapping[str, Any] | None,
-                     experts: Sequence[Mapping[str, Any]], *, device: str = "cpu") -> Manifest:
-    """The Coefficients of the recipe's ``importance[index]`` entry (computed, or fetched by content)."""
+def importance_inputs(recipe: Recipe, index: int) -> dict[str, Any]:
+    """What the recipe's ``importance[index]`` entry reads besides the checkpoints: the entry and each expert's
+    task. A pipeline keys the importance stage by these, so changing a merge knob reuses the coefficients."""
+    if not 0 <= index < len(recipe.importance):
+        raise RecipeError(f"importance[{index}]: the recipe has {len(recipe.importance)} importance entries")
+    return {"spec": recipe.importance[index].model_dump(mode="json"), "expert_tasks": [e.task for e in recipe.experts]}
+
+
+def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
+                     experts: Sequence[Mapping[str, Any]], *, index: int = 0, recipe_dir: str | Path | None = None,
+                     device: str = "cpu") -> Manifest:
+    """The Coefficients of one importance entry (``spec``, as in a recipe) over ``experts`` (resolve manifests),
+    each scored on its task in ``expert_tasks``: computed, or fetched by content."""
     from mergeflow.engine import pick_device
-    from mergeflow.importance.base import ModelRef, coefficients_for_spec
+    from mergeflow.importance.base import ModelRef, coefficients_for_importance
+    from mergeflow.recipe import ImportanceSpec
 
     def ref(m: Mapping[str, Any]) -> ModelRef:
         return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
 
     start = time.perf_counter()
-    coeffs = coefficients_for_spec(recipe, index, ref(base) if base else None, [ref(e) for e in experts],
-                                   device=pick_device(device))
+    try:
+        entry = ImportanceSpec.model_validate(dict(spec))
+    except ValueError as e:
+        raise RecipeError(f"importance[{index}]: {e}") from None
+    coeffs = coefficients_for_importance(entry, list(expert_tasks), ref(base) if base else None,
+                                         [ref(e) for e in experts], resolve_reference=reference_resolver(recipe_dir),
+                                         device=pick_device(device))
     summary = coeffs.summary()
     return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),
             "params": coeffs.params, "fields": summary["fields"], "passes": coeffs.stats.get("passes", {}),
@@ -209,9 +247,8 @@ def merge_stage(recipe: Recipe, inputs: Sequence[Mapping[str, Any]], coefficient
     if len(coefficients) != len(recipe.importance):
         raise RecipeError(f"importance: the recipe has {len(recipe.importance)} entries but the merge was given "
                           f"{len(coefficients)} coefficient artifacts")
-    ordered = sorted(coefficients, key=lambda c: c["index"])
     loaded = [Coefficients.load(recipe.resolve_reference(p)) for p in recipe.coefficients]
-    loaded += [Coefficients.load(c["path"]) for c in ordered]
+    loaded += [Coefficients.load(c["path"]) for c in coefficients]  # in the recipe's importance order
     key = merge_key(recipe, inputs, [{"key": c.key} for c in loaded])
     store = cache or Cache()
     built: dict[str, Any] = {}
@@ -322,6 +359,18 @@ def merge_metrics(reported: Mapping[str, Any], selection: Mapping[str, Any] | No
     return out
 
 
+def accuracy_table(evaluations: Sequence[Mapping[str, Any]]) -> str:
+    """Evaluate manifests as a text table: one row per split, one column per task, then the averages."""
+    tasks = list(dict.fromkeys(t for e in evaluations for t in e["accuracy"]))
+    header = ["split", *tasks, "in_domain_avg", "avg"]
+    rows = [[f"{e['split']}" + (f" (first {e['limit']})" if e.get("limit") else ""),
+             *(f"{e['accuracy'][t]:.1f}" if t in e["accuracy"] else "" for t in tasks),
+             f"{e['in_domain_avg']:.1f}", f"{e['avg']:.1f}"] for e in evaluations]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [header, *rows]) + "\naccuracy (%)"
+
+
 def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]],
                    reported: Mapping[str, Any], selection: Mapping[str, Any] | None = None,
                    coefficients: Sequence[Mapping[str, Any]] = (), *, registered_name: str | None = None,
@@ -331,6 +380,7 @@ def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[M
     """Log the merge as an MLflow run and register its folder as a model version; with ``promote``, move the
     alias to it if it beats the current holder (a sweep promotes only its best merge, see :func:`promote_best`)."""
     from mergeflow import tracking
+    from mergeflow.coefficients import Coefficients, plot_coefficients
 
     spec = registry_spec(recipe, registered_name)
     sel = evaluation_spec(recipe).selection
@@ -340,15 +390,27 @@ def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[M
     model_dir = Path(merged["path"])
     if (model_dir / "README.md").is_file():
         files.setdefault("model_card", model_dir / "README.md")
-    for c in coefficients:
-        files[f"coefficients/{c['index']}-{c['estimator']}"] = Path(c["path"])
+    scratch = tempfile.TemporaryDirectory(prefix="mergeflow-register-")
+    for i, c in enumerate(coefficients):
+        files[f"coefficients/{i}-{c['estimator']}"] = Path(c["path"])
+        pictures = Path(scratch.name) / f"{i}-{c['estimator']}"
+        tasks = [e.task or Path(e.model).name for e in recipe.experts]
+        if plot_coefficients(Coefficients.load(c["path"]), pictures, labels=tasks):
+            files[f"importance_heatmaps/{i}-{c['estimator']}"] = pictures
+    table = Path(scratch.name) / "evaluation"
+    table.mkdir()
+    evaluations = [e for e in (reported, selection) if e]
+    (table / "accuracy.json").write_text(json.dumps(evaluations, indent=1) + "\n")
+    (table / "accuracy.txt").write_text(accuracy_table(evaluations) + "\n")
+    files["evaluation"] = table
     metrics = {**merge_metrics(reported, selection, merged), **(extra_metrics or {})}
-    registration = tracking.log_merge(
-        model_dir, recipe=recipe.canonical(), recipe_hash=recipe.recipe_hash(),
-        input_hashes={m["reference"]: m["content_hash"] for m in inputs}, experiment=spec.experiment,
-        registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev['split']}_{sel.metric}", value),
-        higher_is_better=sel.higher_is_better, alias=spec.alias, tags=dict(tags or {}), artifacts=files,
-        run_name=recipe.name, promote=promote, flow_run_id=flow_run_id)
+    with scratch:
+        registration = tracking.log_merge(
+            model_dir, recipe=recipe.canonical(), recipe_hash=recipe.recipe_hash(),
+            input_hashes={m["reference"]: m["content_hash"] for m in inputs}, experiment=spec.experiment,
+            registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev['split']}_{sel.metric}", value),
+            higher_is_better=sel.higher_is_better, alias=spec.alias, tags=dict(tags or {}), artifacts=files,
+            run_name=recipe.name, promote=promote, flow_run_id=flow_run_id)
     return {**registration.to_dict(), "selection_metric": f"{ev['split']}_{sel.metric}", "selection_value": value,
             "higher_is_better": sel.higher_is_better, "alias": spec.alias}
 
@@ -387,12 +449,15 @@ def run_pipeline(recipe: Recipe | Mapping[str, Any] | str | Path, *, registered_
     """resolve → task_vectors → importance → merge → evaluate → register, in this process, no orchestrator."""
     recipe = as_recipe(recipe)
     base_ref, expert_refs = references(recipe)
-    base = resolve_stage(recipe, base_ref) if base_ref else None
-    experts = [resolve_stage(recipe, r) for r in expert_refs]
+    options = {"recipe_dir": recipe.recipe_dir, **resolve_options(recipe)}
+    base = resolve_stage(base_ref, **options) if base_ref else None
+    experts = [resolve_stage(r, **options) for r in expert_refs]
     inputs = ([base] if base else []) + experts
     vectors = [task_vectors_stage(base, e, trim_densities(recipe, base, i), allow_pickle=recipe.allow_pickle)
                for i, e in enumerate(experts)] if base else []
-    coefficients = [importance_stage(recipe, i, base, experts, device=device) for i in range(len(recipe.importance))]
+    coefficients = [importance_stage(**importance_inputs(recipe, i), base=base, experts=experts, index=i,
+                                     recipe_dir=recipe.recipe_dir, device=device)
+                    for i in range(len(recipe.importance))]
     merged = merge_stage(recipe, inputs, coefficients, device=device)
     spec = evaluation_spec(recipe)
     reported = evaluate_stage(merged, spec, recipe_dir=recipe.recipe_dir, device=device)

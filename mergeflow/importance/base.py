@@ -40,7 +40,7 @@ from mergeflow.methods.base import ParamSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from mergeflow.recipe import Recipe
+    from mergeflow.recipe import ImportanceSpec, Recipe
 
 CACHE_KIND = "coefficients"
 MEASUREMENTS_KIND = "importance_measurements"
@@ -461,26 +461,37 @@ def coefficients_for_recipe(recipe: Recipe, base: ModelRef | None, experts: Sequ
 
 def coefficients_for_spec(recipe: Recipe, index: int, base: ModelRef | None, experts: Sequence[ModelRef], *,
                           device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
-    """The artifact of the recipe's ``importance[index]`` entry: each expert scored on its own task's data (or all
-    on the out-of-domain ``target``), computed or fetched from the cache. One call per entry lets a pipeline run
-    the entries as separate (GPU) tasks."""
+    """The artifact of the recipe's ``importance[index]`` entry (computed, or fetched from the cache)."""
     if not 0 <= index < len(recipe.importance):
         raise RecipeError(f"importance[{index}]: the recipe has {len(recipe.importance)} importance entries")
-    spec = recipe.importance[index]
+    return coefficients_for_importance(recipe.importance[index], [e.task for e in recipe.experts], base, experts,
+                                       resolve_reference=recipe.resolve_reference, device=device, cache=cache)
+
+
+def coefficients_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
+                                experts: Sequence[ModelRef], *,
+                                resolve_reference: Callable[[str], str] = lambda ref: ref,
+                                device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
+    """One importance entry's artifact: each expert scored on its own task's data (``expert_tasks[i]``), or all on
+    the out-of-domain ``target``. Needs only the entry, not the whole recipe, so a pipeline keys it by what it
+    reads: a change elsewhere in the recipe (a merge knob) reuses it."""
     est = get_estimator(spec.estimator)
     split = spec.data.split or est.default_split
     n = spec.data.n if spec.data.n is not None else est.default_n
-    zoo = recipe.resolve_reference(spec.data.zoo) if spec.data.zoo else None
+    zoo = resolve_reference(spec.data.zoo) if spec.data.zoo else None
     if spec.data.target is not None:
         target = load_task_data(spec.data.target, split, n, spec.data.seed, zoo=zoo)
         tasks = [target] * len(experts)
     else:
+        if len(expert_tasks) != len(experts) or any(t is None for t in expert_tasks):
+            raise RecipeError(f"importance: {spec.estimator} scores each expert on its own task; give every model "
+                              "a task (or data.target for the out-of-domain mode)")
         cache_by_task: dict[str, TaskData] = {}
         tasks = []
-        for entry in recipe.experts:
-            assert entry.task is not None  # checked when the recipe was validated
-            if entry.task not in cache_by_task:
-                cache_by_task[entry.task] = load_task_data(entry.task, split, n, spec.data.seed, zoo=zoo)
-            tasks.append(cache_by_task[entry.task])
+        for task in expert_tasks:
+            assert task is not None
+            if task not in cache_by_task:
+                cache_by_task[task] = load_task_data(task, split, n, spec.data.seed, zoo=zoo)
+            tasks.append(cache_by_task[task])
     return compute_coefficients(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
                                 device=device, seed=spec.data.seed, ood=spec.data.target is not None, cache=cache)

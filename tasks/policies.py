@@ -1,0 +1,84 @@
+"""Cache policies and result storage of the pipeline's Prefect tasks.
+
+A task's cache key is built from what determines its output: the content hashes and keys inside the manifests it
+receives (not their volatile parts: timings, "reused" flags, devices), its other parameters, the task's source
+(Prefect's ``TASK_SOURCE``) and mergeflow's code version. Checkpoint references are keyed by what they point at now:
+a local folder by its weight files' names, sizes and modification times, so editing a checkpoint re-resolves it.
+Results persist under ``MERGEFLOW_PREFECT_RESULTS`` (default ``MERGEFLOW_HOME/prefect-results``); point it at a
+shared volume (or set Prefect's own result storage) when workers run on several machines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+
+from mergeflow.cache import cache_key
+from mergeflow.paths import mergeflow_home
+
+ENV_RESULTS = "MERGEFLOW_PREFECT_RESULTS"
+# Parts of a manifest that say how a stage ran, not what it produced; they never enter a downstream key.
+VOLATILE = frozenset({"seconds", "reused", "peak_rss_mb", "device", "passes", "bytes", "tensors"})
+
+
+def results_path() -> Path:
+    """Where task results are persisted (read when the tasks are defined, i.e. at import in each worker)."""
+    raw = os.environ.get(ENV_RESULTS, "").strip()
+    path = Path(raw).expanduser() if raw else mergeflow_home() / "prefect-results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def identity(value: Any) -> Any:
+    """``value`` with the volatile keys of every nested manifest removed."""
+    if isinstance(value, Mapping):
+        return {str(k): identity(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, (list, tuple)):
+        return [identity(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass
+class ContentInputs(CachePolicy):
+    """Key = the task's inputs without their volatile parts, plus mergeflow's code version."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        return cache_key("prefect-task", task=task_ctx.task.name if task_ctx else None, inputs=identity(inputs))
+
+
+def _folder_signature(folder: Path) -> list[list[Any]]:
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file():
+            st = entry.stat()
+            out.append([entry.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+@dataclass
+class CheckpointReference(CachePolicy):
+    """Key for ``resolve``: the reference, plus the files it names now when it is a local folder, plus
+    MERGEFLOW_HOME (where zoo models and registry downloads live). Hub ids are keyed by name and revision:
+    the Hugging Face cache already serves a pinned revision without a download."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        reference = str(inputs.get("reference", ""))
+        base_dir = inputs.get("recipe_dir")
+        local = Path(reference).expanduser()
+        if not local.is_absolute() and base_dir:
+            local = Path(base_dir) / local
+        signature = _folder_signature(local) if local.is_dir() else None
+        return cache_key("prefect-resolve", inputs=identity(inputs), files=signature, home=str(mergeflow_home()))
+
+
+CONTENT = ContentInputs() + TASK_SOURCE
+RESOLVE = CheckpointReference() + TASK_SOURCE
