@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,10 @@ def _resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | No
 
 # ----------------------------------------------------------------------------------------------- lm-eval objects
 
+# lm-eval's task objects (cached below) hold the requests of the evaluation in progress, and torch's thread count
+# is process-wide: one evaluation at a time per process. Threads of a task runner queue here; processes run in
+# parallel.
+_EVALUATION_LOCK = threading.RLock()
 _TASK_MANAGERS: dict[str, Any] = {}
 _TASK_OBJECTS: dict[tuple[str, str, str, str, int], Any] = {}
 
@@ -305,6 +310,14 @@ def evaluate(
     setting for lm-eval tasks. ``threads`` pins torch's CPU threads for the call: zoo models are fastest on one, and
     multi-threaded kernels stall when another process holds a core; ``None`` keeps the current setting.
     """
+    with _EVALUATION_LOCK:
+        return _evaluate(model, tokenizer, tasks, zoo=zoo, split=split, limit=limit, batch_size=batch_size,
+                         device=device, num_fewshot=num_fewshot, threads=threads)
+
+
+def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: str | Sequence[str], *,
+              zoo: Zoo | str | Path | None, split: str, limit: int | None, batch_size: int,
+              device: str | torch.device, num_fewshot: int | None, threads: int | None) -> EvalResult:
     names = _split_names(tasks)
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
