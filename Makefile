@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The demo flow on Prefect's ephemeral API, registering into mlflow.db / mlartifacts/ in the project folder.
 demo: install
-	$(VENV)/bin/mergeflow demo
+	$(PY) -m flows.demo
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

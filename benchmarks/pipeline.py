@@ -1,0 +1,139 @@
+"""Pipeline benchmark: a cold run of the merge pipeline on the full zoo, a warm re-run with one changed merge knob,
+and the cost of Prefect + MLflow over calling the library directly.
+
+    python benchmarks/pipeline.py [--recipe recipes/zoo-ta-apl.yaml] [--knob parameters.lambda=0.8] [--json OUT]
+
+Three runs in this invocation, each a fresh Python process timed from outside (imports included, as a user pays
+them), each on empty caches except where stated:
+  1. library: ``mergeflow.pipeline.run_pipeline(recipe, register=False)`` on empty caches (no Prefect, no MLflow);
+  2. flow, cold: ``flows.merge_pipeline`` on Prefect's ephemeral API with a new MLflow SQLite store, empty caches;
+  3. flow, warm: the same flow again with one merge knob changed (caches of run 2 kept).
+The zoo's checkpoints are linked into each run's MERGEFLOW_HOME as if downloaded before (building the zoo is not part
+of a pipeline run); the content-hash memo is not, so resolve hashes them like any new checkpoint.
+Targets: warm ≤ 20 % of cold; (flow cold − library) ≤ 15 % of library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    from mergeflow.pipeline import expand_grid
+
+    (_, point), = expand_grid(data, {dotted: [value]})
+    data.clear()
+    data.update(point)
+
+
+def _recipe(path: Path, knob: str | None) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data.pop("grid", None)
+    if knob:
+        key, raw = knob.split("=", 1)
+        _set(data, key, yaml.safe_load(raw))
+    return data
+
+
+def _child(mode: str, recipe_file: Path) -> int:
+    """Run inside a fresh process: the library alone, or the flow."""
+    recipe = json.loads(recipe_file.read_text())
+    if mode == "library":
+        from mergeflow.pipeline import run_pipeline
+
+        out = run_pipeline(recipe, register=False, device="auto")
+        print(json.dumps({"in_domain_avg": out["evaluation"]["in_domain_avg"]}))
+    else:
+        from flows.merge_pipeline import merge_pipeline
+
+        out = merge_pipeline(recipe)
+        print(json.dumps({"in_domain_avg": out["in_domain_avg"]}))
+    return 0
+
+
+def _home(root: Path, zoo_root: Path, name: str) -> Path:
+    home = root / name
+    (home / "zoo").mkdir(parents=True)
+    (home / "zoo" / zoo_root.name).symlink_to(zoo_root)
+    return home
+
+
+def _timed(mode: str, recipe: dict[str, Any], home: Path, project: Path, log: Path) -> float:
+    project.mkdir(parents=True, exist_ok=True)
+    recipe_file = project / f"recipe-{mode}-{time.monotonic_ns()}.json"
+    recipe_file.write_text(json.dumps(recipe))
+    env = {**os.environ, "MERGEFLOW_HOME": str(home), "MERGEFLOW_PROJECT_DIR": str(project),
+           "PREFECT_HOME": str(project / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    start = time.perf_counter()
+    with log.open("a") as f:
+        done = subprocess.run([sys.executable, __file__, "--child", mode, str(recipe_file)], env=env, cwd=ROOT,
+                              stdout=f, stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} run failed (exit {done.returncode}); see {log}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "zoo-ta-apl.yaml")
+    parser.add_argument("--knob", default="parameters.lambda=0.8", help="the merge knob the warm run changes")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "RECIPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(args.child[0], Path(args.child[1]))
+
+    from mergeflow.pipeline import as_recipe
+    from mergeflow.zoo.build import build_zoo, parse_zoo_reference
+
+    base = _recipe(args.recipe, None)
+    changed = _recipe(args.recipe, args.knob)
+    size, seed, _ = parse_zoo_reference(as_recipe(base).base_model or "")
+    zoo = build_zoo(size=size, seed=seed)  # built once, outside the timed runs
+    work = Path(tempfile.mkdtemp(prefix="mergeflow-bench-pipeline-"))
+    log = work / "runs.log"
+    print(f"recipe {args.recipe.name} on the {size} zoo (seed {seed}); logs in {log}")
+    library = _timed("library", base, _home(work, zoo.root, "home-library"), work / "project-library", log)
+    print(f"  library only, cold          {library:7.1f} s")
+    flow_home = _home(work, zoo.root, "home-flow")
+    cold = _timed("flow", base, flow_home, work / "project-flow", log)
+    print(f"  flow (Prefect + MLflow), cold {cold:5.1f} s")
+    warm = _timed("flow", changed, flow_home, work / "project-flow", log)
+    print(f"  flow, warm, {args.knob}  {warm:5.1f} s")
+    result = {
+        "recipe": str(args.recipe.relative_to(ROOT)) if args.recipe.is_relative_to(ROOT) else str(args.recipe),
+        "knob": args.knob, "zoo": {"size": size, "seed": seed},
+        "seconds": {"library_cold": round(library, 1), "flow_cold": round(cold, 1), "flow_warm": round(warm, 1)},
+        "warm_over_cold": round(warm / cold, 3),
+        "overhead_over_library": round((cold - library) / library, 3),
+        "targets": {"warm_le_20pct_of_cold": warm / cold <= 0.20,
+                    "overhead_le_15pct_of_library": (cold - library) / library <= 0.15},
+    }
+    print(f"warm / cold = {result['warm_over_cold']:.3f} (target ≤ 0.20); Prefect + MLflow overhead over the "
+          f"library = {result['overhead_over_library']:+.1%} (target ≤ +15 %)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
