@@ -197,7 +197,9 @@ def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None]
     summary = coeffs.summary()
     return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),
             "params": coeffs.params, "fields": summary["fields"], "passes": coeffs.stats.get("passes", {}),
-            "seconds": round(time.perf_counter() - start, 3), "device": str(coeffs.stats.get("device", device))}
+            # the estimator's time when it ran (a cached artifact keeps it); the stage's own time may be a lookup
+            "seconds": float(coeffs.stats.get("seconds", 0.0)), "stage_seconds": round(time.perf_counter() - start, 3),
+            "device": str(coeffs.stats.get("device", device))}
 
 
 # ------------------------------------------------------------------------------------------------------- merge
@@ -343,7 +345,8 @@ def selection_value(evaluation: Mapping[str, Any], metric: str) -> float:
 def merge_metrics(reported: Mapping[str, Any], selection: Mapping[str, Any] | None,
                   merged: Mapping[str, Any]) -> dict[str, float]:
     """The numbers logged with a merge: per-task and average accuracy (reported split, and the selection split
-    under its own prefix), the merge's time and peak memory."""
+    under its own prefix), the merge's time and peak memory, the evaluations' times (as first computed: a cached
+    stage reports the time it cost when it ran)."""
     out: dict[str, float] = {}
     for prefix, ev in (("", reported), ("selection_", selection)):
         if not ev:
@@ -356,6 +359,9 @@ def merge_metrics(reported: Mapping[str, Any], selection: Mapping[str, Any] | No
     for name in ("seconds", "peak_rss_mb"):
         if name in merged:
             out[f"merge_{name}"] = float(merged[name])
+    for prefix, ev in (("evaluate", reported), ("selection_evaluate", selection)):
+        if ev and "seconds" in ev:
+            out[f"{prefix}_seconds"] = float(ev["seconds"])
     return out
 
 
@@ -404,6 +410,8 @@ def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[M
     (table / "accuracy.txt").write_text(accuracy_table(evaluations) + "\n")
     files["evaluation"] = table
     metrics = {**merge_metrics(reported, selection, merged), **(extra_metrics or {})}
+    for i, c in enumerate(coefficients):
+        metrics[f"importance_{i}_{c['estimator']}_seconds"] = float(c.get("seconds", 0.0))
     with scratch:
         registration = tracking.log_merge(
             model_dir, recipe=recipe.canonical(), recipe_hash=recipe.recipe_hash(),

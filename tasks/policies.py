@@ -23,7 +23,7 @@ from mergeflow.paths import mergeflow_home
 
 ENV_RESULTS = "MERGEFLOW_PREFECT_RESULTS"
 # Parts of a manifest that say how a stage ran, not what it produced; they never enter a downstream key.
-VOLATILE = frozenset({"seconds", "reused", "peak_rss_mb", "device", "passes", "bytes", "tensors"})
+VOLATILE = frozenset({"seconds", "stage_seconds", "reused", "peak_rss_mb", "device", "passes", "bytes", "tensors"})
 
 
 def results_path() -> Path:
