@@ -71,6 +71,14 @@ def method_table() -> list[Method]:
                                for d in (0.5, 0.1) for lam in (0.5, 1.0)]),
         Method("della", False, [s(f"della d={d} λ={lam}", "della", {"lambda": lam}, {"density": d, "epsilon": 0.15})
                                 for d in (0.5, 0.7) for lam in (0.5, 1.0)]),
+        # the other data-free methods mergeflow ships: the best data-free baseline is the best of all of them
+        Method("magnitude_prune", False, [s(f"magnitude k={k} λ={lam}", "magnitude_prune", {"lambda": lam},
+                                            {"density": k}) for k in (0.2, 0.5) for lam in (0.5, 1.0)]),
+        Method("breadcrumbs", False, [s(f"breadcrumbs k={k} λ={lam}", "breadcrumbs", {"lambda": lam},
+                                        {"density": k, "gamma": 0.01}) for k in (0.8, 0.9) for lam in (0.5, 1.0)]),
+        Method("consensus (TALL)", False, [s(f"consensus λ={lam} tall={tl}", "consensus", {"lambda": lam, "k": 2},
+                                             {"tall_lambda": tl}) for lam in (0.5, 1.0) for tl in (0.4, 0.8)]),
+        Method("model_stock", False, [s("model_stock", "model_stock", {})]),
         Method("lm_cocktail", True, [s(f"cocktail T={t}", "task_arithmetic", {},
                                        importance=[{"estimator": "cocktail", "parameters": {"temperature": t}}])
                                      for t in (0.5, 1.0, 5.0, 10.0)]),
