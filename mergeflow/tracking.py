@@ -440,6 +440,15 @@ def _await_ready(client: MlflowClient, version: ModelVersion, timeout: float = 3
     return version
 
 
+def registered_version(name: str, model_hash: str) -> str | None:
+    """The version of ``name`` that holds exactly these weights, if the registry has one (``None`` otherwise, also
+    when the store is new). Orchestrators key a registration by it, so a wiped store is registered into again."""
+    uri = configure()
+    with _mlflow_errors(f"looking up {name!r} in the registry"):
+        found = _find_version(MlflowClient(tracking_uri=uri, registry_uri=uri), name, model_hash)
+    return None if found is None else str(found.version)
+
+
 def _find_version(client: MlflowClient, name: str, model_hash: str) -> ModelVersion | None:
     """The oldest READY version of ``name`` holding exactly these weights, if any."""
     # Filtering on the hash only (a safe string) avoids quoting the model name into the filter.

@@ -11,6 +11,7 @@ shared volume (or set Prefect's own result storage) when workers run on several 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ from mergeflow.cache import cache_key
 from mergeflow.paths import mergeflow_home
 
 ENV_RESULTS = "MERGEFLOW_PREFECT_RESULTS"
-# Parts of a manifest that say how a stage ran, not what it produced; they never enter a downstream key.
-VOLATILE = frozenset({"seconds", "stage_seconds", "reused", "peak_rss_mb", "device", "passes", "bytes", "tensors"})
+# Parts of a manifest that say how a stage ran, not what it produced, and the registry's state at the time (who held
+# the alias); they never enter a downstream key.
+VOLATILE = frozenset({"seconds", "stage_seconds", "reused", "peak_rss_mb", "device", "passes", "bytes", "tensors",
+                      "champion", "previous_champion"})
 
 
 def results_path() -> Path:
@@ -80,5 +83,28 @@ class CheckpointReference(CachePolicy):
         return cache_key("prefect-resolve", inputs=identity(inputs), files=signature, home=str(mergeflow_home()))
 
 
+@dataclass
+class RegistryState(CachePolicy):
+    """Extra key for ``register``: the store it writes to and the version that holds these weights under the
+    model's name there. When the registry has no such version (a first run, a new or wiped store, a version deleted
+    by hand) the key is new every time, so the merge is registered; once it is registered, the first repeat checks
+    it (idempotent: the version is reused) and later repeats are served from the cache."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        from mergeflow import pipeline, tracking
+
+        uri = tracking.configure(inputs.get("tracking_uri"))
+        recipe = pipeline.as_recipe(inputs["recipe"], base_dir=Path(inputs["recipe_dir"]) if inputs.get(
+            "recipe_dir") else None)
+        name = pipeline.registry_spec(recipe, inputs.get("registered_name")).name
+        assert name is not None
+        version = tracking.registered_version(name, inputs["merged"]["content_hash"])
+        if version is None:  # not in this registry (any more): never served from the cache
+            return cache_key("prefect-registry-miss", nonce=uuid.uuid4().hex)
+        return cache_key("prefect-registry", uri=uri, name=name, version=version)
+
+
 CONTENT = ContentInputs() + TASK_SOURCE
+REGISTER = ContentInputs() + RegistryState() + TASK_SOURCE
 RESOLVE = CheckpointReference() + TASK_SOURCE

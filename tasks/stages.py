@@ -12,7 +12,7 @@ from typing import Any
 from prefect import task
 
 from mergeflow import pipeline
-from tasks.policies import CONTENT, RESOLVE, results_path
+from tasks.policies import CONTENT, REGISTER, RESOLVE, results_path
 
 RecipeData = Mapping[str, Any]
 Manifest = dict[str, Any]
@@ -72,7 +72,7 @@ def evaluate(recipe: RecipeData, model: Manifest, split: str | None = None, limi
                                    recipe_dir=rec.recipe_dir, device=device)
 
 
-@task(name="register", cache_policy=CONTENT, persist_result=True, result_storage=_RESULTS,
+@task(name="register", cache_policy=REGISTER, persist_result=True, result_storage=_RESULTS,
       retries=2, retry_delay_seconds=[10, 60])
 def register(recipe: RecipeData, merged: Manifest, inputs: Sequence[Manifest], reported: Manifest,
              selection: Manifest | None = None, coefficients: Sequence[Manifest] = (),
@@ -82,9 +82,9 @@ def register(recipe: RecipeData, merged: Manifest, inputs: Sequence[Manifest], r
     """An MLflow run with the merge's params, metrics and artifacts, its model version, and (``promote``) the
     alias if it beats the current holder.
 
-    ``tracking_uri`` is part of the cache key: the same model registered in another store is registered again.
-    The library's registration is idempotent too (a version with the same model hash is reused), so a retry after
-    a crash never leaves two versions of one model.
+    The cache key includes the store and whether it already holds these weights (``RegistryState``): a new or
+    wiped store is registered into again. The library's registration is idempotent too (a version with the same
+    model hash is reused), so a retry after a crash never leaves two versions of one model.
     """
     from prefect.runtime import flow_run
 

@@ -154,6 +154,27 @@ def test_pipeline_artifacts_and_a_changed_knob_recomputes_only_later_stages(harn
     assert any(p.startswith("coefficients") for p in listed) and any(p.startswith("importance_heatmaps")
                                                                       for p in listed)
 
+    # the same run again: every stage is served from the cache; register's key includes the registry's state, so
+    # the first repeat checks the registry once (the version is reused, nothing logged) and later ones are cached ...
+    again = merge_pipeline(aware, return_state=True)
+    states = {r.name.split(" ")[0].rsplit("-", 1)[0]: r.state.name for r in task_runs(
+        again.state_details.flow_run_id)}
+    assert {k: v for k, v in states.items() if k != "register"} == dict.fromkeys(
+        ["resolve", "task_vectors", "importance", "merge", "evaluate", "promote"], "Cached")
+    assert again.result()["registration"]["version"] == result["registration"]["version"]
+    assert again.result()["registration"]["reused"] or states["register"] == "Cached"
+    third = merge_pipeline(aware, return_state=True)
+    assert {r.state.name for r in task_runs(third.state_details.flow_run_id)} == {"Cached"}
+    # ... but once the version is gone from the registry, the merge is registered again (not a stale cache hit)
+    client.delete_model_version("flow-ta", result["registration"]["version"])
+    after = merge_pipeline(aware, return_state=True)
+    states = {r.name.split(" ")[0].rsplit("-", 1)[0]: r.state.name for r in task_runs(
+        after.state_details.flow_run_id)}
+    assert states["merge"] == "Cached" and states["register"] == "Completed"
+    registration = after.result()["registration"]
+    assert registration["version"] != result["registration"]["version"] and not registration["reused"]
+    assert client.get_model_version("flow-ta", registration["version"]).status == "READY"
+
 
 def test_demo_flow_on_the_test_zoo(harness, test_zoo, tmp_path):  # noqa: F811
     from flows.demo import DEMO_MODEL, demo_flow
