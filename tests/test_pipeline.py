@@ -93,7 +93,7 @@ def test_expand_grid_sets_paths_and_validates():
 def resolved(test_zoo):  # noqa: F811
     recipe = parse_recipe(zoo_recipe())
     base_ref, expert_refs = pipeline.references(recipe)
-    return recipe, pipeline.resolve_stage(recipe, base_ref), [pipeline.resolve_stage(recipe, r) for r in expert_refs]
+    return recipe, pipeline.resolve_stage(base_ref), [pipeline.resolve_stage(r) for r in expert_refs]
 
 
 def test_resolve_manifest(resolved, test_zoo):  # noqa: F811
