@@ -369,9 +369,14 @@ def estimator_costs(runner: Runner) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(str(zoo.base))
     n_layers = AutoModelForCausalLM.from_pretrained(str(zoo.base)).config.num_hidden_layers
+    from mergeflow.engine import compute_threads
+
     fwd_time = 0.0
     bwd_time = 0.0
     base_model = AutoModelForCausalLM.from_pretrained(str(zoo.base), dtype=torch.float32).eval()
+    # the estimators' own thread setting (all cores but one): the same kernels, so the ratio compares work done
+    threads = compute_threads(None)
+    threads.__enter__()
     for task, path in zoo.experts.items():
         enc = encode(tok, load_task_data(task, "fewshot", 5, 0, zoo=zoo).examples)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -385,6 +390,7 @@ def estimator_costs(runner: Runner) -> dict[str, Any]:
         base_model.zero_grad(set_to_none=True)
         lm_loss(base_model, enc).mean().backward()
         bwd_time += time.perf_counter() - t0
+    threads.__exit__(None, None, None)
     causal = out["apl layer causal"]["seconds"]
     grad = out["apl layer grad"]["seconds"]
     out["targets"] = {
@@ -392,7 +398,8 @@ def estimator_costs(runner: Runner) -> dict[str, Any]:
         "apl_grad_vs_forward_backward": round(grad / bwd_time, 2),
         "reference_seconds": {"(L+2) forwards, all experts": round(fwd_time, 3),
                               "base forward+backward, all tasks": round(bwd_time, 3)},
-        "note": "estimator seconds include loading the models from disk; the references do not",
+        "note": "estimator seconds include loading the models from disk; the references do not; both run with "
+                "the estimators' thread setting (all cores but one)",
     }
     return out
 

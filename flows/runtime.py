@@ -64,6 +64,7 @@ def share_ephemeral_api() -> None:
     os.environ["PREFECT_API_URL"] = server.api_url
 
 
+# Dask's scheduler always serves HTTP (health, metrics) even without a dashboard: loopback only, on a free port.
 def _dask_runner_class() -> Any:
     import logging
 
@@ -91,10 +92,10 @@ def task_runner() -> Any:
     if choice.startswith("tcp://"):
         return runner(address=choice)
     if choice == "dask-threads":
-        return runner(cluster_kwargs={"n_workers": 1, "processes": False, "dashboard_address": None,
+        return runner(cluster_kwargs={"n_workers": 1, "processes": False, "dashboard_address": "127.0.0.1:0",
                                       "threads_per_worker": int(os.environ.get(ENV_WORKERS, "2"))})
     if choice != "dask":
         raise ValueError(f"{ENV_RUNNER}={choice!r}: use dask, dask-threads, threads or tcp://HOST:PORT")
     workers = int(os.environ.get(ENV_WORKERS, "0")) or max(1, os.cpu_count() or 1)
     return runner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                  "dashboard_address": None, "host": "127.0.0.1"})
+                                  "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"})
