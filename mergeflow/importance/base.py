@@ -75,6 +75,7 @@ class ImportanceRun:
     _tokenizer: Any = None
     part: str = WHOLE              # measure stage: the part of the measurements to measure
     _folder: Path | None = None    # measure stage: the measurements folder being written
+    load_seconds: float = 0.0      # time spent reading models from disk (the cost report separates it)
 
     @property
     def k(self) -> int:
@@ -94,8 +95,10 @@ class ImportanceRun:
         """A model in eval mode on the run's device, in fp32 unless asked otherwise (statistics need fp32)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=dtype)
-        return model.to(self.device).eval()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=dtype).to(self.device).eval()
+        self.load_seconds += time.perf_counter() - start
+        return model
 
     def count(self, forward: int = 0, backward: int = 0) -> None:
         """Record passes over the data (one per batch of examples) for the cost report."""
@@ -437,6 +440,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
                 assert est.compute is not None
                 torch.manual_seed(seed)
                 coeffs = est.compute(run)
+                coeffs.stats.setdefault("load_seconds", round(run.load_seconds, 3))
             coeffs.key = key
             coeffs.stats.setdefault("seconds", round(time.perf_counter() - start, 3))
             coeffs.stats.setdefault("device", str(device))
