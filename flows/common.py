@@ -58,6 +58,11 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
     """Run labelled recipes (label, recipe mapping) through every stage; ``extra_models`` (label → reference) are
     only resolved and evaluated (the base and the experts, as rows of the table)."""
     log = get_run_logger()
+    if register:
+        from mergeflow import tracking
+
+        # create (and migrate) a new store once, here, before parallel workers touch it at the same moment
+        tracking.ensure_store(tracking_uri)
     jobs = [Job(label, dict(data), pipeline.as_recipe(data, base_dir=_dir(recipe_dir))) for label, data in recipes]
 
     # resolve: every distinct checkpoint once

@@ -110,10 +110,16 @@ def ui_commands(tracking_uri: str | None = None) -> str:
     uri = tracking_uri or tracking.tracking_uri()
     mlflow_ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
                  if uri.startswith("sqlite:") else f"open {uri} (the MLflow server the runs went to)")
-    prefect_ui = ("prefect server start --host 127.0.0.1 --port 4200" if not os.environ.get("PREFECT_API_URL")
-                  else f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    from flows.runtime import EPHEMERAL_API
+
+    server = os.environ.get("PREFECT_API_URL")
+    if not server or EPHEMERAL_API.get("url") == server:  # this run's temporary server is gone when it ends
+        prefect_ui = ("prefect server start --host 127.0.0.1 --port 4200   (then http://127.0.0.1:4200; it reads "
+                      "this run's database, under the same PREFECT_HOME)")
+    else:
+        prefect_ui = f"open {server.removesuffix('/api')}"
     return ("to look at the runs:\n"
-            f"  Prefect UI: {prefect_ui}   (then http://127.0.0.1:4200; same PREFECT_HOME as this run)\n"
+            f"  Prefect UI: {prefect_ui}\n"
             f"  MLflow UI:  {mlflow_ui}   (then http://127.0.0.1:5000)")
 
 

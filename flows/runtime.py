@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+# Workers log to Prefect: per-model progress bars of transformers/datasets would drown the run's log in the UI.
+for _name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 ENV_PROJECT = "MERGEFLOW_PROJECT_DIR"
+# set when this process published its own ephemeral API address (the demo without a server), not a real server's
+EPHEMERAL_API: dict[str, str] = {}
 ENV_RUNNER = "MERGEFLOW_TASK_RUNNER"
 ENV_WORKERS = "MERGEFLOW_DASK_WORKERS"
 
@@ -62,6 +69,7 @@ def share_ephemeral_api() -> None:
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
+    EPHEMERAL_API["url"] = server.api_url
 
 
 # Dask's scheduler always serves HTTP (health, metrics) even without a dashboard: loopback only, on a free port.

@@ -440,6 +440,15 @@ def _await_ready(client: MlflowClient, version: ModelVersion, timeout: float = 3
     return version
 
 
+def ensure_store(uri: str | None = None) -> str:
+    """Configure the store and touch it once, so a new SQLite database is created and migrated by one process
+    (parallel first touches race in the schema migration). Returns the URI."""
+    uri = configure(uri)
+    with _mlflow_errors(f"opening the MLflow store {uri}"):
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+    return uri
+
+
 def registered_version(name: str, model_hash: str) -> str | None:
     """The version of ``name`` that holds exactly these weights, if the registry has one (``None`` otherwise, also
     when the store is new). Orchestrators key a registration by it, so a wiped store is registered into again."""
