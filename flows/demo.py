@@ -96,8 +96,16 @@ def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit:
     promotion = result.get("promotion") or {}
     print("\n" + table)
     print(f"\nwrote {folder / 'accuracy_matrix.json'}, {folder / 'accuracy_table.txt'} and {png}")
-    print(f"registered model {DEMO_MODEL!r}: champion = version {promotion.get('version')} "
-          f"({promotion.get('summary', '')}); load it with mergeflow.checkpoints.resolve('models:/{DEMO_MODEL}@champion')")
+    from mergeflow import tracking
+
+    holder = tracking.champion(DEMO_MODEL)  # the registry's word (this run's promote may be a cached result)
+    label = next((lbl for lbl, e in result["models"].items()
+                  if holder and (e.get("registration") or {}).get("version") == holder.version), None)
+    print(f"registered model {DEMO_MODEL!r}: champion = version {holder.version if holder else None}"
+          + (f" ({label}, {holder.metric} {holder.value:.2f})" if holder and label and holder.value is not None
+             else "")
+          + f"; this run: {promotion.get('summary', 'nothing registered')}")
+    print(f"load it: mergeflow.checkpoints.resolve('models:/{DEMO_MODEL}@champion') gives a transformers folder")
     print(ui_commands(tracking_uri))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return {"matrix": matrix, "promotion": promotion}
