@@ -294,8 +294,10 @@ def evaluate_stage(model: Mapping[str, Any], spec: EvaluationSpec, *, split: str
                    cache: Cache | None = None) -> Manifest:
     """lm-eval accuracy of a model folder on ``spec.tasks`` (``split``/``limit`` override the spec's: the
     selection metric runs on validation), cached by the model's content hash, the task data and the settings."""
+    from mergeflow.engine import pick_device
     from mergeflow.evaluation import _resolve_zoo, _split_names, evaluate_path
 
+    device = str(pick_device(device))  # "auto": CUDA when there is one
     split = split or spec.split
     limit = limit if limit is not None else spec.limit
     names = _split_names(spec.tasks)

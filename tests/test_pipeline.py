@@ -165,7 +165,7 @@ def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):  # noqa: F
 def test_run_pipeline_data_aware_end_to_end(test_zoo):  # noqa: F811
     recipe = zoo_recipe(merge_method="task_arithmetic", models=[{"model": f"zoo:test/{t}", "task": t} for t in TASKS],
                         parameters={}, importance=[{"estimator": "cocktail", "data": {"zoo": "zoo:test"}}])
-    out = pipeline.run_pipeline(recipe, register=False, device="cpu")
+    out = pipeline.run_pipeline(recipe, register=False, device="auto")
     assert [c["estimator"] for c in out["coefficients"]] == ["cocktail"]
     weights = out["coefficients"][0]["fields"]["weight"]
     assert weights["min"] >= 0 and weights["max"] <= 1
