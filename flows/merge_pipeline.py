@@ -23,7 +23,7 @@ from flows.common import run_recipes
 from flows.runtime import recipe_parameter, task_runner
 
 
-@flow(name="merge-pipeline", task_runner=task_runner(), log_prints=True)
+@flow(name="merge-pipeline", task_runner=task_runner("threads"), log_prints=True)
 def merge_pipeline(recipe: str | dict[str, Any], registered_name: str | None = None,
                    importance_deployment: str | None = None, device: str = "auto",
                    tracking_uri: str | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """What every flow shares: where the project is, how a recipe parameter is read, which task runner fans out.
 
-Task runner (``MERGEFLOW_TASK_RUNNER``):
-  * ``dask`` (default): a local Dask cluster of worker processes (one per core, one thread each, so two CPU-bound
+Task runner (``MERGEFLOW_TASK_RUNNER``; default ``dask`` for the sweep and the demo, ``threads`` for one recipe):
+  * ``dask``: a local Dask cluster of worker processes (one per core, one thread each, so two CPU-bound
     stages really run side by side and torch's thread pools do not fight);
   * ``dask-threads``: one in-process Dask worker with threads (no process start-up; for tests and tiny runs);
   * ``tcp://HOST:PORT``: an existing Dask scheduler (a cluster of CPU/GPU machines);
@@ -89,9 +89,10 @@ def _dask_runner_class() -> Any:
     return LocalDaskTaskRunner
 
 
-def task_runner() -> Any:
-    """The task runner named by ``MERGEFLOW_TASK_RUNNER`` (see the module docstring)."""
-    choice = os.environ.get(ENV_RUNNER, "dask").strip() or "dask"
+def task_runner(default: str = "dask") -> Any:
+    """The task runner named by ``MERGEFLOW_TASK_RUNNER`` (see the module docstring), else ``default``: a flow of
+    one recipe has little to fan out and takes threads, so it does not pay for starting worker processes."""
+    choice = os.environ.get(ENV_RUNNER, default).strip() or default
     if choice == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
