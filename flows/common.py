@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
 from mergeflow import pipeline
 from tasks import stages
-from tasks.policies import CONTENT, results_path
 
 
 @dataclass
@@ -42,19 +42,10 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-@task(name="promote", cache_policy=CONTENT, persist_result=True, result_storage=results_path())
-def promote(candidates: Sequence[Mapping[str, Any]], tracking_uri: str | None = None) -> dict[str, Any]:
-    """Move the alias to the run's best registered version if it beats the current holder (selection metric)."""
-    from mergeflow import tracking
-
-    tracking.configure(tracking_uri)
-    return pipeline.promote_best(candidates)
-
-
 def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir: str | None,
                 registered_name: str | None = None, importance_deployment: str | None = None,
                 device: str = "auto", tracking_uri: str | None = None, register: bool = True,
-                extra_models: Mapping[str, str] = {}) -> dict[str, Any]:
+                extra_models: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run labelled recipes (label, recipe mapping) through every stage; ``extra_models`` (label → reference) are
     only resolved and evaluated (the base and the experts, as rows of the table)."""
     log = get_run_logger()
@@ -63,7 +54,8 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
 
         # create (and migrate) a new store once, here, before parallel workers touch it at the same moment
         tracking.ensure_store(tracking_uri)
-    jobs = [Job(label, dict(data), pipeline.as_recipe(data, base_dir=_dir(recipe_dir))) for label, data in recipes]
+    folder = Path(recipe_dir) if recipe_dir else None
+    jobs = [Job(label, dict(data), pipeline.as_recipe(data, base_dir=folder)) for label, data in recipes]
 
     # resolve: every distinct checkpoint once
     resolved: dict[str, PrefectFuture] = {}
@@ -72,7 +64,7 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
         for ref in ([base] if base else []) + experts:
             if ref not in resolved:
                 resolved[ref] = stages.resolve.submit(ref, recipe_dir, **pipeline.resolve_options(job.parsed))
-    extra_refs = dict(extra_models)
+    extra_refs = dict(extra_models or {})
     first = jobs[0].recipe
     for ref in extra_refs.values():
         if ref not in resolved:
@@ -146,17 +138,11 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
             candidates.append(entry["registration"])
         results["models"][job.label] = entry
     if candidates:
-        results["promotion"] = promote(candidates, tracking_uri)
+        results["promotion"] = stages.promote(candidates, tracking_uri)
         log.info("alias %s of %s: %s", results["promotion"]["alias"], results["promotion"]["name"],
                  results["promotion"]["summary"])
     _publish_artifacts(results)
     return results
-
-
-def _dir(recipe_dir: str | None) -> Any:
-    from pathlib import Path
-
-    return Path(recipe_dir) if recipe_dir else None
 
 
 def _remote_importance(deployment: str, remote: list[tuple[Job, int, str]], recipe_dir: str | None,

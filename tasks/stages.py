@@ -1,5 +1,5 @@
 """The pipeline's stages as Prefect tasks: ``resolve``, ``task_vectors``, ``importance``, ``merge``, ``evaluate``,
-``register``. Each is a thin wrapper over :mod:`mergeflow.pipeline` that takes the recipe as a plain mapping (a flow
+``register`` (and ``promote``, registration's last step for a run of several merges). Each is a thin wrapper over :mod:`mergeflow.pipeline` that takes the recipe as a plain mapping (a flow
 parameter) and returns the library's small manifest; caching, retries and tags are what this layer adds.
 """
 
@@ -94,3 +94,13 @@ def register(recipe: RecipeData, merged: Manifest, inputs: Sequence[Manifest], r
     return pipeline.register_stage(_recipe(recipe, recipe_dir), merged, inputs, reported, selection, coefficients,
                                    registered_name=registered_name, artifacts=artifacts, promote=promote,
                                    flow_run_id=str(flow_run.id) if flow_run.id else None)
+
+
+@task(name="promote", cache_policy=CONTENT, persist_result=True, result_storage=_RESULTS)
+def promote(candidates: Sequence[Manifest], tracking_uri: str | None = None) -> Manifest:
+    """The end of registration for a run of several merges (a sweep): the alias moves to the run's best registered
+    version on the selection metric, and only if it beats the current holder."""
+    from mergeflow import tracking
+
+    tracking.configure(tracking_uri)
+    return pipeline.promote_best(candidates)
