@@ -174,3 +174,32 @@ def test_run_pipeline_data_aware_end_to_end(test_zoo):  # noqa: F811
     provenance = json.loads((Path(out["merged"]["path"]) / "mergeflow.json").read_text())
     assert [c["estimator"] for c in provenance["coefficients"]] == ["cocktail"]
     assert [i["reference"] for i in provenance["inputs"]] == ["zoo:test/base", *(f"zoo:test/{t}" for t in TASKS)]
+
+
+def test_zoo_builds_of_one_folder_wait_for_each_other(tmp_path, monkeypatch):
+    """Pipeline tasks resolve zoo:... references side by side: only one may build a zoo folder at a time."""
+    import threading
+    import time
+
+    from mergeflow.zoo import build
+
+    active, most, calls = [0], [0], []
+    guard = threading.Lock()
+
+    def fake_build(target, spec, size, seed, **kwargs):
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.1)
+        calls.append(target)
+        with guard:
+            active[0] -= 1
+
+    monkeypatch.setattr(build, "_build_zoo", fake_build)
+    threads = [threading.Thread(target=build.build_zoo, args=(tmp_path / "zoo",), kwargs={"size": "test"})
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 4 and most[0] == 1

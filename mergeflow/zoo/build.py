@@ -18,6 +18,7 @@ a crash never leaves a half-built zoo where a complete one is expected.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -537,7 +538,16 @@ def build_zoo(
         raise ZooError(f"zoo seed must be >= 0, got {seed}")
     spec = SIZES[size]
     target = Path(out).expanduser().resolve() if out is not None else default_zoo_dir(size, seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per zoo folder (pipeline tasks resolving zoo:... references run side by side): the
+    # others wait, then find the finished zoo. flock conflicts between separate opens, threads of one process too.
+    with (target.parent / f".{target.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_zoo(target, spec, size, seed, force=force, jobs=jobs, progress=progress)
 
+
+def _build_zoo(target: Path, spec: ZooSize, size: str, seed: int, *, force: bool, jobs: int | None,
+               progress: bool) -> Zoo:
     if target.exists() and not force:
         if (target / MANIFEST).exists():
             zoo = Zoo.load(target)
@@ -559,7 +569,6 @@ def build_zoo(
         if progress:
             print(f"[zoo {size} seed {seed}] {msg}", file=sys.stderr, flush=True)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(target)
     tmp = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
