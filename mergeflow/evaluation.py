@@ -448,14 +448,16 @@ def evaluate_path(
 ) -> EvalResult:
     """Load a model folder (weights + tokenizer) and ``evaluate`` it."""
     _offline_env()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from mergeflow.transformers_io import load_causal_lm
 
     path = Path(model_dir).expanduser()
     if not (path / "config.json").exists():
         raise EvaluationError(f"{path} is not a model folder (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        model = load_causal_lm(path)
     except (OSError, ValueError) as e:
         raise EvaluationError(f"cannot load the model at {path}: {e}") from None
     return evaluate(

@@ -93,10 +93,10 @@ class ImportanceRun:
 
     def load_model(self, ref: ModelRef, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
         """A model in eval mode on the run's device, in fp32 unless asked otherwise (statistics need fp32)."""
-        from transformers import AutoModelForCausalLM
+        from mergeflow.transformers_io import load_causal_lm
 
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=dtype).to(self.device).eval()
+        model = load_causal_lm(ref.path, dtype=dtype).to(self.device).eval()
         self.load_seconds += time.perf_counter() - start
         return model
 

@@ -403,9 +403,9 @@ class _Session:
                 "head is not a set of parameters (METHODS D-20)")
         self.partitioner = Partitioner(self.arch, level, gqa_policy=gqa_policy)
         if model is None:
-            from transformers import AutoModelForCausalLM
+            from mergeflow.transformers_io import load_causal_lm
 
-            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(self.device).eval()
+            model = load_causal_lm(base, dtype=torch.float32).to(self.device).eval()
         self.model = model
         self.parts = _Parts(model)
         self.tokenizer = tokenizer if tokenizer is not None else _tokenizer(Path(base))

@@ -413,6 +413,7 @@ def finetune_expert(root: str, task: str, size: ZooSize | str, progress: bool = 
     """Fine-tune the expert of ``task`` from ``root/base`` into ``root/experts/task`` (a worker-process entry point)."""
     from transformers import LlamaForCausalLM
 
+    from mergeflow.transformers_io import load_causal_lm
     from mergeflow.zoo.tokenizer import build_tokenizer, zoo_vocab
     from mergeflow.zoo.train import deterministic, encode_example, finetune
 
@@ -424,7 +425,7 @@ def finetune_expert(root: str, task: str, size: ZooSize | str, progress: bool = 
         rows = [json.loads(line) for line in f]
     examples = [encode_example(vocab, r["context"], r["choices"][r["gold"]]) for r in rows]
     with deterministic(size.threads), _no_hf_progress_bars():
-        base = LlamaForCausalLM.from_pretrained(folder / "base", dtype="float32")
+        base = load_causal_lm(folder / "base", model_class=LlamaForCausalLM)
         base.config.use_cache = False
         model, losses = finetune(
             base, examples, size.finetune_schedule(task), desc=f"fine-tune {task}", progress=progress

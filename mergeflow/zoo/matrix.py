@@ -131,9 +131,11 @@ class Matrix:
 
     def _load_base(self) -> tuple[Any, Any]:
         if self._model is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
 
-            self._model = AutoModelForCausalLM.from_pretrained(self.zoo.base, dtype="float32")
+            from mergeflow.transformers_io import load_causal_lm
+
+            self._model = load_causal_lm(self.zoo.base)
             self._tokenizer = AutoTokenizer.from_pretrained(self.zoo.base)
         return self._model, self._tokenizer
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mergeflow import transformers_io
 from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -120,7 +121,8 @@ def pretrain(
 ) -> tuple[LlamaForCausalLM, list[float]]:
     """Next-token training on packed blocks, ``sched.batch_size`` blocks per step in order. Returns model and losses."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with transformers_io.exclusive():
+        model = LlamaForCausalLM(config)
     model.train()
     opt, lr_sched = _optimizer(model, sched)
     losses: list[float] = []
@@ -166,7 +168,8 @@ def finetune(
     """Full fine-tuning of a copy of ``base`` on answer tokens, ``sched.batch_size`` examples per step in order."""
     if len(examples) < sched.steps * sched.batch_size:
         raise ValueError(f"{desc}: {len(examples)} examples for {sched.steps} steps × {sched.batch_size}")
-    model = LlamaForCausalLM(base.config)
+    with transformers_io.exclusive():
+        model = LlamaForCausalLM(base.config)
     model.load_state_dict(base.state_dict())
     model.train()
     opt, lr_sched = _optimizer(model, sched)
