@@ -436,7 +436,8 @@ def run(zoo_dir: Path | None, seeds: int, limit: int | None, ablations: bool, ou
                       "tasks": {"in_domain": list(zoo.in_domain), "ood": list(zoo.ood)}}
     experts = experts_row(experts_matrix)
     result: dict[str, Any] = {
-        "zoo": {"root": str(zoo.root), "size": zoo.size, "seed": zoo.seed},
+        "zoo": {"root": str(zoo.root), "size": zoo.size, "seed": zoo.seed,
+                "recipe_sha256": zoo.manifest.get("recipe_sha256")},
         "protocol": {"budget": BUDGET, "selection": "validation in-domain average, seed 0", "seeds": seeds,
                      "limit": limit},
         "base": base,
