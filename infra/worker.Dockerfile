@@ -56,8 +56,8 @@ WORKDIR /opt/mergeflow
 # another build; psycopg2 is the MLflow server's Postgres driver (Prefect's, asyncpg, comes with prefect).
 COPY --chown=mergeflow:mergeflow pyproject.toml constraints.txt README.md ./
 COPY --chown=mergeflow:mergeflow mergeflow/ mergeflow/
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" \
+RUN --mount=type=cache,target=/var/cache/pip \
+    PIP_CACHE_DIR=/var/cache/pip pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" \
         torch==2.13.0 ".[all]" psycopg2-binary==2.9.13 \
  && python -c "import torch, mergeflow, prefect, mlflow, lm_eval; print('torch', torch.__version__)"
 
