@@ -30,7 +30,7 @@ class Job:
     label: str
     recipe: dict[str, Any]
     parsed: Any
-    coefficients: list[PrefectFuture] = field(default_factory=list)
+    importance_keys: list[str] = field(default_factory=list)  # its importance runs, in the recipe's order
     vectors: list[PrefectFuture] = field(default_factory=list)
     merged: PrefectFuture | None = None
     reported: PrefectFuture | None = None
@@ -102,7 +102,7 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
                 else:
                     runs[k] = stages.importance.submit(what["spec"], what["expert_tasks"], base, experts, i,
                                                        recipe_dir, device)
-            job.coefficients.append(k)  # resolved to futures/manifests below
+            job.importance_keys.append(k)
     if remote:
         runs.update(_remote_importance(importance_deployment, remote, recipe_dir, device))
 
@@ -110,13 +110,13 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
     for job in jobs:
         base_ref, expert_refs = pipeline.references(job.parsed)
         inputs = [manifests[r] for r in ([base_ref] if base_ref else []) + expert_refs]
-        coefficients = [runs[k] for k in job.coefficients]
-        job.merged = stages.merge.submit(job.recipe, inputs, coefficients, recipe_dir, "cpu", wait_for=job.vectors)
+        coefficients = [runs[k] for k in job.importance_keys]
+        job.merged = stages.merge.submit(job.recipe, inputs, coefficients, recipe_dir, device, wait_for=job.vectors)
         spec = pipeline.evaluation_spec(job.parsed)
-        job.reported = stages.evaluate.submit(job.recipe, job.merged, spec.split, spec.limit, recipe_dir)
+        job.reported = stages.evaluate.submit(job.recipe, job.merged, spec.split, spec.limit, recipe_dir, device)
         if spec.selection.split != spec.split or spec.selection.limit != spec.limit:
             job.selection = stages.evaluate.submit(job.recipe, job.merged, spec.selection.split,
-                                                   spec.selection.limit, recipe_dir)
+                                                   spec.selection.limit, recipe_dir, device)
         if register:
             job.registered = stages.register.submit(
                 job.recipe, job.merged, inputs, job.reported, selection=job.selection, coefficients=coefficients,
@@ -124,7 +124,8 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
     extra_evals = {}
     for label, ref in extra_refs.items():
         spec = pipeline.evaluation_spec(jobs[0].parsed)
-        extra_evals[label] = stages.evaluate.submit(first, manifests[ref], spec.split, spec.limit, recipe_dir)
+        extra_evals[label] = stages.evaluate.submit(first, manifests[ref], spec.split, spec.limit, recipe_dir,
+                                                    device)
 
     wait([f for job in jobs for f in (job.merged, job.reported, job.selection, job.registered) if f is not None])
     results: dict[str, Any] = {"models": {}, "extra": {k: f.result() for k, f in extra_evals.items()}}
