@@ -22,7 +22,7 @@ from typing import Any
 
 from mergeflow.cache import Cache, cache_key
 from mergeflow.errors import RecipeError
-from mergeflow.recipe import EvaluationSpec, Recipe, RegistrySpec, load_recipe, parse_recipe
+from mergeflow.recipe import EvaluationSpec, Recipe, RegistrySpec, load_recipe, parse_recipe, resolve_relative
 
 Manifest = dict[str, Any]
 
@@ -66,27 +66,12 @@ def _slug(text: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------- resolve
 
 
-def reference_resolver(recipe_dir: str | Path | None) -> Any:
-    """How a recipe in ``recipe_dir`` turns a reference into what :func:`mergeflow.checkpoints.resolve` takes: an
-    existing (or ``./``-prefixed) path relative to the recipe's folder becomes absolute; anything else (hub id,
-    ``models:/`` URI, ``zoo:`` name) is left as written. The same rule as :meth:`Recipe.resolve_reference`."""
-    folder = Path(recipe_dir) if recipe_dir else None
-
-    def resolve_reference(ref: str) -> str:
-        if folder is None or ref.startswith(("zoo:", "models:/")):
-            return ref
-        candidate = Path(ref) if Path(ref).is_absolute() else folder / ref
-        return str(candidate.resolve()) if ref.startswith((".", "/")) or candidate.exists() else ref
-
-    return resolve_reference
-
-
 def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow_pickle: bool = False,
                   trust_remote_code: bool = False) -> Manifest:
     """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot."""
     from mergeflow.checkpoints import resolve
 
-    snap = resolve(reference_resolver(recipe_dir)(reference), allow_pickle=allow_pickle,
+    snap = resolve(resolve_relative(reference, recipe_dir), allow_pickle=allow_pickle,
                    trust_remote_code=trust_remote_code)
     return {"reference": reference, "path": str(snap.path), "content_hash": snap.content_hash,
             "revision": snap.revision, "format": snap.format, "weight_files": list(snap.weight_files)}
@@ -192,7 +177,7 @@ def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None]
     except ValueError as e:
         raise RecipeError(f"importance[{index}]: {e}") from None
     coeffs = coefficients_for_importance(entry, list(expert_tasks), ref(base) if base else None,
-                                         [ref(e) for e in experts], resolve_reference=reference_resolver(recipe_dir),
+                                         [ref(e) for e in experts], resolve_reference=lambda ref: resolve_relative(ref, recipe_dir),
                                          device=pick_device(device))
     summary = coeffs.summary()
     return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),
@@ -301,10 +286,7 @@ def evaluate_stage(model: Mapping[str, Any], spec: EvaluationSpec, *, split: str
     split = split or spec.split
     limit = limit if limit is not None else spec.limit
     names = _split_names(spec.tasks)
-    zoo_ref = spec.zoo
-    if zoo_ref and recipe_dir is not None and not zoo_ref.startswith("zoo:"):
-        zoo_ref = str((recipe_dir / zoo_ref).resolve()) if not Path(zoo_ref).is_absolute() else zoo_ref
-    zoo = _resolve_zoo(zoo_ref, names)
+    zoo = _resolve_zoo(resolve_relative(spec.zoo, recipe_dir) if spec.zoo else None, names)
     key = cache_key(EVAL_KIND, model=model["content_hash"], tasks=names, zoo=_zoo_identity(zoo), split=split,
                     limit=limit, num_fewshot=spec.num_fewshot)
     store = cache or Cache()

@@ -202,6 +202,15 @@ _UNSUPPORTED = {
 PIPELINE_SECTIONS = ("evaluation", "registry")
 
 
+def resolve_relative(ref: str, recipe_dir: str | Path | None) -> str:
+    """How a recipe in ``recipe_dir`` names local things: an existing (or ``./``/``/``-prefixed) path relative to
+    the recipe's folder becomes absolute; anything else (hub id, ``models:/`` URI, ``zoo:`` name) stays as written."""
+    if recipe_dir is None or ref.startswith(("zoo:", "models:/")):
+        return ref
+    candidate = Path(ref) if Path(ref).is_absolute() else Path(recipe_dir) / ref
+    return str(candidate.resolve()) if ref.startswith((".", "/")) or candidate.exists() else ref
+
+
 class Recipe(BaseModel):
     """A merge recipe. Load one with :func:`load_recipe` (YAML/JSON file) or ``Recipe.model_validate(dict)``."""
 
@@ -321,16 +330,12 @@ class Recipe(BaseModel):
 
     def resolve_reference(self, ref: str) -> str:
         """A model reference with relative local paths resolved against the recipe's folder."""
-        if self.recipe_dir is None:
-            return ref
-        candidate = (self.recipe_dir / ref) if not Path(ref).is_absolute() else Path(ref)
-        if ref.startswith((".", "/")) or candidate.exists():
-            resolved = candidate.resolve()
-            if self.confine_paths and not resolved.is_relative_to(self.recipe_dir.resolve()):
-                raise RecipeError(f"model {ref!r} lies outside the recipe folder {self.recipe_dir} "
-                                  "(confine_paths: true)")
-            return str(resolved)
-        return ref
+        resolved = resolve_relative(ref, self.recipe_dir)
+        local = resolved != ref or ref.startswith("/")  # a path, not a hub id / URI / zoo name
+        if (self.confine_paths and self.recipe_dir is not None and local
+                and not Path(resolved).is_relative_to(self.recipe_dir.resolve())):
+            raise RecipeError(f"model {ref!r} lies outside the recipe folder {self.recipe_dir} (confine_paths: true)")
+        return resolved
 
     def default(self, spec: ParamSpec) -> Any:
         return spec.default_for(self.mergekit_compat)
