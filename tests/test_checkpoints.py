@@ -14,7 +14,6 @@ import socket
 import struct
 import sys
 import threading
-import types
 from pathlib import Path
 
 import pytest
@@ -521,42 +520,41 @@ def test_models_uri_without_mlflow(monkeypatch: pytest.MonkeyPatch):
         resolve("models:/tiny/1")
 
 
-def test_models_uri_downloads_once_and_resolves_alias(tiny: Path, monkeypatch: pytest.MonkeyPatch):
-    """A stand-in for MLflow's API (the three calls used), so the test needs no tracking server."""
+def test_models_uri_downloads_once_and_resolves_alias(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real SQLite MLflow store: the alias resolves to its version, which is downloaded once and then served
+    from the cache (versions are immutable)."""
+    import mlflow.artifacts
+
+    from mergeflow import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real_download = mlflow.artifacts.download_artifacts
     downloads: list[str] = []
 
-    def download_artifacts(artifact_uri: str, dst_path: str) -> str:
+    def counting_download(artifact_uri: str, dst_path: str) -> str:
         downloads.append(artifact_uri)
-        shutil.copytree(tiny, Path(dst_path) / "model")  # flavours nest the weights, e.g. under model/
-        (Path(dst_path) / "MLmodel").write_text("flavors: {}")
-        return dst_path
+        return real_download(artifact_uri=artifact_uri, dst_path=dst_path)
 
-    class Client:
-        def get_model_version_by_alias(self, name: str, alias: str) -> types.SimpleNamespace:
-            assert (name, alias) == ("tiny", "champion")
-            return types.SimpleNamespace(version=3)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting_download)
+    try:
+        registered = tracking.log_merge(tiny, recipe={"merge_method": "linear"}, recipe_hash="sha256:" + "0" * 64,
+                                        input_hashes={}, experiment="checkpoints", registered_name="tiny",
+                                        selection_metric=("validation_avg", 50.0))
+        snap = resolve("models:/tiny@champion")
+        assert downloads == [f"models:/tiny/{registered.version}"]
+        assert snap.revision == registered.version
+        assert snap.path.is_relative_to(mergeflow_home() / "cache")
+        assert snap.content_hash == expected_hash(tiny, ["model.safetensors"])
 
-    fake = types.ModuleType("mlflow")
-    fake.artifacts = types.ModuleType("mlflow.artifacts")  # type: ignore[attr-defined]
-    fake.artifacts.download_artifacts = download_artifacts  # type: ignore[attr-defined]
-    fake.MlflowClient = Client  # type: ignore[attr-defined]
-    fake.get_registry_uri = lambda: "sqlite:///registry.db"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
-    monkeypatch.setitem(sys.modules, "mlflow.artifacts", fake.artifacts)  # type: ignore[attr-defined]
-
-    snap = resolve("models:/tiny@champion")
-    assert downloads == ["models:/tiny/3"]
-    assert snap.revision == "3"
-    assert snap.path.name == "model" and snap.path.is_relative_to(mergeflow_home() / "cache")
-    assert snap.content_hash == expected_hash(tiny, ["model.safetensors"])
-
-    again = resolve("models:/tiny/3")
-    assert again.path == snap.path and downloads == ["models:/tiny/3"]  # versions are immutable: cached
-
-    with pytest.raises(CheckpointError, match="version must be a number"):
-        resolve("models:/tiny/Production")
-    with pytest.raises(CheckpointError, match="expected models:/<name>/<version>"):
-        resolve("models:/")
+        again = resolve(f"models:/tiny/{registered.version}")
+        assert again.path == snap.path and len(downloads) == 1  # versions are immutable: cached
+        with pytest.raises(CheckpointError, match="version must be a number"):
+            resolve("models:/tiny/Production")
+        with pytest.raises(CheckpointError, match="expected models:/<name>/<version>"):
+            resolve("models:/")
+    finally:
+        mlflow.set_tracking_uri(None)  # MLflow also keeps the URI in a global: leave nothing behind
+        mlflow.set_registry_uri(None)
 
 
 # --------------------------------------------------------------------------------------------------- paths
