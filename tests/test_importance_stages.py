@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,17 @@ def test_regmean_alpha_reuses_the_grams(setup, monkeypatch, tmp_path):
     first = _check_variants(monkeypatch, "regmean", setup, tmp_path / "cache", {"batch_size": 2},
                             [{"alpha": 0.5}, {"alpha": 1.0}], with_base=False)
     assert first.stats["tied_layers"] == [] and "lm_head.weight" in first.stats["layers"]
+
+
+def test_uncached_artifact_folder_lives_as_long_as_the_artifact(setup):
+    """Without a cache an artifact is built in a scratch folder (its entry fields are read from it lazily while
+    merging); the folder goes when the artifact does, so library calls and sweeps do not fill the temp folder."""
+    art = _compute("fisher", setup, None, with_base=False, fisher="empirical", batch_size=2)
+    folder = art.path
+    assert folder is not None and (folder / "entry" / "weight" / "0.safetensors").is_file()
+    del art
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_regmean_conv1d_marker_survives_the_two_stages(families, tmp_path, monkeypatch):

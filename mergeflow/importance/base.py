@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,9 +449,16 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
             coeffs.save(folder)  # inside the scratch context: lazy entries read the measurements while saving
 
     if store is None:
+        # no cache: a scratch folder that lives as long as the artifact (entry fields are read from it lazily)
         tmp = Path(tempfile.mkdtemp(prefix="mergeflow-coefficients-"))
-        build(tmp)
-        return Coefficients.load(tmp)
+        try:
+            build(tmp)
+            out = Coefficients.load(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(out, shutil.rmtree, tmp, ignore_errors=True)
+        return out
     return Coefficients.load(store.get_or_create(CACHE_KIND, key, build))
 
 
