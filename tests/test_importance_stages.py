@@ -122,14 +122,14 @@ def _check_variants(monkeypatch, name, setup, cache, first_params, variants, *, 
     assert first.stats["measurements"]["reused"] is False
     parts = first.stats["measurements"]["parts"]
     for part in parts.values():
-        assert Cache(cache).get(MEASUREMENTS_KIND, part["key"]) is not None
+        assert part["keys"] and all(Cache(cache).get(MEASUREMENTS_KIND, k) is not None for k in part["keys"])
     for change in variants:
         params = {**first_params, **change}
         with _no_model_pass(monkeypatch, name):
             again = _compute(name, setup, cache, with_base=with_base, **params)
         record = again.stats["measurements"]
         assert record["reused"] is True, change
-        assert record["parts"] and all(r["key"] == parts[p]["key"] for p, r in record["parts"].items())
+        assert record["parts"] and all(r["keys"] == parts[p]["keys"] for p, r in record["parts"].items())
         # what the measurements it uses cost, for the cost report
         used = {kind: sum(parts[p]["passes"][kind] for p in record["parts"]) for kind in ("forward", "backward")}
         assert again.stats["passes"] == used
@@ -218,10 +218,13 @@ def test_cocktail_temperature_and_base_membership(setup, monkeypatch, tmp_path):
 def test_fisher_scales_reuse_the_diagonals(setup, monkeypatch, tmp_path):
     first = _check_variants(monkeypatch, "fisher", setup, tmp_path / "cache", {"fisher": "empirical", "batch_size": 2},
                             [{"normalize": True}, {"minimal_fisher_weight": 1e-3}], with_base=False)
-    measured = Cache(tmp_path / "cache").get(MEASUREMENTS_KIND, first.stats["measurements"]["parts"]["all"]["key"])
+    # measured expert by expert: expert 1's diagonal is the only entry of the second shard
+    record = first.stats["measurements"]["parts"]["all"]
+    assert [s["experts"] for s in record["shards"]] == [[0], [1], [2]]
+    measured = Cache(tmp_path / "cache").get(MEASUREMENTS_KIND, record["keys"][1])
     assert measured is not None
     # the written weight is (F + ε)/K: the raw diagonal is in the measurements
-    raw = load_file(str(measured / "entries" / "fisher" / "1.safetensors"))
+    raw = load_file(str(measured / "entries" / "fisher" / "0.safetensors"))
     weight = load_file(str(first.path / "entry" / "weight" / "1.safetensors"))
     assert raw.keys() == weight.keys()
     name = "model.layers.0.mlp.up_proj.weight"
@@ -332,7 +335,7 @@ def test_measure_sees_only_its_parameters_and_runs_once(monkeypatch, toy_inputs,
     assert len(calls) == 3
     folders = sorted(p.name for p in (tmp_path / MEASUREMENTS_KIND).iterdir())
     assert len(folders) == 2
-    m = Measurements.load(tmp_path / MEASUREMENTS_KIND / b.stats["measurements"]["parts"]["all"]["key"])
+    m = Measurements.load(tmp_path / MEASUREMENTS_KIND / b.stats["measurements"]["parts"]["all"]["keys"][0])
     assert m.passes == {"forward": 2, "backward": 0} and m.stats == {"n.all": 2}
     assert [dict(m.entry("big.all", i))["w"].tolist() for i in range(2)] == [[0.0] * 3, [1.0] * 3]
 
@@ -349,6 +352,76 @@ def test_parts_are_measured_when_needed_and_cached_apart(monkeypatch, toy_inputs
     assert b.stats["passes"]["forward"] == 4 and float(b.fields["weight"].values[0, 0]) == 4.0
     _toy_run(monkeypatch, est, toy_inputs, tmp_path, scale=2.0, extra=True)  # only part two depends on extra
     assert calls[2:] == [("two", {"size": 2, "extra": True})]
+
+
+def _by_expert_toy(calls: list) -> Estimator:
+    """Rows, entries and stats that name the expert they were measured for, to check where stacking puts them."""
+
+    def measure(run: ImportanceRun) -> Measurements:
+        ids = [int(e.content_hash, 16) for e in run.experts]
+        calls.append(ids)
+        run.count(forward=len(ids))
+        for i, who in enumerate(ids):
+            run.write_entry("big", i, {"w": torch.full((2,), float(who))})
+        return Measurements({"row": torch.tensor(ids, dtype=torch.float64)[:, None].repeat(1, 2)},
+                            stats={"who": [e.reference for e in run.experts], "n": len(ids), "size": run.params["size"]})
+
+    def finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+        entries = [float(dict(measured.entry("big", i))["w"][0]) for i in range(run.k)]
+        return run.coefficients({"weight": CoefficientField("model", ["model"], measured.tensors["row"][:, :1])},
+                                stats={"who": measured.stats["who"], "n": measured.stats["n"], "entries": entries})
+
+    part = MeasurePart(importance_base.WHOLE, ("size",), by_expert=True, expert_stats=("who",), summed_stats=("n",))
+    return Estimator(name="toy", params=PARAMS, summary="toy", paper="none", measure=measure, finalize=finalize,
+                     measure_params=("size", "extra"), measure_parts=(part,), needs_base=False)
+
+
+def test_by_expert_parts_are_measured_in_shards_and_stacked_in_expert_order(monkeypatch, tmp_path):
+    """Experts sharing their task data form one shard (one pass over the data serves them); each shard is cached
+    on its own, can be measured ahead by another worker (measure_shard), and comes back in the experts' order."""
+    calls: list = []
+    monkeypatch.setitem(importance_base._REGISTRY, "toy", _by_expert_toy(calls))
+    a = load_task_data(str(_jsonl(tmp_path / "a.jsonl", ROWS[0])), n=3)
+    b = load_task_data(str(_jsonl(tmp_path / "b.jsonl", ROWS[1])), n=2)
+    experts = [ModelRef(f"e{i}", tmp_path / f"e{i}", f"{i + 1:064x}") for i in range(3)]
+    tasks = [a, b, a]
+    assert importance_base.expert_shards(tasks) == [(0, 2), (1,)]
+    cache = Cache(tmp_path / "cache")
+    # a worker measures the second shard first; the run then measures only the first one
+    pre = importance_base.measure_shard("toy", base=None, experts=experts, tasks=tasks, part="all", shard=[1],
+                                        cache=cache, threads=1)
+    assert pre["experts"] == [1] and not pre["reused"] and calls == [[2]]
+    out = compute_coefficients("toy", base=None, experts=experts, tasks=tasks, cache=cache, threads=1)
+    assert calls == [[2], [1, 3]]
+    record = out.stats["measurements"]["parts"]["all"]
+    assert [s["experts"] for s in record["shards"]] == [[0, 2], [1]]
+    assert [s["reused"] for s in record["shards"]] == [False, True] and not record["reused"]
+    assert record["keys"][1] == pre["key"]
+    assert out.fields["weight"].values[:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert out.stats["entries"] == [1.0, 2.0, 3.0]
+    assert out.stats["who"] == ["e0", "e1", "e2"] and out.stats["n"] == 3 and out.stats["passes"]["forward"] == 3
+    # the same numbers without a cache (one scratch folder per shard), and a run over fewer experts reuses shards
+    scratch = compute_coefficients("toy", base=None, experts=experts, tasks=tasks, use_cache=False, threads=1)
+    assert torch.equal(scratch.fields["weight"].values, out.fields["weight"].values)
+    calls.clear()
+    again = compute_coefficients("toy", base=None, experts=experts[1:2], tasks=tasks[1:2], cache=cache, threads=1)
+    assert calls == [] and again.stats["measurements"]["reused"] and again.fields["weight"].values.tolist() == [[2.0]]
+    assert importance_base.measure_shard("toy", base=None, experts=experts, tasks=tasks, part="all", shard=[0, 2],
+                                         cache=cache, threads=1)["reused"]
+    with pytest.raises(RecipeError, match="no measurement job"):
+        importance_base.measure_shard("toy", base=None, experts=experts, tasks=tasks, part="all", shard=[0],
+                                      cache=cache)
+
+
+def test_stacking_refuses_shards_that_do_not_fit():
+    part = MeasurePart("p", (), by_expert=True)
+    one = Measurements({"x": torch.zeros(1)}, stats={"c": 1})
+    with pytest.raises(ValueError, match="once each"):
+        Measurements.stack([((0,), one), ((0,), one)], part)
+    with pytest.raises(ValueError, match="differs between shards"):
+        Measurements.stack([((0,), one), ((1,), Measurements({"x": torch.zeros(1)}, stats={"c": 2}))], part)
+    with pytest.raises(ValueError, match="2 rows for 3 experts"):
+        Measurements.stack([((0, 2), one), ((1,), one)], part)
 
 
 def test_estimator_declarations_are_checked():

@@ -196,6 +196,48 @@ class Measurements:
                    passes=meta["passes"], entries=entries, key=meta["key"], seconds=meta["seconds"], path=folder)
 
     @classmethod
+    def stack(cls, shards: Sequence[tuple[Sequence[int], Measurements]], part: MeasurePart) -> Measurements:
+        """The measurements of all experts from those of shards of them (``(expert indices, measurements)``, the
+        indices together 0..K-1 once each): rows of tensors and entries put back in expert order."""
+        order = [i for idx, _ in shards for i in idx]
+        k = len(order)
+        if sorted(order) != list(range(k)):
+            raise ValueError(f"measurement shards of part {part.name} do not cover experts 0..{k - 1} once each")
+        position = [0] * k  # position[expert] = its row in the concatenation
+        for row, expert in enumerate(order):
+            position[expert] = row
+        ms = [m for _, m in shards]
+        first = ms[0]
+        out = cls(passes={}, seconds=sum(m.seconds or 0.0 for m in ms))
+        index = torch.tensor(position)
+        for name in first.tensors:
+            rows = torch.cat([m.tensors[name] for m in ms])
+            if rows.shape[0] != k:
+                raise ValueError(f"measurement {name} of part {part.name} has {rows.shape[0]} rows for {k} experts")
+            out.tensors[name] = rows.index_select(0, index)
+        for name in first.entries:
+            files = [f for m in ms for f in m.entries[name]]
+            out.entries[name] = [files[position[e]] for e in range(k)]
+        for key in first.stats:
+            values = [m.stats[key] for m in ms]
+            if key in part.expert_stats:
+                flat = [v for vs in values for v in vs]
+                out.stats[key] = [flat[position[e]] for e in range(k)]
+            elif key in part.summed_stats:
+                total = values[0]
+                for v in values[1:]:
+                    total = total + v
+                out.stats[key] = total
+            elif any(v != values[0] for v in values[1:]):
+                raise ValueError(f"measurement stat {key!r} of part {part.name} differs between shards")
+            else:
+                out.stats[key] = values[0]
+        for m in ms:
+            for kind, n in m.passes.items():
+                out.passes[kind] = out.passes.get(kind, 0) + n
+        return out
+
+    @classmethod
     def combine(cls, parts: Sequence[Measurements]) -> Measurements:
         """One view of several parts (their names must not collide); passes add up."""
         if len(parts) == 1:
@@ -237,11 +279,23 @@ def _always(_params: Mapping[str, Any]) -> bool:
 @dataclass(frozen=True)
 class MeasurePart:
     """A part of a two-stage estimator's measurements that is cached on its own: its name (``run.part`` in
-    measure), the measure parameters it depends on, and whether given parameters need it at all."""
+    measure), the measure parameters it depends on, and whether given parameters need it at all.
+
+    ``by_expert``: what the part measures of an expert depends only on the base, that expert and its task data (a
+    Fisher diagonal, Gram matrices, a sensitivity row), so the part is measured in *shards* — the experts that share
+    their task data (:func:`expert_shards`: one expert each in-domain) — each cached under its own key, measured by
+    whichever worker gets it (the flows fan them out), and stacked into the whole part afterwards
+    (:meth:`Measurements.stack`). Its tensors then hold one row per expert (dim 0) and its entries one file per
+    expert; ``expert_stats`` names the stats that are lists with one item per expert, ``summed_stats`` those added
+    up over shards (counts; lists are concatenated); any other stat must come out the same in every shard.
+    """
 
     name: str
     params: tuple[str, ...]
     needed: Callable[[Mapping[str, Any]], bool] = _always
+    by_expert: bool = False
+    expert_stats: tuple[str, ...] = ()
+    summed_stats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,6 +415,112 @@ def measurements_key(estimator: str, part: str, *, base_hash: str | None, expert
                      data=dict(data), params=dict(params))
 
 
+def expert_shards(tasks: Sequence[TaskData]) -> list[tuple[int, ...]]:
+    """The experts grouped by the task data they are scored on, in order of first appearance: one expert a shard
+    in-domain (each on its own task), one shard of all in the out-of-domain mode (one base pass serves them)."""
+    groups: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(task.sha256, []).append(i)
+    return [tuple(g) for g in groups.values()]
+
+
+@dataclass(frozen=True)
+class MeasureJob:
+    """One cached unit of an estimator's measurements: a part, over some of the experts (all of them, or a shard
+    of a by-expert part), with its measure parameters and its content address."""
+
+    part: MeasurePart
+    experts: tuple[int, ...]
+    params: dict[str, Any]
+    key: str
+
+
+def measure_jobs(est: Estimator, params: Mapping[str, Any], *, base_hash: str | None, expert_hashes: Sequence[str],
+                 tasks: Sequence[TaskData], seed: int, ood: bool) -> list[MeasureJob]:
+    """What measuring ``est`` with the (resolved) ``params`` takes, part by part and shard by shard. A shard's key
+    names only its own experts and their data, so it is shared by every run that scores those experts on that
+    data (another recipe with one more expert measures only the new one)."""
+    if not est.two_stage:
+        return []
+    out = []
+    for part in est.parts(params):
+        part_params = {n: params[n] for n in part.params}
+        shards = expert_shards(tasks) if part.by_expert else [tuple(range(len(tasks)))]
+        for shard in shards:
+            data = {"tasks": [tasks[i].sha256 for i in shard], "ood": ood, "seed": seed}
+            key = measurements_key(est.name, part.name, base_hash=base_hash,
+                                   expert_hashes=[expert_hashes[i] for i in shard], data=data, params=part_params)
+            out.append(MeasureJob(part, shard, part_params, key))
+    return out
+
+
+def _jobs_by_part(jobs: Sequence[MeasureJob]) -> list[tuple[MeasurePart, list[MeasureJob]]]:
+    out: dict[str, tuple[MeasurePart, list[MeasureJob]]] = {}
+    for job in jobs:
+        out.setdefault(job.part.name, (job.part, []))[1].append(job)
+    return list(out.values())
+
+
+def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, experts: Sequence[ModelRef],
+                  tasks: Sequence[TaskData], device: torch.device, seed: int, ood: bool, store: Cache | None,
+                  scratch: contextlib.ExitStack | None, tokenizer_of: ImportanceRun | None = None) -> tuple[Path, bool]:
+    """The folder of ``job``'s measurements (from the cache, or measured now) and whether it was measured now."""
+    built: list[bool] = []
+
+    def build(folder: Path) -> None:
+        assert est.measure is not None
+        built.append(True)
+        run = ImportanceRun(est.name, base, [experts[i] for i in job.experts], [tasks[i] for i in job.experts],
+                            dict(job.params), device, seed, ood, part=job.part.name, _folder=folder,
+                            _tokenizer=tokenizer_of._tokenizer if tokenizer_of is not None else None)
+        start = time.perf_counter()
+        torch.manual_seed(seed)  # each part and shard as if measured alone: the same numbers whatever else is
+        m = est.measure(run)
+        m.passes, m.key = dict(run.passes), job.key
+        m.seconds = round(time.perf_counter() - start, 3)
+        m.save(folder, {"estimator": est.name, "part": job.part.name, "params": job.params,
+                        "base": base.content_hash if base else None,
+                        "experts": [experts[i].content_hash for i in job.experts],
+                        "data": {"tasks": [tasks[i].sha256 for i in job.experts], "ood": ood, "seed": seed},
+                        "device": str(device)})
+        if tokenizer_of is not None:
+            tokenizer_of._tokenizer = run._tokenizer
+
+    if store is None:
+        assert scratch is not None
+        folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mergeflow-measurements-")))
+        build(folder)
+    else:
+        folder = store.get_or_create(MEASUREMENTS_KIND, job.key, build)
+    return folder, bool(built)
+
+
+def measure_shard(estimator: str, *, base: ModelRef | None, experts: Sequence[ModelRef], tasks: Sequence[TaskData],
+                  params: Mapping[str, Any] | None = None, part: str, shard: Sequence[int],
+                  device: str | torch.device = "cpu", seed: int = 0, ood: bool = False, cache: Cache | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
+    """Measure (or find in the cache) one job of :func:`measure_jobs` — a part over one shard of the experts — so
+    that workers can measure the shards of one run side by side; :func:`compute_coefficients` then finds them all
+    in the cache. Returns ``{"part", "experts", "key", "reused", "seconds", "passes"}``."""
+    from mergeflow.engine import compute_threads
+
+    est = get_estimator(estimator)
+    resolved = est.resolve_params(params or {})
+    jobs = measure_jobs(est, resolved, base_hash=base.content_hash if base else None,
+                        expert_hashes=[e.content_hash for e in experts], tasks=tasks, seed=seed, ood=ood)
+    job = next((j for j in jobs if j.part.name == part and j.experts == tuple(shard)), None)
+    if job is None:
+        known = [(j.part.name, list(j.experts)) for j in jobs]
+        raise RecipeError(f"importance: {estimator} has no measurement job part={part!r} experts={list(shard)} "
+                          f"for these parameters; its jobs: {known}")
+    with torch.random.fork_rng(devices=[]), compute_threads(threads):
+        folder, built = _measured_job(est, job, base=base, experts=experts, tasks=tasks, device=torch.device(device),
+                                      seed=seed, ood=ood, store=cache or Cache(), scratch=None)
+    m = Measurements.load(folder)
+    return {"part": part, "experts": list(job.experts), "key": job.key, "reused": not built, "seconds": m.seconds,
+            "passes": dict(m.passes)}
+
+
 def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequence[ModelRef],
                          tasks: Sequence[TaskData], params: Mapping[str, Any] | None = None,
                          device: str | torch.device = "cpu", seed: int = 0, ood: bool = False,
@@ -391,38 +551,25 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
     store = (cache or Cache()) if use_cache else None
 
     def measured(scratch: contextlib.ExitStack) -> tuple[Measurements, dict[str, Any]]:
-        """Every part the parameters need, from the cache or measured now (in a scratch folder without a cache)."""
-        assert est.measure is not None
+        """Every part the parameters need, from the cache or measured now (in a scratch folder without a cache);
+        a by-expert part shard by shard."""
         parts, record = [], {}
-        for part in est.parts(resolved):
-            part_params = {n: resolved[n] for n in part.params}
-            mkey = measurements_key(estimator, part.name, base_hash=base_hash, expert_hashes=expert_hashes,
-                                    data=data, params=part_params)
-            built: list[bool] = []
-
-            def build_part(folder: Path, part: MeasurePart = part, part_params: dict[str, Any] = part_params,
-                           mkey: str = mkey, built: list[bool] = built) -> None:
-                assert est.measure is not None
-                built.append(True)
-                part_run = ImportanceRun(estimator, base, list(experts), list(tasks), part_params, device, seed, ood,
-                                         _tokenizer=run._tokenizer, part=part.name, _folder=folder)
-                start = time.perf_counter()
-                torch.manual_seed(seed)  # each part as if measured alone: the same numbers whatever else is measured
-                m = est.measure(part_run)
-                m.passes, m.key = dict(part_run.passes), mkey
-                m.seconds = round(time.perf_counter() - start, 3)
-                m.save(folder, {"estimator": estimator, "part": part.name, "params": part_params, "base": base_hash,
-                                "experts": expert_hashes, "data": data, "device": str(device)})
-                run._tokenizer = part_run._tokenizer
-
-            if store is None:
-                folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mergeflow-measurements-")))
-                build_part(folder)
-            else:
-                folder = store.get_or_create(MEASUREMENTS_KIND, mkey, build_part)
-            m = Measurements.load(folder)  # the same bytes whether measured now or before
+        for part, jobs in _jobs_by_part(measure_jobs(est, resolved, base_hash=base_hash, expert_hashes=expert_hashes,
+                                                     tasks=tasks, seed=seed, ood=ood)):
+            shards = []
+            for job in jobs:
+                folder, built = _measured_job(est, job, base=base, experts=experts, tasks=tasks, device=device,
+                                              seed=seed, ood=ood, store=store, scratch=scratch, tokenizer_of=run)
+                shards.append((job.experts, Measurements.load(folder), built))  # the same bytes, measured or not
+            m = shards[0][1] if len(shards) == 1 else Measurements.stack([(e, m) for e, m, _ in shards], part)
             parts.append(m)
-            record[part.name] = {"key": mkey, "reused": not built, "seconds": m.seconds, "passes": m.passes}
+            record[part.name] = {"keys": [j.key for j in jobs], "reused": not any(b for *_, b in shards),
+                                 "seconds": round(sum(m.seconds or 0.0 for _, m, _ in shards), 3),
+                                 "passes": dict(m.passes)}
+            if len(jobs) > 1:
+                record[part.name]["shards"] = [{"experts": list(e), "key": j.key, "reused": not b,
+                                                "seconds": sm.seconds}
+                                               for j, (e, sm, b) in zip(jobs, shards)]
         return Measurements.combine(parts), {"reused": all(r["reused"] for r in record.values()), "parts": record}
 
     def build(folder: Path) -> None:

@@ -34,7 +34,15 @@ import torch
 
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
-from mergeflow.importance.base import Estimator, ImportanceRun, LazyEntries, Measurements, register_estimator
+from mergeflow.importance.base import (
+    WHOLE,
+    Estimator,
+    ImportanceRun,
+    LazyEntries,
+    Measurements,
+    MeasurePart,
+    register_estimator,
+)
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -247,6 +255,9 @@ register_estimator(Estimator(
     finalize=_finalize,
     # the Fisher diagonals; minimal_fisher_weight and normalize only scale them
     measure_params=("fisher", "batch_size", "max_length"),
+    # one expert's diagonal depends on that expert and its task only: measured (and cached) expert by expert
+    measure_parts=(MeasurePart(WHOLE, ("fisher", "batch_size", "max_length"), by_expert=True,
+                               expert_stats=("experts",)),),
     params=(
         ParamSpec("fisher", str, "sampled", choices=FISHER_KINDS,
                   help="labels: sampled from the expert's own distribution (seeded) or the gold answer (empirical)"),

@@ -23,7 +23,15 @@ from torch import nn
 
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
-from mergeflow.importance.base import Estimator, ImportanceRun, LazyEntries, Measurements, register_estimator
+from mergeflow.importance.base import (
+    WHOLE,
+    Estimator,
+    ImportanceRun,
+    LazyEntries,
+    Measurements,
+    MeasurePart,
+    register_estimator,
+)
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -151,6 +159,9 @@ register_estimator(Estimator(
     measure=_measure,
     finalize=_finalize,
     measure_params=("batch_size", "max_length"),  # the raw Grams; alpha only shrinks them
+    # one expert's Grams depend on that expert and its task only: measured (and cached) expert by expert
+    measure_parts=(MeasurePart(WHOLE, ("batch_size", "max_length"), by_expert=True,
+                               expert_stats=("experts", "transposed")),),
     params=(
         ParamSpec("alpha", float, 0.9, low=0.0, high=1.0,
                   help="off-diagonal scale of each Gram: α G + (1 − α) diag(G) (1: exact RegMean, 0: diagonal)"),

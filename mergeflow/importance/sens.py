@@ -196,7 +196,7 @@ def _sensitivity(run: ImportanceRun, slot: _Slot, i: int, arch: Architecture, pa
                 part = torch.func.vmap(per_sample, in_dims=(None, 0, 0, 0, 0))(params, *rows).sum(0)
             except Exception as exc:  # a model vmap cannot trace (or a chunk too big): one sample at a time
                 how = "loop"
-                notes.append(f"expert {i}: vmap failed ({type(exc).__name__}: {str(exc)[:200]}); one backward "
+                notes.append(f"expert {run.experts[i].reference}: vmap failed ({type(exc).__name__}: {str(exc)[:200]}); one backward "
                              "pass per sample")
                 continue
         else:
@@ -394,8 +394,11 @@ SENS = register_estimator(Estimator(
     # sensitivities and distances are measured (and cached) apart: an ablation needs one of them; temperature,
     # temperature_mode, cross_task, ablation, lambda and nonblock only combine them
     measure_params=("use_delta", "logit_reduction", "batch_size", "max_length"),
+    # an expert's sensitivities need only it (and the base) on its own task: measured expert by expert; the
+    # distances compare every expert on every task, one part
     measure_parts=(MeasurePart("sensitivity", ("use_delta", "batch_size", "max_length"),
-                               lambda p: p["ablation"] != "cross_task"),
+                               lambda p: p["ablation"] != "cross_task", by_expert=True,
+                               expert_stats=("per_sample_gradients",), summed_stats=("notes",)),
                    MeasurePart("distance", ("logit_reduction", "batch_size", "max_length"),
                                lambda p: p["ablation"] != "task_specific")),
     params=PARAMS,
