@@ -87,6 +87,7 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
 
     # importance: once per distinct estimator run (its spec, the base, the experts and their tasks)
     runs: dict[str, Any] = {}
+    shards: dict[str, PrefectFuture] = {}  # per-expert measurement shards, once each however many entries need them
     remote: list[tuple[Job, int, str]] = []
     for job in jobs:
         base_ref, expert_refs = pipeline.references(job.parsed)
@@ -100,8 +101,8 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
                     runs[k] = None
                     remote.append((job, i, k))
                 else:
-                    runs[k] = stages.importance.submit(what["spec"], what["expert_tasks"], base, experts, i,
-                                                       recipe_dir, device)
+                    runs[k] = submit_importance(what["spec"], what["expert_tasks"], base, experts, i, recipe_dir,
+                                                device, shards)
             job.importance_keys.append(k)
     if remote:
         runs.update(_remote_importance(importance_deployment, remote, recipe_dir, device))
@@ -144,6 +145,27 @@ def run_recipes(recipes: Sequence[tuple[str, Mapping[str, Any]]], *, recipe_dir:
                  results["promotion"]["summary"])
     _publish_artifacts(results)
     return results
+
+
+def submit_importance(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Any, experts: Sequence[Any],
+                      index: int, recipe_dir: str | None, device: str,
+                      shared: dict[str, PrefectFuture] | None = None) -> PrefectFuture:
+    """One importance entry: its per-expert measurement shards fanned out over the task runner (each an
+    ``importance_measure`` task, tagged ``gpu``), then the entry's ``importance`` task, which finalizes from the
+    cached shards. ``base`` and ``experts`` are resolve manifests (or futures of them); ``shared`` (measurement key
+    → future) lets entries of one run that measure the same shard (two Sens entries that differ in a temperature)
+    submit it once."""
+    base_m = base.result() if isinstance(base, PrefectFuture) else base
+    expert_ms = [e.result() if isinstance(e, PrefectFuture) else e for e in experts]
+    shared = {} if shared is None else shared
+    measured = []
+    for s in pipeline.importance_shards(spec, expert_tasks, base_m, expert_ms, index=index, recipe_dir=recipe_dir):
+        if s["key"] not in shared:
+            shared[s["key"]] = stages.importance_measure.submit(spec, expert_tasks, base_m, expert_ms, s["part"],
+                                                                s["experts"], index, recipe_dir, device)
+        measured.append(shared[s["key"]])
+    return stages.importance.submit(spec, expert_tasks, base_m, expert_ms, index, recipe_dir, device,
+                                    wait_for=measured)
 
 
 def _remote_importance(deployment: str, remote: list[tuple[Job, int, str]], recipe_dir: str | None,

@@ -1,8 +1,10 @@
 """The importance stage on its own, as a flow a GPU work pool runs (``importance_deployment`` of the pipeline).
 
 Its parameters are the jobs the pipeline could not run locally: (recipe, importance entry index) pairs. It resolves
-the checkpoints itself (from the shared cache when the workers share MERGEFLOW_HOME) and returns the Coefficients
-manifests in the jobs' order; the artifacts themselves stay in the content-addressed cache.
+the checkpoints itself (from the shared cache when the workers share MERGEFLOW_HOME), fans each entry's per-expert
+measurement shards out over its task runner (``importance_measure`` tasks, measured side by side by the runner's
+workers), and returns the Coefficients manifests in the jobs' order; the artifacts themselves stay in the
+content-addressed cache.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ if __package__ in (None, ""):
 
 from prefect import flow
 
+from flows.common import submit_importance
 from flows.runtime import task_runner
 from mergeflow import pipeline
 from tasks import stages
@@ -27,6 +30,7 @@ def importance_flow(jobs: list[dict[str, Any]], recipe_dir: str | None = None,
                     device: str = "auto") -> list[dict[str, Any]]:
     """Coefficients for each ``{"recipe": mapping, "index": i}`` job, on ``device`` (``auto``: CUDA if present)."""
     futures = []
+    shards: dict[str, Any] = {}
     resolved: dict[str, Any] = {}
     for job in jobs:
         recipe = pipeline.as_recipe(job["recipe"], base_dir=Path(recipe_dir) if recipe_dir else None)
@@ -37,6 +41,6 @@ def importance_flow(jobs: list[dict[str, Any]], recipe_dir: str | None = None,
         base = resolved[base_ref] if base_ref else None
         experts = [resolved[r] for r in expert_refs]
         what = pipeline.importance_inputs(recipe, job["index"])
-        futures.append(stages.importance.submit(what["spec"], what["expert_tasks"], base, experts, job["index"],
-                                                recipe_dir, device))
+        futures.append(submit_importance(what["spec"], what["expert_tasks"], base, experts, job["index"], recipe_dir,
+                                         device, shards))
     return [f.result() for f in futures]

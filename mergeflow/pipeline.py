@@ -159,25 +159,64 @@ def importance_inputs(recipe: Recipe, index: int) -> dict[str, Any]:
     return {"spec": recipe.importance[index].model_dump(mode="json"), "expert_tasks": [e.task for e in recipe.experts]}
 
 
+def _model_ref(m: Mapping[str, Any]) -> Any:
+    from mergeflow.importance.base import ModelRef
+
+    return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
+
+
+def _importance_entry(spec: Mapping[str, Any], index: int) -> Any:
+    from mergeflow.recipe import ImportanceSpec
+
+    try:
+        return ImportanceSpec.model_validate(dict(spec))
+    except ValueError as e:
+        raise RecipeError(f"importance[{index}]: {e}") from None
+
+
+def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
+                      experts: Sequence[Mapping[str, Any]], *, index: int = 0,
+                      recipe_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The measurement shards of one importance entry that workers can measure side by side (``{"part",
+    "experts", "key"}``; see :func:`mergeflow.importance.base.shards_for_importance`); empty when its estimator
+    measures all experts in one go. Cheap: it reads the task data, no model."""
+    from mergeflow.importance.base import shards_for_importance
+
+    return shards_for_importance(_importance_entry(spec, index), list(expert_tasks),
+                                 _model_ref(base) if base else None, [_model_ref(e) for e in experts],
+                                 resolve_reference=lambda ref: resolve_relative(ref, recipe_dir))
+
+
+def measure_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
+                  experts: Sequence[Mapping[str, Any]], *, part: str, shard: Sequence[int], index: int = 0,
+                  recipe_dir: str | Path | None = None, device: str = "cpu") -> Manifest:
+    """One shard of an importance entry's measurements, measured into the cache (or found there); the entry's
+    :func:`importance_stage` then finalizes from the cached shards without a model pass of its own."""
+    from mergeflow.engine import pick_device
+    from mergeflow.importance.base import measure_for_importance
+
+    dev = pick_device(device)
+    out = measure_for_importance(_importance_entry(spec, index), list(expert_tasks),
+                                 _model_ref(base) if base else None, [_model_ref(e) for e in experts], part=part,
+                                 shard=shard, resolve_reference=lambda ref: resolve_relative(ref, recipe_dir),
+                                 device=dev)
+    return {"index": index, "estimator": spec["estimator"], **out,
+            "experts_references": [experts[i]["reference"] for i in out["experts"]], "device": str(dev)}
+
+
 def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
                      experts: Sequence[Mapping[str, Any]], *, index: int = 0, recipe_dir: str | Path | None = None,
                      device: str = "cpu") -> Manifest:
     """The Coefficients of one importance entry (``spec``, as in a recipe) over ``experts`` (resolve manifests),
-    each scored on its task in ``expert_tasks``: computed, or fetched by content."""
+    each scored on its task in ``expert_tasks``: computed, or fetched by content (shards measured ahead by
+    :func:`measure_stage` are taken from the cache)."""
     from mergeflow.engine import pick_device
-    from mergeflow.importance.base import ModelRef, coefficients_for_importance
-    from mergeflow.recipe import ImportanceSpec
-
-    def ref(m: Mapping[str, Any]) -> ModelRef:
-        return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
+    from mergeflow.importance.base import coefficients_for_importance
 
     start = time.perf_counter()
-    try:
-        entry = ImportanceSpec.model_validate(dict(spec))
-    except ValueError as e:
-        raise RecipeError(f"importance[{index}]: {e}") from None
-    coeffs = coefficients_for_importance(entry, list(expert_tasks), ref(base) if base else None,
-                                         [ref(e) for e in experts], resolve_reference=lambda ref: resolve_relative(ref, recipe_dir),
+    coeffs = coefficients_for_importance(_importance_entry(spec, index), list(expert_tasks),
+                                         _model_ref(base) if base else None, [_model_ref(e) for e in experts],
+                                         resolve_reference=lambda ref: resolve_relative(ref, recipe_dir),
                                          device=pick_device(device))
     summary = coeffs.summary()
     return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),

@@ -1,5 +1,6 @@
-"""The pipeline's stages as Prefect tasks: ``resolve``, ``task_vectors``, ``importance``, ``merge``, ``evaluate``,
-``register`` (and ``promote``, registration's last step for a run of several merges). Each is a thin wrapper over :mod:`mergeflow.pipeline` that takes the recipe as a plain mapping (a flow
+"""The pipeline's stages as Prefect tasks: ``resolve``, ``task_vectors``, ``importance`` (fed by its per-expert
+``importance_measure`` shards), ``merge``, ``evaluate``, ``register`` (and ``promote``, registration's last step for
+a run of several merges). Each is a thin wrapper over :mod:`mergeflow.pipeline` that takes the recipe as a plain mapping (a flow
 parameter) and returns the library's small manifest; caching, retries and tags are what this layer adds.
 """
 
@@ -52,6 +53,19 @@ def importance(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base
     concurrency limit on the tag bounds how many run at once on a GPU worker."""
     return pipeline.importance_stage(spec, expert_tasks, base, experts, index=index, recipe_dir=recipe_dir,
                                      device=device)
+
+
+@task(name="importance_measure", cache_policy=CONTENT, persist_result=True, result_storage=_RESULTS, tags=["gpu"],
+      task_run_name="importance_measure {spec[estimator]} {part} experts {shard}")
+def importance_measure(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Manifest | None,
+                       experts: Sequence[Manifest], part: str, shard: Sequence[int], index: int = 0,
+                       recipe_dir: str | None = None, device: str = "auto") -> Manifest:
+    """One shard of an importance entry's measurements (the experts that share their task data: one expert each
+    in-domain), measured into the shared cache; the entry's ``importance`` task waits for its shards and finalizes
+    without a model pass. Tagged ``gpu`` like ``importance``: the shards of one estimator run spread over the GPU
+    workers (or the local cluster's processes) instead of queueing on one."""
+    return pipeline.measure_stage(spec, expert_tasks, base, experts, part=part, shard=shard, index=index,
+                                  recipe_dir=recipe_dir, device=device)
 
 
 @task(name="merge", cache_policy=CONTENT, persist_result=True, result_storage=_RESULTS,

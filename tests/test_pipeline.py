@@ -176,6 +176,34 @@ def test_run_pipeline_data_aware_end_to_end(test_zoo):  # noqa: F811
     assert [i["reference"] for i in provenance["inputs"]] == ["zoo:test/base", *(f"zoo:test/{t}" for t in TASKS)]
 
 
+def test_importance_shards_measured_apart_then_finalized_without_a_pass(resolved, monkeypatch):
+    """The flows' fan-out in library terms: each per-expert shard measured by its own call (as workers would), then
+    the entry's stage finalizes from the cached shards; an estimator without by-expert parts has no shards."""
+    _, base, experts = resolved
+    # data no other test draws (seed 7): every shard is measured here
+    spec = {"estimator": "regmean", "parameters": {"batch_size": 4}, "data": {"zoo": "zoo:test", "n": 6, "seed": 7}}
+    shards = pipeline.importance_shards(spec, list(TASKS), base, experts)
+    assert [(s["part"], s["experts"]) for s in shards] == [("all", [0]), ("all", [1]), ("all", [2])]
+    for s in reversed(shards):
+        m = pipeline.measure_stage(spec, list(TASKS), base, experts, part=s["part"], shard=s["experts"])
+        assert m["key"] == s["key"] and not m["reused"] and m["passes"]["forward"] > 0
+        assert m["experts_references"] == [experts[s["experts"][0]]["reference"]]
+    from mergeflow.importance.base import Measurements
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the importance stage measured again what its shards had measured")
+
+    monkeypatch.setattr(Measurements, "save", no_pass)  # every measurement, whatever the estimator, is saved
+    out = pipeline.importance_stage(spec, list(TASKS), base, experts)
+    assert out["estimator"] == "regmean" and out["passes"]["forward"] == sum(
+        pipeline.measure_stage(spec, list(TASKS), base, experts, part="all", shard=s["experts"])["passes"]["forward"]
+        for s in shards)
+    assert pipeline.importance_shards({"estimator": "cocktail", "data": {"zoo": "zoo:test"}}, list(TASKS), base,
+                                      experts) == []
+    with pytest.raises(RecipeError, match="no measurement job"):
+        pipeline.measure_stage(spec, list(TASKS), base, experts, part="all", shard=[0, 1])
+
+
 def test_zoo_builds_of_one_folder_wait_for_each_other(tmp_path, monkeypatch):
     """Pipeline tasks resolve zoo:... references side by side: only one may build a zoo folder at a time."""
     import threading
