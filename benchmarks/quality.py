@@ -368,7 +368,7 @@ def estimator_costs(runner: Runner, repeats: int = 3) -> dict[str, Any]:
         seconds, load = min(timings)
         out[label] = {"seconds": round(seconds, 3), "passes": c.stats.get("passes", {}), "examples_per_task": n,
                       "runs": [round(t, 3) for t, _ in timings]}
-        if "load_seconds" in c.stats:  # one-stage estimators (APL) report their time reading models from disk
+        if "load_seconds" in c.stats:  # the estimators report their time reading models from disk
             out[label]["load_seconds"] = load
         runner.log(f"  cost {label}: {seconds:.1f} s, passes {out[label]['passes']}")
 

@@ -345,17 +345,19 @@ def test_recipe_end_to_end_and_cache(families, tmp_path, monkeypatch):
 
     def counted(run):
         calls.append(run)
-        return est.compute(run)
+        return est.measure(run)
 
-    monkeypatch.setitem(importance_base._REGISTRY, "apl", dataclasses.replace(est, compute=counted))
+    monkeypatch.setitem(importance_base._REGISTRY, "apl", dataclasses.replace(est, measure=counted))
     first = merge_state_dict(recipe)
     second = merge_state_dict(recipe)
-    assert len(calls) == 1  # the second merge read the cached artifact
+    assert len(calls) == 3  # scored expert by expert (each on its own task), once
+    assert [[e.content_hash for e in c.experts] for c in calls] == [[r.content_hash] for r in map(_ref, experts)]
+    assert all(torch.equal(first[n], second[n]) for n in first)  # the second merge read the cached artifact
     assert all(torch.equal(first[n], second[n]) for n in first)
 
     refs = [_ref(e) for e in experts]
     (coeffs,) = coefficients_for_recipe(recipe, _ref(base), refs)
-    assert len(calls) == 1 and coeffs.path is not None
+    assert len(calls) == 3 and coeffs.path is not None
     assert [p.name for p in coeffs.path.parent.iterdir()] == [coeffs.key]  # one artifact, under its key
     drop = coeffs.fields["drop_ratio"]
     assert drop.partitions == ["layer.0", "layer.1", "embed", "head"]

@@ -197,6 +197,26 @@ def test_sens_finalize_knobs_and_ablation_parts(setup, monkeypatch, tmp_path):
     assert parts["sensitivity"]["reused"] and not parts["distance"]["reused"]
 
 
+def test_apl_calibration_and_mi_knobs_reuse_the_scores(setup, monkeypatch, tmp_path):
+    """The drop-ratio calibration and the MI-TA weights only read the scores: p, ε, T, the mapping and T_m make no
+    model pass (the quality benchmark's grids over p and T_m trace once)."""
+    first = _check_variants(monkeypatch, "apl", setup, tmp_path / "cache", {"level": "layer", "weights": "mi"}, [
+        {"p": 0.5},
+        {"epsilon": 0.1, "temperature": 1.0},
+        {"mapping": "linear"},
+        {"model_temperature": 0.2},
+    ])
+    record = first.stats["measurements"]["parts"]["all"]
+    assert [s["experts"] for s in record["shards"]] == [[0], [1], [2]]  # expert by expert, each on its own task
+    # grad scores: another measurement; out of domain every expert reads the target: one shard (one base pass)
+    grad = _compute("apl", setup, tmp_path / "cache", level="layer", estimator="grad")
+    assert not grad.stats["measurements"]["reused"]
+    base, experts, tasks = setup
+    ood = compute_coefficients("apl", base=base, experts=experts, tasks=[tasks[0]] * 3, params={"level": "layer"},
+                               ood=True, cache=Cache(tmp_path / "cache"), threads=1)
+    assert "shards" not in ood.stats["measurements"]["parts"]["all"]
+
+
 def test_cocktail_temperature_and_base_membership(setup, monkeypatch, tmp_path):
     cache = tmp_path / "cache"
     # without the base first: only the experts' losses are measured; with it, only the base's loss is added
@@ -437,7 +457,7 @@ def test_estimator_declarations_are_checked():
     with pytest.raises(ValueError, match="not in measure_params"):
         Estimator(name="x", params=PARAMS, summary="", paper="", measure=f, finalize=f, measure_params=("size",),
                   measure_parts=(MeasurePart("p", ("scale",)),))
-    for name in ("sens", "cocktail", "fisher", "regmean", "slta"):
+    for name in ("apl", "sens", "cocktail", "fisher", "regmean", "slta"):
         assert get_estimator(name).two_stage, name
     with pytest.raises(ValueError, match="both hold"):
         Measurements.combine([Measurements({"a": torch.zeros(1)}), Measurements({"a": torch.ones(1)})])

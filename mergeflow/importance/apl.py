@@ -97,7 +97,7 @@ from torch import nn
 from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError, RecipeError
-from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.base import WHOLE, Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
 from mergeflow.importance.scoring import Encoded, answer_logprobs, batches, encode, lm_loss
 from mergeflow.methods.base import ParamSpec
 from mergeflow.partitions import HIDDEN_STATE_MODES, Partitioner, is_block_partition
@@ -801,20 +801,30 @@ def _calibrated(pid: str) -> bool:
     return is_block_partition(pid) or pid.startswith("hidden.")
 
 
-def compute(run: ImportanceRun) -> Coefficients:
+def _layout(run: ImportanceRun) -> tuple[Architecture, Partitioner, list[str], list[str]]:
+    """The base's architecture, the partitioner of the level, the partitions scored (and calibrated) and those
+    outside the calibrated ones (D-2), from the measure parameters alone (measure and finalize agree on them)."""
+    prm = run.params
+    assert run.base is not None
+    level = prm["level"]
+    arch = Architecture.from_folder(run.base.path)
+    partitioner = Partitioner(arch, level, hidden_state_mode=prm["hidden_state_mode"])
+    if level == "model":
+        return arch, partitioner, [], []
+    all_ids = partitioner.partition_ids()
+    calibrated = [pid for pid in all_ids if _calibrated(pid)]
+    uncalibrated = [pid for pid in all_ids if not _calibrated(pid)]
+    scored = [pid for pid in all_ids if pid in calibrated or prm["nonblock_policy"] == "own_partitions"]
+    return arch, partitioner, scored, uncalibrated
+
+
+def _measure(run: ImportanceRun) -> Measurements:
+    """The scores: per expert, the model-level score and one per scored partition (causal drops or |⟨Δ, ∇L⟩|).
+    Measured expert by expert (experts scored on the same data together: one base pass serves them)."""
     prm = run.params
     assert run.base is not None
     level, estimator = prm["level"], prm["estimator"]
-    arch = Architecture.from_folder(run.base.path)
-    partitioner = Partitioner(arch, level, hidden_state_mode=prm["hidden_state_mode"])
-    all_ids = partitioner.partition_ids()
-    policy = prm["nonblock_policy"]
-    if level == "model":
-        calibrated, uncalibrated = [], []
-    else:
-        calibrated = [pid for pid in all_ids if _calibrated(pid)]
-        uncalibrated = [pid for pid in all_ids if not _calibrated(pid)]
-    scored = [pid for pid in all_ids if pid in calibrated or policy == "own_partitions"] if level != "model" else []
+    arch, partitioner, scored, _ = _layout(run)
     if level == "hidden_state" and estimator == "causal" and len(scored) > prm["hidden_state_budget"]:
         raise RecipeError(
             f"importance.parameters: apl causal tracing over {len(scored)} hidden_state partitions "
@@ -903,8 +913,14 @@ def compute(run: ImportanceRun) -> Coefficients:
             del model, tracer
         del grads
     del base_model
+    return Measurements({"model": model_scores, "level": level_scores}, stats=stats)
 
-    return _artifact(run, prm, arch, partitioner, level, scored, uncalibrated, model_scores, level_scores, stats)
+
+def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
+    """Drop ratios from the scores (§2.5) and, for MI-TA, the model weights: no model pass."""
+    arch, partitioner, scored, uncalibrated = _layout(run)
+    return _artifact(run, run.params, arch, partitioner, run.params["level"], scored, uncalibrated,
+                     measured.tensors["model"].clone(), measured.tensors["level"].clone(), dict(measured.stats))
 
 
 def _artifact(run: ImportanceRun, prm: dict[str, Any], arch: Architecture, partitioner: Partitioner, level: str,
@@ -965,9 +981,19 @@ def _artifact(run: ImportanceRun, prm: dict[str, Any], arch: Architecture, parti
     return run.coefficients(fields, scores=scores, score_partitions=score_partitions, stats=stats)
 
 
+# What the scores depend on; the drop-ratio calibration (p, ε, T, normalisation, activation, mapping, p_max, the mean
+# shift) and the MI-TA weights (T_m, normalisation, λ_mi, ×K) only read them. ``weights`` is one of them because MI-TA
+# needs the causal model score, which the gradient estimator otherwise skips.
+_SCORE_PARAMS = ("level", "estimator", "nonblock_policy", "hidden_state_mode", "hidden_state_budget", "weights",
+                 "probability", "loss_tokens", "batch_size", "tracing")
+
 ESTIMATOR = register_estimator(Estimator(
     name="apl",
-    compute=compute,
+    measure=_measure,
+    finalize=_finalize,
+    measure_params=_SCORE_PARAMS,
+    measure_parts=(MeasurePart(WHOLE, _SCORE_PARAMS, by_expert=True,
+                               summed_stats=("forward_calls_causal", "variant_rows")),),
     params=PARAMS,
     summary="per-partition DARE drop ratios from causal swaps (or a gradient inner product) on few-shot data; "
             "optional MI-TA model weights",

@@ -153,6 +153,7 @@ class Measurements:
     entries: dict[str, list[Path]] = field(default_factory=dict)
     key: str = ""
     seconds: float | None = None
+    load_seconds: float = 0.0  # of ``seconds``, the time spent reading models from disk (the cost report)
     path: Path | None = None
 
     def entry(self, name: str, expert: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -178,7 +179,7 @@ class Measurements:
                 raise RuntimeError(f"measurement entries {sub.name}: files are not numbered 0..{n - 1}")
             entries[sub.name] = n
         meta = {"format": MEASUREMENTS_FORMAT, "code_version": CODE_VERSION, "key": self.key,
-                "seconds": self.seconds, "passes": dict(self.passes), "entries": entries,
+                "seconds": self.seconds, "load_seconds": self.load_seconds, "passes": dict(self.passes), "entries": entries,
                 "stats": _jsonable(self.stats), **_jsonable(dict(provenance or {}))}
         (folder / MEASUREMENTS_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         self.path = folder
@@ -193,7 +194,8 @@ class Measurements:
         entries = {name: [folder / MEASUREMENTS_ENTRIES / name / f"{i}.safetensors" for i in range(n)]
                    for name, n in meta["entries"].items()}
         return cls(tensors=load_file(str(folder / MEASUREMENTS_TENSORS)), stats=meta["stats"],
-                   passes=meta["passes"], entries=entries, key=meta["key"], seconds=meta["seconds"], path=folder)
+                   passes=meta["passes"], entries=entries, key=meta["key"], seconds=meta["seconds"],
+                   load_seconds=meta.get("load_seconds", 0.0), path=folder)
 
     @classmethod
     def stack(cls, shards: Sequence[tuple[Sequence[int], Measurements]], part: MeasurePart) -> Measurements:
@@ -208,7 +210,7 @@ class Measurements:
             position[expert] = row
         ms = [m for _, m in shards]
         first = ms[0]
-        out = cls(passes={}, seconds=sum(m.seconds or 0.0 for m in ms))
+        out = cls(passes={}, seconds=sum(m.seconds or 0.0 for m in ms), load_seconds=sum(m.load_seconds for m in ms))
         index = torch.tensor(position)
         for name in first.tensors:
             rows = torch.cat([m.tensors[name] for m in ms])
@@ -242,7 +244,7 @@ class Measurements:
         """One view of several parts (their names must not collide); passes add up."""
         if len(parts) == 1:
             return parts[0]
-        out = cls(passes={})
+        out = cls(passes={}, load_seconds=sum(m.load_seconds for m in parts))
         for m in parts:
             for mine, theirs in ((out.tensors, m.tensors), (out.stats, m.stats), (out.entries, m.entries)):
                 clash = sorted(set(mine) & set(theirs))
@@ -478,6 +480,7 @@ def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, exp
         m = est.measure(run)
         m.passes, m.key = dict(run.passes), job.key
         m.seconds = round(time.perf_counter() - start, 3)
+        m.load_seconds = round(run.load_seconds, 3)
         m.save(folder, {"estimator": est.name, "part": job.part.name, "params": job.params,
                         "base": base.content_hash if base else None,
                         "experts": [experts[i].content_hash for i in job.experts],
@@ -554,6 +557,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
         """Every part the parameters need, from the cache or measured now (in a scratch folder without a cache);
         a by-expert part shard by shard."""
         parts, record = [], {}
+        loaded_now: list[float] = []  # model reading in the shards measured by this call
         for part, jobs in _jobs_by_part(measure_jobs(est, resolved, base_hash=base_hash, expert_hashes=expert_hashes,
                                                      tasks=tasks, seed=seed, ood=ood)):
             shards = []
@@ -566,11 +570,13 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
             record[part.name] = {"keys": [j.key for j in jobs], "reused": not any(b for *_, b in shards),
                                  "seconds": round(sum(m.seconds or 0.0 for _, m, _ in shards), 3),
                                  "passes": dict(m.passes)}
+            loaded_now.extend(sm.load_seconds for _, sm, built in shards if built)
             if len(jobs) > 1:
                 record[part.name]["shards"] = [{"experts": list(e), "key": j.key, "reused": not b,
                                                 "seconds": sm.seconds}
                                                for j, (e, sm, b) in zip(jobs, shards)]
-        return Measurements.combine(parts), {"reused": all(r["reused"] for r in record.values()), "parts": record}
+        return Measurements.combine(parts), {"reused": all(r["reused"] for r in record.values()), "parts": record,
+                                             "load_seconds": round(sum(loaded_now), 3)}
 
     def build(folder: Path) -> None:
         from mergeflow.engine import compute_threads
@@ -585,6 +591,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
                 torch.manual_seed(seed)
                 coeffs = est.finalize(run, measurements)
                 coeffs.stats["measurements"] = record
+                coeffs.stats.setdefault("load_seconds", record["load_seconds"])  # of this call's "seconds"
             else:
                 assert est.compute is not None
                 torch.manual_seed(seed)
