@@ -182,10 +182,10 @@ def test_demo_flow_on_the_test_zoo(harness, test_zoo, tmp_path):  # noqa: F811
     out = tmp_path / "demo"
     state = demo_flow(size="test", seed=0, limit=20, selection_limit=10, out=str(out), return_state=True)
     assert state.is_completed(), state
-    # Fisher, RegMean and the Sens sensitivities are measured expert by expert, each shard once although two Sens
-    # entries (which differ only in finalize knobs) need the same sensitivities
+    # APL, Fisher, RegMean and the Sens sensitivities are measured expert by expert, each shard once although two
+    # entries of APL (TA and MI-TA) and of Sens (TA and TIES) differ only in what finalize does with the same scores
     runs = Counter(r.name.split(" ")[0].rsplit("-", 1)[0] for r in task_runs(state.state_details.flow_run_id))
-    assert runs["importance_measure"] == 3 * len(test_zoo.in_domain)
+    assert runs["importance_measure"] == 4 * len(test_zoo.in_domain)
     matrix = state.result()["matrix"]
     from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES
 

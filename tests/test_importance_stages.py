@@ -150,6 +150,8 @@ def _differ(a: Coefficients, b: Coefficients) -> bool:
     if a.scores.keys() != b.scores.keys() or any(
             not torch.equal(a.scores[n].nan_to_num(), b.scores[n].nan_to_num()) for n in a.scores):
         return True
+    if a.fields.keys() != b.fields.keys():
+        return True
     for name, fa in a.fields.items():
         fb = b.fields[name]
         if (fa.partitions, fa.default) != (fb.partitions, fb.default):
@@ -205,6 +207,7 @@ def test_apl_calibration_and_mi_knobs_reuse_the_scores(setup, monkeypatch, tmp_p
         {"epsilon": 0.1, "temperature": 1.0},
         {"mapping": "linear"},
         {"model_temperature": 0.2},
+        {"weights": "none"},  # causal tracing measures the model score whatever the weights
     ])
     record = first.stats["measurements"]["parts"]["all"]
     assert [s["experts"] for s in record["shards"]] == [[0], [1], [2]]  # expert by expert, each on its own task

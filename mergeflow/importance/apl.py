@@ -987,13 +987,18 @@ def _artifact(run: ImportanceRun, prm: dict[str, Any], arch: Architecture, parti
 _SCORE_PARAMS = ("level", "estimator", "nonblock_policy", "hidden_state_mode", "hidden_state_budget", "weights",
                  "probability", "loss_tokens", "batch_size", "tracing")
 
+def _canonical_scores(params: dict[str, Any]) -> dict[str, Any]:
+    """Causal tracing measures the causal model score anyway: ``weights`` changes nothing it measures."""
+    return {**params, "weights": "none"} if params["estimator"] == "causal" else params
+
+
 ESTIMATOR = register_estimator(Estimator(
     name="apl",
     measure=_measure,
     finalize=_finalize,
     measure_params=_SCORE_PARAMS,
     measure_parts=(MeasurePart(WHOLE, _SCORE_PARAMS, by_expert=True,
-                               summed_stats=("forward_calls_causal", "variant_rows")),),
+                               summed_stats=("forward_calls_causal", "variant_rows"), canonical=_canonical_scores),),
     params=PARAMS,
     summary="per-partition DARE drop ratios from causal swaps (or a gradient inner product) on few-shot data; "
             "optional MI-TA model weights",

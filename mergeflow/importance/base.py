@@ -290,6 +290,8 @@ class MeasurePart:
     (:meth:`Measurements.stack`). Its tensors then hold one row per expert (dim 0) and its entries one file per
     expert; ``expert_stats`` names the stats that are lists with one item per expert, ``summed_stats`` those added
     up over shards (counts; lists are concatenated); any other stat must come out the same in every shard.
+    ``canonical`` maps the part's parameters to a canonical form before they key (and reach) the measurement, where
+    a parameter matters only for some values of another (APL's ``weights`` only for the gradient estimator).
     """
 
     name: str
@@ -298,6 +300,7 @@ class MeasurePart:
     by_expert: bool = False
     expert_stats: tuple[str, ...] = ()
     summed_stats: tuple[str, ...] = ()
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,6 +450,8 @@ def measure_jobs(est: Estimator, params: Mapping[str, Any], *, base_hash: str | 
     out = []
     for part in est.parts(params):
         part_params = {n: params[n] for n in part.params}
+        if part.canonical is not None:
+            part_params = part.canonical(part_params)
         shards = expert_shards(tasks) if part.by_expert else [tuple(range(len(tasks)))]
         for shard in shards:
             data = {"tasks": [tasks[i].sha256 for i in shard], "ood": ood, "seed": seed}
