@@ -391,7 +391,7 @@ def register_estimator(estimator: Estimator) -> Estimator:
 def _load_builtin() -> None:
     import importlib
 
-    for module in ("apl", "sens", "linearity", "cocktail", "fisher", "regmean"):
+    for module in ("apl", "sens", "linearity", "cocktail", "fisher", "regmean", "adamerging"):
         try:
             importlib.import_module(f"mergeflow.importance.{module}")
         except ModuleNotFoundError as exc:  # an estimator module not written yet must not break the others

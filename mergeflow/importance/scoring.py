@@ -41,6 +41,12 @@ class Encoded:
         return Encoded(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.answer_mask,
                                                 self.targets, self.lengths)))
 
+    def select(self, index: torch.Tensor) -> Encoded:
+        """The rows in ``index`` (any order), trimmed to their own longest sequence."""
+        width = int(self.lengths[index].max())
+        return Encoded(self.input_ids[index, :width], self.attention_mask[index, :width],
+                       self.answer_mask[index, :width - 1], self.targets[index, :width - 1], self.lengths[index])
+
     def rows(self, start: int, stop: int) -> Encoded:
         """Rows start:stop, trimmed to their own longest sequence."""
         width = int(self.lengths[start:stop].max())
