@@ -123,6 +123,16 @@ def method_table() -> list[Method]:
         out.append(Method(f"slta ({level})", True, [
             s(f"slta {level}", "task_arithmetic", {},
               importance=[{"estimator": "slta", "parameters": {"level": level}}])]))
+    # AdaMerging (not one of the three papers: the learned-coefficient baseline FusionBench ships): layer-wise as in
+    # the paper and per tensor, on the labelled calibration examples; then the paper's own entropy objective
+    out.append(Method("adamerging", True, [
+        s(f"adamerging {level} steps={steps}", "task_arithmetic", {},
+          importance=[{"estimator": "adamerging", "parameters": {"level": level, "steps": steps}}])
+        for level in ("layer", "matrix") for steps in (100, 200)]))
+    out.append(Method("adamerging (entropy objective)", True, [
+        s(f"adamerging entropy {level}", "task_arithmetic", {},
+          importance=[{"estimator": "adamerging", "parameters": {"level": level, "objective": "entropy"}}])
+        for level in ("layer", "matrix")]))
     return out
 
 
@@ -355,6 +365,7 @@ def estimator_costs(runner: Runner, repeats: int = 3) -> dict[str, Any]:
         "cocktail": ("cocktail", {}, "fewshot", 5),
         "fisher": ("fisher", {}, "calib", 128),
         "regmean": ("regmean", {}, "calib", 128),
+        "adamerging layer": ("adamerging", {"level": "layer"}, "calib", 128),
     }
     for label, (est, params, split, n) in runs.items():
         tasks = [load_task_data(t, split, n, 0, zoo=zoo) for t in zoo.in_domain]

@@ -99,6 +99,8 @@ DATA_AWARE_MERGES: tuple[MergeSpec, ...] = (
     MergeSpec("ties+sens", "ties", {}, {"density": 0.3}, importance=({"estimator": "sens"},)),
     MergeSpec("slta(attn_mlp)", "task_arithmetic", {},
               importance=({"estimator": "slta", "parameters": {"level": "attn_mlp"}},)),
+    # layer-wise AdaMerging on the calibration examples (its defaults: supervised objective, 200 Adam steps)
+    MergeSpec("adamerging", "task_arithmetic", {}, importance=({"estimator": "adamerging", "data": {"n": 100}},)),
 )
 
 
