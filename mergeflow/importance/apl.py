@@ -852,7 +852,9 @@ def _measure(run: ImportanceRun) -> Measurements:
     members = {pid: partitioner.members(pid) for pid in scored}
     sums = _PartitionSums(partitioner, scored, run.device) if estimator == "grad" else None
     stats: dict[str, Any] = {"model_score": "causal" if causal_model_score else "grad",
-                             "tracing": None, "prefix_reuse": None, "forward_calls_causal": 0,
+                             # per expert: how its swaps ran (a shard's experts are stacked with the others')
+                             "tracing": [None] * k_experts, "prefix_reuse": [None] * k_experts,
+                             "forward_calls_causal": 0,
                              "variant_rows": 0}
 
     tracing = prm["tracing"]
@@ -887,8 +889,8 @@ def _measure(run: ImportanceRun) -> Measurements:
                 probs = tracer.probabilities(enc, [[]] + [variants[i] for i in live])
                 clean = float(probs[0])
                 level_scores[k, live] = clean - probs[1:]
-                stats["tracing"] = "batched" if tracer.batched else "in_place"
-                stats["prefix_reuse"] = tracer.prefix_reuse and not tracer.batched
+                stats["tracing"][k] = "batched" if tracer.batched else "in_place"
+                stats["prefix_reuse"][k] = tracer.prefix_reuse and not tracer.batched
             elif needs_expert_forward:
                 clean = float(tracer.probabilities(enc, [[]])[0])
             if needs_expert_forward:
@@ -919,8 +921,14 @@ def _measure(run: ImportanceRun) -> Measurements:
 def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
     """Drop ratios from the scores (§2.5) and, for MI-TA, the model weights: no model pass."""
     arch, partitioner, scored, uncalibrated = _layout(run)
+    stats = dict(measured.stats)
+    # one word for the run: how every expert's swaps ran ("mixed" if they differed), prefix reuse only if all reused
+    tracing = {t for t in stats["tracing"] if t is not None}
+    stats["tracing"] = (tracing.pop() if len(tracing) == 1 else "mixed") if tracing else None
+    reuse = [r for r in stats["prefix_reuse"] if r is not None]
+    stats["prefix_reuse"] = all(reuse) if reuse else None
     return _artifact(run, run.params, arch, partitioner, run.params["level"], scored, uncalibrated,
-                     measured.tensors["model"].clone(), measured.tensors["level"].clone(), dict(measured.stats))
+                     measured.tensors["model"].clone(), measured.tensors["level"].clone(), stats)
 
 
 def _artifact(run: ImportanceRun, prm: dict[str, Any], arch: Architecture, partitioner: Partitioner, level: str,
@@ -998,6 +1006,7 @@ ESTIMATOR = register_estimator(Estimator(
     finalize=_finalize,
     measure_params=_SCORE_PARAMS,
     measure_parts=(MeasurePart(WHOLE, _SCORE_PARAMS, by_expert=True,
+                               expert_stats=("tracing", "prefix_reuse"),
                                summed_stats=("forward_calls_causal", "variant_rows"), canonical=_canonical_scores),),
     params=PARAMS,
     summary="per-partition DARE drop ratios from causal swaps (or a gradient inner product) on few-shot data; "
