@@ -537,8 +537,8 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
     """Run (or fetch from the cache) one estimator over ``experts``; ``tasks[i]`` is expert i's data.
 
     A two-stage estimator fetches each part of its measurements from the cache or measures it, then finalizes;
-    the artifact's ``stats["measurements"]`` says, per part, its key, whether it was reused, the seconds and passes
-    it cost when it was measured; ``stats["passes"]`` counts the passes of the measurements the artifact used.
+    the artifact's ``stats["measurements"]`` says, per part, its keys (one per shard of a by-expert part), whether
+    it was reused, the seconds and passes it cost when it was measured (and per shard, for a sharded part); ``stats["passes"]`` counts the passes of the measurements the artifact used.
     """
     est = get_estimator(estimator)
     resolved = est.resolve_params(params or {})
@@ -573,7 +573,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
             m = shards[0][1] if len(shards) == 1 else Measurements.stack([(e, m) for e, m, _ in shards], part)
             parts.append(m)
             record[part.name] = {"keys": [j.key for j in jobs], "reused": not any(b for *_, b in shards),
-                                 "seconds": round(sum(m.seconds or 0.0 for _, m, _ in shards), 3),
+                                 "seconds": round(sum(sm.seconds or 0.0 for _, sm, _ in shards), 3),
                                  "passes": dict(m.passes)}
             loaded_now.extend(sm.load_seconds for _, sm, built in shards if built)
             if len(jobs) > 1:
