@@ -211,6 +211,15 @@ def test_apl_calibration_and_mi_knobs_reuse_the_scores(setup, monkeypatch, tmp_p
     ])
     record = first.stats["measurements"]["parts"]["all"]
     assert [s["experts"] for s in record["shards"]] == [[0], [1], [2]]  # expert by expert, each on its own task
+    # the shards of one run read the base once (it is kept for the later shards), each expert once
+    import mergeflow.transformers_io as tio
+
+    loads: list[str] = []
+    real = tio.load_causal_lm
+    monkeypatch.setattr(tio, "load_causal_lm", lambda path, **kw: loads.append(str(path)) or real(path, **kw))
+    _compute("apl", setup, None, level="layer", estimator="grad")
+    base, experts, _ = setup
+    assert sorted(loads) == sorted([str(base.path)] + [str(e.path) for e in experts])
     # grad scores: another measurement; out of domain every expert reads the target: one shard (one base pass)
     grad = _compute("apl", setup, tmp_path / "cache", level="layer", estimator="grad")
     assert not grad.stats["measurements"]["reused"]

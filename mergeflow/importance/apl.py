@@ -864,7 +864,7 @@ def _measure(run: ImportanceRun) -> Measurements:
         # slice swaps on a GPU), a loss on a CPU, where the corrections cost more than they save
         tracing = "batched" if level == "hidden_state" and run.device.type == "cuda" else "in_place"
     batched = tracing == "batched"
-    base_model = run.load_model(run.base)
+    base_model = run.load_model(run.base, keep=True)  # read once for all the run's shards; only read here
     base_model.requires_grad_(estimator == "grad")
     for sha, experts_of_task in by_task.items():
         enc = encoded[sha]
@@ -914,6 +914,7 @@ def _measure(run: ImportanceRun) -> Measurements:
             stats["variant_rows"] += tracer.variant_rows
             del model, tracer
         del grads
+    base_model.requires_grad_(False)
     del base_model
     return Measurements({"model": model_scores, "level": level_scores}, stats=stats)
 

@@ -78,6 +78,7 @@ class ImportanceRun:
     part: str = WHOLE              # measure stage: the part of the measurements to measure
     _folder: Path | None = None    # measure stage: the measurements folder being written
     load_seconds: float = 0.0      # time spent reading models from disk (the cost report separates it)
+    _kept: dict[str, Any] = field(default_factory=dict)  # models loaded with keep=True, shared by a run's shards
 
     @property
     def k(self) -> int:
@@ -93,13 +94,21 @@ class ImportanceRun:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
 
-    def load_model(self, ref: ModelRef, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-        """A model in eval mode on the run's device, in fp32 unless asked otherwise (statistics need fp32)."""
+    def load_model(self, ref: ModelRef, *, dtype: torch.dtype = torch.float32, keep: bool = False) -> PreTrainedModel:
+        """A model in eval mode on the run's device, in fp32 unless asked otherwise (statistics need fp32).
+
+        ``keep``: the model is read once and handed again to the later shards of the same run (the base, which every
+        shard of a by-expert part reads); the caller must leave it as it found it (weights, gradients, modes)."""
         from mergeflow.transformers_io import load_causal_lm
 
+        memo = f"{ref.content_hash}:{dtype}"
+        if keep and memo in self._kept:
+            return self._kept[memo]
         start = time.perf_counter()
         model = load_causal_lm(ref.path, dtype=dtype).to(self.device).eval()
         self.load_seconds += time.perf_counter() - start
+        if keep:
+            self._kept[memo] = model
         return model
 
     def count(self, forward: int = 0, backward: int = 0) -> None:
@@ -471,7 +480,8 @@ def _jobs_by_part(jobs: Sequence[MeasureJob]) -> list[tuple[MeasurePart, list[Me
 def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, experts: Sequence[ModelRef],
                   tasks: Sequence[TaskData], device: torch.device, seed: int, ood: bool, store: Cache | None,
                   scratch: contextlib.ExitStack | None, tokenizer_of: ImportanceRun | None = None) -> tuple[Path, bool]:
-    """The folder of ``job``'s measurements (from the cache, or measured now) and whether it was measured now."""
+    """The folder of ``job``'s measurements (from the cache, or measured now) and whether it was measured now.
+    ``tokenizer_of``: the whole run, whose tokenizer and kept models (the base) the job's run shares."""
     built: list[bool] = []
 
     def build(folder: Path) -> None:
@@ -479,7 +489,8 @@ def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, exp
         built.append(True)
         run = ImportanceRun(est.name, base, [experts[i] for i in job.experts], [tasks[i] for i in job.experts],
                             dict(job.params), device, seed, ood, part=job.part.name, _folder=folder,
-                            _tokenizer=tokenizer_of._tokenizer if tokenizer_of is not None else None)
+                            _tokenizer=tokenizer_of._tokenizer if tokenizer_of is not None else None,
+                            _kept=tokenizer_of._kept if tokenizer_of is not None else {})
         start = time.perf_counter()
         torch.manual_seed(seed)  # each part and shard as if measured alone: the same numbers whatever else is
         m = est.measure(run)
@@ -592,6 +603,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
             if est.two_stage:
                 assert est.finalize is not None
                 measurements, record = measured(scratch)
+                run._kept.clear()  # the shards' shared base: not needed by finalize
                 run.passes = dict(measurements.passes)
                 torch.manual_seed(seed)
                 coeffs = est.finalize(run, measurements)

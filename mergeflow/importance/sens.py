@@ -335,7 +335,7 @@ def _measure(run: ImportanceRun) -> Measurements:
     if p["use_delta"]:
         if run.base is None:
             raise MergeflowError("sens: use_delta needs a base model")
-        base_model = run.load_model(run.base)
+        base_model = run.load_model(run.base, keep=True)  # read once for all the run's shards
         base_params = {n: t.detach() for n, t in base_model.named_parameters()}
         del base_model
     rows, hows, notes = [], [], []
