@@ -83,6 +83,7 @@ size of the model) per distinct task at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -806,15 +807,23 @@ def _layout(run: ImportanceRun) -> tuple[Architecture, Partitioner, list[str], l
     outside the calibrated ones (D-2), from the measure parameters alone (measure and finalize agree on them)."""
     prm = run.params
     assert run.base is not None
-    level = prm["level"]
-    arch = Architecture.from_folder(run.base.path)
-    partitioner = Partitioner(arch, level, hidden_state_mode=prm["hidden_state_mode"])
+    arch, partitioner, scored, uncalibrated = _layout_of(str(run.base.path), run.base.content_hash, prm["level"],
+                                                         prm["hidden_state_mode"], prm["nonblock_policy"])
+    return arch, partitioner, list(scored), list(uncalibrated)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_of(path: str, content_hash: str, level: str, hidden_state_mode: str,
+               policy: str) -> tuple[Architecture, Partitioner, tuple[str, ...], tuple[str, ...]]:
+    """:func:`_layout` by the base's content hash: every shard of a run (and every finalize) reads the same base,
+    so its architecture is inferred once per process, not once per shard (read-only: callers get list copies)."""
+    arch = Architecture.from_folder(path)
+    partitioner = Partitioner(arch, level, hidden_state_mode=hidden_state_mode)
     if level == "model":
-        return arch, partitioner, [], []
+        return arch, partitioner, (), ()
     all_ids = partitioner.partition_ids()
-    calibrated = [pid for pid in all_ids if _calibrated(pid)]
-    uncalibrated = [pid for pid in all_ids if not _calibrated(pid)]
-    scored = [pid for pid in all_ids if pid in calibrated or prm["nonblock_policy"] == "own_partitions"]
+    uncalibrated = tuple(pid for pid in all_ids if not _calibrated(pid))
+    scored = tuple(pid for pid in all_ids if _calibrated(pid) or policy == "own_partitions")
     return arch, partitioner, scored, uncalibrated
 
 
@@ -865,7 +874,8 @@ def _measure(run: ImportanceRun) -> Measurements:
         tracing = "batched" if level == "hidden_state" and run.device.type == "cuda" else "in_place"
     batched = tracing == "batched"
     base_model = run.load_model(run.base, keep=True)  # read once for all the run's shards; only read here
-    base_model.requires_grad_(estimator == "grad")
+    if next(base_model.parameters()).requires_grad != (estimator == "grad"):  # kept between shards: set once
+        base_model.requires_grad_(estimator == "grad")
     for sha, experts_of_task in by_task.items():
         enc = encoded[sha]
         base_prob = None
@@ -914,7 +924,6 @@ def _measure(run: ImportanceRun) -> Measurements:
             stats["variant_rows"] += tracer.variant_rows
             del model, tracer
         del grads
-    base_model.requires_grad_(False)
     del base_model
     return Measurements({"model": model_scores, "level": level_scores}, stats=stats)
 

@@ -174,12 +174,8 @@ class Measurements:
             for tensor in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 yield tensor, f.get_tensor(tensor)
 
-    def save(self, folder: Path, provenance: Mapping[str, Any] | None = None) -> None:
-        """Write ``tensors`` and the metadata into ``folder`` (which already holds the entries written there)."""
-        from safetensors.torch import save_file
-
-        save_file({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()},
-                  str(folder / MEASUREMENTS_TENSORS))
+    def index_entries(self, folder: Path) -> dict[str, int]:
+        """Point ``entries`` at the entry files written into ``folder`` during the measurement; {name: count}."""
         entries = {}
         root = folder / MEASUREMENTS_ENTRIES
         for sub in sorted(root.iterdir()) if root.is_dir() else []:
@@ -187,6 +183,17 @@ class Measurements:
             if sorted(p.name for p in sub.glob("*.safetensors")) != sorted(f"{i}.safetensors" for i in range(n)):
                 raise RuntimeError(f"measurement entries {sub.name}: files are not numbered 0..{n - 1}")
             entries[sub.name] = n
+        self.entries = {name: [root / name / f"{i}.safetensors" for i in range(n)] for name, n in entries.items()}
+        self.path = folder
+        return entries
+
+    def save(self, folder: Path, provenance: Mapping[str, Any] | None = None) -> None:
+        """Write ``tensors`` and the metadata into ``folder`` (which already holds the entries written there)."""
+        from safetensors.torch import save_file
+
+        save_file({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()},
+                  str(folder / MEASUREMENTS_TENSORS))
+        entries = self.index_entries(folder)
         meta = {"format": MEASUREMENTS_FORMAT, "code_version": CODE_VERSION, "key": self.key,
                 "seconds": self.seconds, "load_seconds": self.load_seconds, "passes": dict(self.passes), "entries": entries,
                 "stats": _jsonable(self.stats), **_jsonable(dict(provenance or {}))}
@@ -479,12 +486,14 @@ def _jobs_by_part(jobs: Sequence[MeasureJob]) -> list[tuple[MeasurePart, list[Me
 
 def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, experts: Sequence[ModelRef],
                   tasks: Sequence[TaskData], device: torch.device, seed: int, ood: bool, store: Cache | None,
-                  scratch: contextlib.ExitStack | None, tokenizer_of: ImportanceRun | None = None) -> tuple[Path, bool]:
-    """The folder of ``job``'s measurements (from the cache, or measured now) and whether it was measured now.
+                  scratch: contextlib.ExitStack | None,
+                  tokenizer_of: ImportanceRun | None = None) -> tuple[Measurements, bool]:
+    """``job``'s measurements (from the cache, or measured now) and whether they were measured now. Without a cache
+    they are measured in a scratch folder (entry files) and kept in memory, not written and read back.
     ``tokenizer_of``: the whole run, whose tokenizer and kept models (the base) the job's run shares."""
     built: list[bool] = []
 
-    def build(folder: Path) -> None:
+    def measure_into(folder: Path) -> Measurements:
         assert est.measure is not None
         built.append(True)
         run = ImportanceRun(est.name, base, [experts[i] for i in job.experts], [tasks[i] for i in job.experts],
@@ -497,21 +506,28 @@ def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, exp
         m.passes, m.key = dict(run.passes), job.key
         m.seconds = round(time.perf_counter() - start, 3)
         m.load_seconds = round(run.load_seconds, 3)
-        m.save(folder, {"estimator": est.name, "part": job.part.name, "params": job.params,
-                        "base": base.content_hash if base else None,
-                        "experts": [experts[i].content_hash for i in job.experts],
-                        "data": {"tasks": [tasks[i].sha256 for i in job.experts], "ood": ood, "seed": seed},
-                        "device": str(device)})
         if tokenizer_of is not None:
             tokenizer_of._tokenizer = run._tokenizer
+        return m
+
+    def build(folder: Path) -> None:
+        measure_into(folder).save(folder, {
+            "estimator": est.name, "part": job.part.name, "params": job.params,
+            "base": base.content_hash if base else None, "experts": [experts[i].content_hash for i in job.experts],
+            "data": {"tasks": [tasks[i].sha256 for i in job.experts], "ood": ood, "seed": seed},
+            "device": str(device)})
 
     if store is None:
         assert scratch is not None
         folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="mergeflow-measurements-")))
-        build(folder)
-    else:
-        folder = store.get_or_create(MEASUREMENTS_KIND, job.key, build)
-    return folder, bool(built)
+        m = measure_into(folder)
+        m.index_entries(folder)
+        # what a cached copy would hold: CPU tensors, JSON stats
+        m.tensors = {n: t.detach().cpu() for n, t in m.tensors.items()}
+        m.stats = json.loads(json.dumps(_jsonable(m.stats)))
+        return m, True
+    folder = store.get_or_create(MEASUREMENTS_KIND, job.key, build)
+    return Measurements.load(folder), bool(built)
 
 
 def measure_shard(estimator: str, *, base: ModelRef | None, experts: Sequence[ModelRef], tasks: Sequence[TaskData],
@@ -533,9 +549,8 @@ def measure_shard(estimator: str, *, base: ModelRef | None, experts: Sequence[Mo
         raise RecipeError(f"importance: {estimator} has no measurement job part={part!r} experts={list(shard)} "
                           f"for these parameters; its jobs: {known}")
     with torch.random.fork_rng(devices=[]), compute_threads(threads):
-        folder, built = _measured_job(est, job, base=base, experts=experts, tasks=tasks, device=torch.device(device),
-                                      seed=seed, ood=ood, store=cache or Cache(), scratch=None)
-    m = Measurements.load(folder)
+        m, built = _measured_job(est, job, base=base, experts=experts, tasks=tasks, device=torch.device(device),
+                                 seed=seed, ood=ood, store=cache or Cache(), scratch=None)
     return {"part": part, "experts": list(job.experts), "key": job.key, "reused": not built, "seconds": m.seconds,
             "passes": dict(m.passes)}
 
@@ -578,9 +593,9 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
                                                      tasks=tasks, seed=seed, ood=ood)):
             shards = []
             for job in jobs:
-                folder, built = _measured_job(est, job, base=base, experts=experts, tasks=tasks, device=device,
-                                              seed=seed, ood=ood, store=store, scratch=scratch, tokenizer_of=run)
-                shards.append((job.experts, Measurements.load(folder), built))  # the same bytes, measured or not
+                m, built = _measured_job(est, job, base=base, experts=experts, tasks=tasks, device=device,
+                                         seed=seed, ood=ood, store=store, scratch=scratch, tokenizer_of=run)
+                shards.append((job.experts, m, built))
             m = shards[0][1] if len(shards) == 1 else Measurements.stack([(e, m) for e, m, _ in shards], part)
             parts.append(m)
             record[part.name] = {"keys": [j.key for j in jobs], "reused": not any(b for *_, b in shards),
