@@ -105,6 +105,25 @@ class RegistryState(CachePolicy):
         return cache_key("prefect-registry", uri=uri, name=name, version=version)
 
 
+@dataclass
+class AliasState(CachePolicy):
+    """Extra key for ``promote``: who holds each alias the candidates compete for, now. A repeat of the same run is
+    served from the cache while the alias is where that run left it; once the alias moved (another run, a hand, a
+    new store) the candidates are compared with its holder again."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        from mergeflow import tracking
+
+        uri = tracking.configure(inputs.get("tracking_uri"))
+        holders = {}
+        for name, alias in sorted({(c["name"], c["alias"]) for c in inputs["candidates"]}):
+            held = tracking.champion(name, alias)
+            holders[f"{name}@{alias}"] = held.version if held is not None else None
+        return cache_key("prefect-alias", uri=uri, holders=holders)
+
+
 CONTENT = ContentInputs() + TASK_SOURCE
+PROMOTE = ContentInputs() + AliasState() + TASK_SOURCE
 REGISTER = ContentInputs() + RegistryState() + TASK_SOURCE
 RESOLVE = CheckpointReference() + TASK_SOURCE

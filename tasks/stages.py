@@ -13,7 +13,7 @@ from typing import Any
 from prefect import task
 
 from mergeflow import pipeline
-from tasks.policies import CONTENT, REGISTER, RESOLVE, results_path
+from tasks.policies import CONTENT, PROMOTE, REGISTER, RESOLVE, results_path
 
 RecipeData = Mapping[str, Any]
 Manifest = dict[str, Any]
@@ -110,7 +110,7 @@ def register(recipe: RecipeData, merged: Manifest, inputs: Sequence[Manifest], r
                                    flow_run_id=str(flow_run.id) if flow_run.id else None)
 
 
-@task(name="promote", cache_policy=CONTENT, persist_result=True, result_storage=_RESULTS)
+@task(name="promote", cache_policy=PROMOTE, persist_result=True, result_storage=_RESULTS)
 def promote(candidates: Sequence[Manifest], tracking_uri: str | None = None) -> Manifest:
     """The end of registration for a run of several merges (a sweep): the alias moves to the run's best registered
     version on the selection metric, and only if it beats the current holder."""

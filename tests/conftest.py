@@ -27,6 +27,18 @@ def mergeflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["MERGEFLOW_HOME"] = old
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one compute thread is fastest, and far faster than two on a shared, busy machine. Modules of
+    tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory: pytest.TempPathFactory):
     """Lazily built tiny families: ``families("llama")`` → (base, [expert0, expert1, expert2])."""

@@ -3,8 +3,6 @@ down an independently measured slope, training lowers the objective, and the cla
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +17,7 @@ from mergeflow.importance.data import load_task_data
 from mergeflow.importance.scoring import encode, lm_loss
 from mergeflow.partitions import Partitioner
 from mergeflow.recipe import parse_recipe
+from tests.tiny_models import write_jsonl
 
 TASKS = {
     "fox": [("the quick brown fox", "jumps over the lazy dog"), ("the lazy dog", "jumps over"),
@@ -28,12 +27,7 @@ TASKS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +36,7 @@ def setup(families, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adamerging_tasks")
     files = []
     for name, rows in TASKS.items():
-        path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        path = write_jsonl(folder / f"{name}.jsonl", rows)
         files.append(path)
     tasks = [load_task_data(str(f), "fewshot", len(TASKS[n])) for f, n in zip(files, TASKS)]
     return base, experts, tasks, files

@@ -37,13 +37,7 @@ OTHER_ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves, and the test machine's cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(path, rows):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,6 +13,7 @@ from mergeflow.engine import merge_state_dict
 from mergeflow.importance.base import ModelRef, compute_coefficients
 from mergeflow.importance.data import load_task_data
 from mergeflow.recipe import parse_recipe
+from tests.tiny_models import write_jsonl
 
 TASKS = {
     "fox": [("the quick brown fox", "jumps over the lazy dog"), ("the lazy dog", "jumps over"),
@@ -25,13 +24,7 @@ TASKS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one compute thread is fastest, and far faster than two on a shared, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +33,7 @@ def setup(families, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cocktail_tasks")
     files = {}
     for name, rows in TASKS.items():
-        path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        path = write_jsonl(folder / f"{name}.jsonl", rows)
         files[name] = path
     return base, experts, files, folder / "cache"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +12,7 @@ from mergeflow.importance.data import Example
 from mergeflow.importance.fisher import fisher_diagonal, sample_targets
 from mergeflow.importance.scoring import encode
 from mergeflow.recipe import parse_recipe
+from tests.tiny_models import write_jsonl
 
 ROWS = [
     ("the quick brown fox", "jumps over the lazy dog"),
@@ -88,8 +87,7 @@ def test_fisher_merge_end_to_end(families, tmp_path):
     tasks = []
     for i in range(len(experts)):  # each expert its own task: a different rotation of the rows
         rows = (ROWS[i:] + ROWS[:i])[:3]
-        path = tmp_path / f"task{i}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        path = write_jsonl(tmp_path / f"task{i}.jsonl", rows)
         tasks.append((path, rows))
     recipe = parse_recipe({
         "merge_method": "linear",

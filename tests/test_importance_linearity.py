@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shutil
 
@@ -32,6 +31,7 @@ from mergeflow.importance.linearity import (
 from mergeflow.importance.scoring import encode
 from mergeflow.partitions import Partitioner
 from mergeflow.recipe import parse_recipe
+from tests.tiny_models import write_jsonl
 
 ROWS = [
     [("the quick brown", "fox jumps"), ("quick brown fox", "jumps over the lazy dog"), ("the lazy", "dog")],
@@ -42,13 +42,7 @@ TASKS = [[Example(p, a) for p, a in rows] for rows in ROWS]
 WEIGHTS = "model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: several threads on shared cores only contend with each other
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _variant(base, out, edits):
@@ -62,11 +56,6 @@ def _variant(base, out, edits):
 
 def _ref(path):
     return ModelRef(str(path), path, resolve(str(path)).content_hash)
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- numerical core
@@ -263,7 +252,7 @@ def test_singular_systems_fall_back(families, tmp_path):
 
 def test_head_level(families, tmp_path):
     base, experts = families("mistral")
-    tasks = [load_task_data(str(_jsonl(tmp_path / f"t{i}.jsonl", rows))) for i, rows in enumerate(ROWS)]
+    tasks = [load_task_data(str(write_jsonl(tmp_path / f"t{i}.jsonl", rows))) for i, rows in enumerate(ROWS)]
     kw = {"base": _ref(base), "experts": [_ref(e) for e in experts], "tasks": tasks, "use_cache": False}
     with pytest.raises(ArchitectureError, match="gqa_policy"):
         compute_coefficients("slta", params={"level": "head_mlp"}, **kw)
@@ -312,7 +301,7 @@ def test_nonlinearity_and_projection(families):
 
 def test_recipe_end_to_end(families, tmp_path):
     base, experts = families("llama")
-    files = [_jsonl(tmp_path / f"t{i}.jsonl", rows) for i, rows in enumerate(ROWS)]
+    files = [write_jsonl(tmp_path / f"t{i}.jsonl", rows) for i, rows in enumerate(ROWS)]
     recipe = parse_recipe({
         "merge_method": "task_arithmetic", "base_model": str(base),
         "models": [{"model": str(e), "task": str(f)} for e, f in zip(experts, files)],

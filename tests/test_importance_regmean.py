@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +15,7 @@ from mergeflow.importance.scoring import encode
 from mergeflow.methods.base import KernelInput
 from mergeflow.methods.regmean import regmean_kernel
 from mergeflow.recipe import parse_recipe
+from tests.tiny_models import write_jsonl
 
 ROWS = [
     ("the quick brown fox", "jumps over the lazy dog"),
@@ -81,8 +80,7 @@ def test_regmean_merge_equals_closed_form(families, tmp_path):
     tasks = []
     for i in range(len(experts)):
         rows = (ROWS[i:] + ROWS[:i])[:3]
-        path = tmp_path / f"task{i}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        path = write_jsonl(tmp_path / f"task{i}.jsonl", rows)
         tasks.append((path, rows))
     alpha = 0.5
     recipe = parse_recipe({

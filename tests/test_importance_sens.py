@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -18,6 +17,7 @@ from mergeflow.importance import sens
 from mergeflow.importance.base import ModelRef, compute_coefficients
 from mergeflow.importance.data import load_task_data
 from mergeflow.recipe import parse_recipe
+from tests.tiny_models import write_jsonl
 
 # Three tasks in the words of the tiny tokenizer's corpus; different prompt/answer lengths exercise padding.
 TASKS = {
@@ -29,13 +29,7 @@ TASKS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one compute thread is fastest, and far faster than two on a shared, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +38,7 @@ def setup(families, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sens_tasks")
     files = []
     for name, rows in TASKS.items():
-        path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+        path = write_jsonl(folder / f"{name}.jsonl", rows)
         files.append(path)
     return base, experts, files, folder / "cache"
 

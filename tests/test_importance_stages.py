@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from mergeflow.importance.base import (
 )
 from mergeflow.importance.data import load_task_data
 from mergeflow.methods.base import ParamSpec
+from tests.tiny_models import write_jsonl
 
 ROWS = [
     [("the quick brown fox", "jumps over the lazy dog"), ("the lazy dog", "jumps over"), ("over the lazy", "dog")],
@@ -44,25 +44,14 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one compute thread is fastest on a shared, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(families, tmp_path_factory):
     base, experts = families("llama")
     folder = tmp_path_factory.mktemp("stages_tasks")
-    tasks = [load_task_data(str(_jsonl(folder / f"t{i}.jsonl", rows)), n=len(rows)) for i, rows in enumerate(ROWS)]
+    tasks = [load_task_data(str(write_jsonl(folder / f"t{i}.jsonl", rows)), n=len(rows)) for i, rows in enumerate(ROWS)]
     return _ref(base), [_ref(e) for e in experts], tasks
 
 
@@ -282,7 +271,7 @@ def test_uncached_artifact_folder_lives_as_long_as_the_artifact(setup):
 
 def test_regmean_conv1d_marker_survives_the_two_stages(families, tmp_path, monkeypatch):
     base, experts = families("gpt2")
-    tasks = [load_task_data(str(_jsonl(tmp_path / f"t{i}.jsonl", rows)), n=2) for i, rows in enumerate(ROWS)]
+    tasks = [load_task_data(str(write_jsonl(tmp_path / f"t{i}.jsonl", rows)), n=2) for i, rows in enumerate(ROWS)]
     gpt2 = (_ref(base), [_ref(e) for e in experts], tasks)
     art = _check_variants(monkeypatch, "regmean", gpt2, tmp_path / "cache", {}, [{"alpha": 0.3}], with_base=False)
     assert art.stats["tied_layers"] == ["lm_head"]
@@ -340,7 +329,7 @@ def _toy(calls: list[tuple[str, dict]], *, parts: tuple[MeasurePart, ...] = ()) 
 
 @pytest.fixture
 def toy_inputs(tmp_path):
-    task = load_task_data(str(_jsonl(tmp_path / "t.jsonl", ROWS[0])), n=3)
+    task = load_task_data(str(write_jsonl(tmp_path / "t.jsonl", ROWS[0])), n=3)
     experts = [ModelRef(f"e{i}", tmp_path / f"e{i}", f"{i:064x}") for i in range(2)]
     return experts, [task, task]
 
@@ -413,8 +402,8 @@ def test_by_expert_parts_are_measured_in_shards_and_stacked_in_expert_order(monk
     on its own, can be measured ahead by another worker (measure_shard), and comes back in the experts' order."""
     calls: list = []
     monkeypatch.setitem(importance_base._REGISTRY, "toy", _by_expert_toy(calls))
-    a = load_task_data(str(_jsonl(tmp_path / "a.jsonl", ROWS[0])), n=3)
-    b = load_task_data(str(_jsonl(tmp_path / "b.jsonl", ROWS[1])), n=2)
+    a = load_task_data(str(write_jsonl(tmp_path / "a.jsonl", ROWS[0])), n=3)
+    b = load_task_data(str(write_jsonl(tmp_path / "b.jsonl", ROWS[1])), n=2)
     experts = [ModelRef(f"e{i}", tmp_path / f"e{i}", f"{i + 1:064x}") for i in range(3)]
     tasks = [a, b, a]
     assert importance_base.expert_shards(tasks) == [(0, 2), (1,)]

@@ -34,6 +34,14 @@ _CORPUS = [
 ] * 8
 
 
+def write_jsonl(path: Path, rows) -> Path:
+    """A task file of ``(prompt, answer)`` pairs, one JSON object a line, as the estimators' data loader reads it."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    return path
+
+
 def make_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
