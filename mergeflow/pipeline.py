@@ -159,19 +159,23 @@ def importance_inputs(recipe: Recipe, index: int) -> dict[str, Any]:
     return {"spec": recipe.importance[index].model_dump(mode="json"), "expert_tasks": [e.task for e in recipe.experts]}
 
 
-def _model_ref(m: Mapping[str, Any]) -> Any:
+def _importance_args(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
+                     experts: Sequence[Mapping[str, Any]], index: int,
+                     recipe_dir: str | Path | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments the library's ``*_for_importance`` functions take, from a stage's plain inputs: the validated
+    entry, the tasks, the base and experts as ModelRefs, and the recipe-relative reference rule."""
     from mergeflow.importance.base import ModelRef
-
-    return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
-
-
-def _importance_entry(spec: Mapping[str, Any], index: int) -> Any:
     from mergeflow.recipe import ImportanceSpec
 
+    def ref(m: Mapping[str, Any]) -> ModelRef:
+        return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
+
     try:
-        return ImportanceSpec.model_validate(dict(spec))
+        entry = ImportanceSpec.model_validate(dict(spec))
     except ValueError as e:
         raise RecipeError(f"importance[{index}]: {e}") from None
+    return ((entry, list(expert_tasks), ref(base) if base else None, [ref(e) for e in experts]),
+            {"resolve_reference": lambda r: resolve_relative(r, recipe_dir)})
 
 
 def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
@@ -182,9 +186,8 @@ def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None
     measures all experts in one go. Cheap: it reads the task data, no model."""
     from mergeflow.importance.base import shards_for_importance
 
-    return shards_for_importance(_importance_entry(spec, index), list(expert_tasks),
-                                 _model_ref(base) if base else None, [_model_ref(e) for e in experts],
-                                 resolve_reference=lambda ref: resolve_relative(ref, recipe_dir))
+    args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
+    return shards_for_importance(*args, **kwargs)
 
 
 def measure_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
@@ -196,10 +199,8 @@ def measure_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], b
     from mergeflow.importance.base import measure_for_importance
 
     dev = pick_device(device)
-    out = measure_for_importance(_importance_entry(spec, index), list(expert_tasks),
-                                 _model_ref(base) if base else None, [_model_ref(e) for e in experts], part=part,
-                                 shard=shard, resolve_reference=lambda ref: resolve_relative(ref, recipe_dir),
-                                 device=dev)
+    args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
+    out = measure_for_importance(*args, part=part, shard=shard, device=dev, **kwargs)
     return {"index": index, "estimator": spec["estimator"], **out,
             "experts_references": [experts[i]["reference"] for i in out["experts"]], "device": str(dev)}
 
@@ -214,10 +215,8 @@ def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None]
     from mergeflow.importance.base import coefficients_for_importance
 
     start = time.perf_counter()
-    coeffs = coefficients_for_importance(_importance_entry(spec, index), list(expert_tasks),
-                                         _model_ref(base) if base else None, [_model_ref(e) for e in experts],
-                                         resolve_reference=lambda ref: resolve_relative(ref, recipe_dir),
-                                         device=pick_device(device))
+    args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
+    coeffs = coefficients_for_importance(*args, device=pick_device(device), **kwargs)
     summary = coeffs.summary()
     return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),
             "params": coeffs.params, "fields": summary["fields"], "passes": coeffs.stats.get("passes", {}),

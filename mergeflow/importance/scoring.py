@@ -41,18 +41,15 @@ class Encoded:
         return Encoded(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.answer_mask,
                                                 self.targets, self.lengths)))
 
-    def select(self, index: torch.Tensor) -> Encoded:
-        """The rows in ``index`` (any order), trimmed to their own longest sequence."""
+    def select(self, index: torch.Tensor | slice) -> Encoded:
+        """The rows in ``index`` (a slice, or indices in any order), trimmed to their own longest sequence."""
         width = int(self.lengths[index].max())
         return Encoded(self.input_ids[index, :width], self.attention_mask[index, :width],
                        self.answer_mask[index, :width - 1], self.targets[index, :width - 1], self.lengths[index])
 
     def rows(self, start: int, stop: int) -> Encoded:
         """Rows start:stop, trimmed to their own longest sequence."""
-        width = int(self.lengths[start:stop].max())
-        return Encoded(self.input_ids[start:stop, :width], self.attention_mask[start:stop, :width],
-                       self.answer_mask[start:stop, :width - 1], self.targets[start:stop, :width - 1],
-                       self.lengths[start:stop])
+        return self.select(slice(start, stop))
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, max_length: int | None = None,
