@@ -341,7 +341,7 @@ def test_recipe_end_to_end_and_cache(families, tmp_path, monkeypatch):
         calls.append(run)
         return est.measure(run)
 
-    monkeypatch.setitem(importance_base._REGISTRY, "apl", dataclasses.replace(est, measure=counted))
+    monkeypatch.setitem(importance_base.ESTIMATORS, "apl", dataclasses.replace(est, measure=counted))
     first = merge_state_dict(recipe)
     second = merge_state_dict(recipe)
     assert len(calls) == 3  # scored expert by expert (each on its own task), once

@@ -74,7 +74,7 @@ def _no_model_pass(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[None]
 
     with monkeypatch.context() as m:
         m.setattr(ImportanceRun, "load_model", refuse)
-        m.setitem(importance_base._REGISTRY, name, dataclasses.replace(get_estimator(name), measure=refuse))
+        m.setitem(importance_base.ESTIMATORS, name, dataclasses.replace(get_estimator(name), measure=refuse))
         yield
 
 
@@ -335,7 +335,7 @@ def toy_inputs(tmp_path):
 
 
 def _toy_run(monkeypatch, est, toy_inputs, cache, **params) -> Coefficients:
-    monkeypatch.setitem(importance_base._REGISTRY, "toy", est)
+    monkeypatch.setitem(importance_base.ESTIMATORS, "toy", est)
     experts, tasks = toy_inputs
     return compute_coefficients("toy", base=None, experts=experts, tasks=tasks, params=params,
                                 cache=Cache(cache) if cache else None, use_cache=cache is not None, threads=1)
@@ -401,7 +401,7 @@ def test_by_expert_parts_are_measured_in_shards_and_stacked_in_expert_order(monk
     """Experts sharing their task data form one shard (one pass over the data serves them); each shard is cached
     on its own, can be measured ahead by another worker (measure_shard), and comes back in the experts' order."""
     calls: list = []
-    monkeypatch.setitem(importance_base._REGISTRY, "toy", _by_expert_toy(calls))
+    monkeypatch.setitem(importance_base.ESTIMATORS, "toy", _by_expert_toy(calls))
     a = load_task_data(str(write_jsonl(tmp_path / "a.jsonl", ROWS[0])), n=3)
     b = load_task_data(str(write_jsonl(tmp_path / "b.jsonl", ROWS[1])), n=2)
     experts = [ModelRef(f"e{i}", tmp_path / f"e{i}", f"{i + 1:064x}") for i in range(3)]

@@ -150,7 +150,7 @@ def _compute(run: ImportanceRun) -> Coefficients:
                             scores={"lambda": weights.clone()}, score_partitions={"lambda": list(ids)}, stats=stats)
 
 
-register_estimator(Estimator(
+ADAMERGING = register_estimator(Estimator(
     name="adamerging",
     compute=_compute,
     params=PARAMS,

@@ -1010,7 +1010,7 @@ def _canonical_scores(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "weights": "none"} if params["estimator"] == "causal" else params
 
 
-ESTIMATOR = register_estimator(Estimator(
+APL = register_estimator(Estimator(
     name="apl",
     measure=_measure,
     finalize=_finalize,

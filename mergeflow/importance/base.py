@@ -38,6 +38,7 @@ from mergeflow.coefficients import CoefficientField, Coefficients, _jsonable, co
 from mergeflow.errors import RecipeError
 from mergeflow.importance.data import TaskData, load_task_data
 from mergeflow.methods.base import ParamSpec
+from mergeflow.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -394,39 +395,36 @@ class Estimator:
         return out
 
 
-_REGISTRY: dict[str, Estimator] = {}
+def _unknown_estimator(name: str, known: list[str]) -> RecipeError:
+    return RecipeError(f"importance.estimator: unknown estimator {name!r}; known: {', '.join(known)}")
+
+
+# The built-in estimators: name -> "module:attribute", imported on first use (each module registers its estimator
+# with ``register_estimator``). A new estimator is one module plus its line here.
+BUILTIN_ESTIMATORS: dict[str, str] = {
+    "adamerging": "mergeflow.importance.adamerging:ADAMERGING",
+    "apl": "mergeflow.importance.apl:APL",
+    "cocktail": "mergeflow.importance.cocktail:COCKTAIL",
+    "fisher": "mergeflow.importance.fisher:FISHER",
+    "regmean": "mergeflow.importance.regmean:REGMEAN",
+    "sens": "mergeflow.importance.sens:SENS",
+    "slta": "mergeflow.importance.linearity:SLTA",
+}
+
+ESTIMATORS: Registry[Estimator] = Registry("estimator", BUILTIN_ESTIMATORS, unknown=_unknown_estimator)
 
 
 def register_estimator(estimator: Estimator) -> Estimator:
-    if estimator.name in _REGISTRY:
-        raise ValueError(f"estimator {estimator.name!r} registered twice")
-    _REGISTRY[estimator.name] = estimator
-    return estimator
-
-
-def _load_builtin() -> None:
-    import importlib
-
-    for module in ("apl", "sens", "linearity", "cocktail", "fisher", "regmean", "adamerging"):
-        try:
-            importlib.import_module(f"mergeflow.importance.{module}")
-        except ModuleNotFoundError as exc:  # an estimator module not written yet must not break the others
-            if exc.name != f"mergeflow.importance.{module}":
-                raise
+    """Register ``estimator`` under its name; returns it, so its module can keep it as a constant."""
+    return ESTIMATORS.register(estimator.name, estimator)
 
 
 def get_estimator(name: str) -> Estimator:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise RecipeError(f"importance.estimator: unknown estimator {name!r}; known: "
-                          f"{', '.join(sorted(_REGISTRY))}") from None
+    return ESTIMATORS.lookup(name)
 
 
 def all_estimators() -> list[Estimator]:
-    _load_builtin()
-    return sorted(_REGISTRY.values(), key=lambda e: e.name)
+    return sorted(ESTIMATORS.unique(), key=lambda e: e.name)
 
 
 def measurements_key(estimator: str, part: str, *, base_hash: str | None, expert_hashes: Sequence[str],

@@ -249,7 +249,7 @@ def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
     return out
 
 
-register_estimator(Estimator(
+FISHER = register_estimator(Estimator(
     name="fisher",
     measure=_measure,
     finalize=_finalize,

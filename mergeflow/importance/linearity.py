@@ -767,7 +767,7 @@ def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
                             score_partitions={"alpha_raw": pids, "condition": pids}, stats=stats)
 
 
-ESTIMATOR = register_estimator(Estimator(
+SLTA = register_estimator(Estimator(
     name="slta",
     measure=_measure,
     finalize=_finalize,

@@ -154,7 +154,7 @@ def _finalize(run: ImportanceRun, measured: Measurements) -> Coefficients:
     return out
 
 
-register_estimator(Estimator(
+REGMEAN = register_estimator(Estimator(
     name="regmean",
     measure=_measure,
     finalize=_finalize,

@@ -3,7 +3,10 @@
 A kernel sees one output tensor at a time: the base tensor, the stacked expert tensors, the per-expert parameters
 resolved for this tensor (a float, or a tensor broadcastable to the tensor's shape when coefficients come per
 partition from a data-aware estimator) and the shared parameters. It returns the merged tensor in the compute dtype.
-Adding a method is one file that defines a kernel and calls :func:`register`.
+Adding a method is one module that defines a kernel and calls ``register(MergeMethod(...))`` (keeping the result
+as a module constant), plus one line in :data:`BUILTIN_METHODS` naming that constant (``"name": "module:CONSTANT"``):
+the registry imports the module the first time the method is asked for, so listing or checking one method never
+imports every kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from mergeflow.errors import RecipeError
+from mergeflow.registry import Registry
 
 ParamValue = float | torch.Tensor
 
@@ -137,37 +141,46 @@ class MergeMethod:
         return tuple(p for p in self.params if not p.per_model)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+def _unknown_method(name: str, known: list[str]) -> RecipeError:
+    return RecipeError(f"merge_method: unknown method {name!r}; known methods: {', '.join(known)}")
+
+
+# The built-in methods: name -> "module:attribute", imported on first use. Adding a method is one module that
+# defines its kernel and calls ``register(MergeMethod(...))``, plus its line here.
+BUILTIN_METHODS: dict[str, str] = {
+    "linear": "mergeflow.methods.linear:LINEAR",
+    "weight_average": "mergeflow.methods.linear:LINEAR",
+    "model_stock": "mergeflow.methods.model_stock:MODEL_STOCK",
+    "regmean": "mergeflow.methods.regmean:REGMEAN",
+    "slerp": "mergeflow.methods.slerp:SLERP",
+    "nuslerp": "mergeflow.methods.slerp:NUSLERP",
+    "consensus": "mergeflow.methods.tall:CONSENSUS",
+    "task_arithmetic": "mergeflow.methods.task_arithmetic:TASK_ARITHMETIC",
+    "ties": "mergeflow.methods.task_arithmetic:TIES",
+    "dare_linear": "mergeflow.methods.task_arithmetic:DARE_LINEAR",
+    "dare_ties": "mergeflow.methods.task_arithmetic:DARE_TIES",
+    "magnitude_prune": "mergeflow.methods.task_arithmetic:MAGNITUDE_PRUNE",
+    "breadcrumbs": "mergeflow.methods.task_arithmetic:BREADCRUMBS",
+    "breadcrumbs_ties": "mergeflow.methods.task_arithmetic:BREADCRUMBS_TIES",
+    "della": "mergeflow.methods.task_arithmetic:DELLA",
+    "della_linear": "mergeflow.methods.task_arithmetic:DELLA_LINEAR",
+}
+
+METHODS: Registry[MergeMethod] = Registry("merge method", BUILTIN_METHODS, unknown=_unknown_method)
 
 
 def register(method: MergeMethod, aliases: Sequence[str] = ()) -> MergeMethod:
-    for name in (method.name, *aliases):
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = method
-    return method
+    """Register ``method`` under its name (and ``aliases``); returns it, so a module can keep it as a constant."""
+    return METHODS.register(method.name, method, aliases=tuple(aliases))
 
 
 def get_method(name: str) -> MergeMethod:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted({m.name for m in _REGISTRY.values()}))
-        raise RecipeError(f"merge_method: unknown method {name!r}; known methods: {known}") from None
+    return METHODS.lookup(name)
 
 
 def all_methods() -> list[MergeMethod]:
-    _load_builtin()
-    seen: dict[str, MergeMethod] = {}
-    for m in _REGISTRY.values():
-        seen.setdefault(m.name, m)
-    return sorted(seen.values(), key=lambda m: m.name)
-
-
-def _load_builtin() -> None:
-    # importing the modules registers their methods
-    from mergeflow.methods import linear, model_stock, regmean, slerp, tall, task_arithmetic  # noqa: F401
+    """Every method once (aliases folded), sorted by name."""
+    return sorted(METHODS.unique(), key=lambda m: m.name)
 
 
 # Parameter specs shared by several methods

@@ -35,7 +35,7 @@ def _linear_compat(models: list[torch.Tensor], weights: list[float], normalize: 
     return result.to(first.dtype)
 
 
-register(MergeMethod(
+LINEAR = register(MergeMethod(
     name="linear",
     kernel=linear_kernel,
     params=(

@@ -36,7 +36,7 @@ def model_stock_kernel(x: KernelInput) -> torch.Tensor:
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
-register(MergeMethod(
+MODEL_STOCK = register(MergeMethod(
     name="model_stock",
     kernel=model_stock_kernel,
     params=(

@@ -69,7 +69,7 @@ def _average(models: list[torch.Tensor]) -> torch.Tensor:
     return acc.div_(len(models))
 
 
-register(MergeMethod(
+REGMEAN = register(MergeMethod(
     name="regmean",
     kernel=regmean_kernel,
     params=(),

@@ -58,7 +58,7 @@ def nuslerp_kernel(x: KernelInput) -> torch.Tensor:
     return nuslerp(t, a, b, row_wise=row_wise, flatten=flatten)
 
 
-register(MergeMethod(
+SLERP = register(MergeMethod(
     name="slerp",
     kernel=slerp_kernel,
     params=(ParamSpec("t", float, None, help="interpolation factor: 0 = base, 1 = the other model", low=0.0,
@@ -70,7 +70,7 @@ register(MergeMethod(
     mergekit_name="slerp",
 ))
 
-register(MergeMethod(
+NUSLERP = register(MergeMethod(
     name="nuslerp",
     kernel=nuslerp_kernel,
     params=(

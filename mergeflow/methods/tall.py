@@ -20,7 +20,7 @@ def consensus_kernel(x: KernelInput) -> torch.Tensor:
     return base + float(x.shared.get("lambda", 1.0)) * (mtl * keep)
 
 
-register(MergeMethod(
+CONSENSUS = register(MergeMethod(
     name="consensus",
     kernel=consensus_kernel,
     params=(

@@ -337,38 +337,45 @@ def _define(name: str, comp: Composition, extra: tuple[ParamSpec, ...], summary:
     ))
 
 
-TA = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)"
-TIES = "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)"
-DARE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)"
-BREADCRUMBS = "Davari & Belilovsky, Model Breadcrumbs (arXiv:2312.06795)"
-DELLA = "Deep et al., DELLA-Merging (arXiv:2406.11617)"
+TA_PAPER = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)"
+TIES_PAPER = "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)"
+DARE_PAPER = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)"
+BREADCRUMBS_PAPER = "Davari & Belilovsky, Model Breadcrumbs (arXiv:2312.06795)"
+DELLA_PAPER = "Deep et al., DELLA-Merging (arXiv:2406.11617)"
 
 TRIM_SCOPE = ParamSpec("trim_scope", str, "global", default_compat="tensor",
                        help="where the top-density entries are chosen: over the whole task vector (paper), per "
                             "tensor (mergekit) or per row", choices=("global", "tensor", "row"))
 
-_define("task_arithmetic", Composition(None, None, False, False, "none", False), (),
-        "θ_b + λ·Σ w_t·Δ_t", TA)
-_define("ties", Composition("magnitude", "sum", True, True, "none", False),
-        (ParamSpec("density", float, 0.2, default_compat=1.0, per_model=True, low=0.0, high=1.0, low_open=True,
-                   help="fraction of each task vector kept by magnitude (paper k = 0.2; mergekit default 1.0)"),
-         TRIM_SCOPE),
-        "trim to the top-density |Δ|, elect a sign per entry, disjoint mean of the agreeing entries", TIES,
-        global_trim=True)
-_define("dare_linear", Composition("bernoulli", None, False, False, "inverse", True), (density_param(0.5),),
-        "drop entries at random with probability 1−density, rescale, then task arithmetic", DARE, random=True)
-_define("dare_ties", Composition("bernoulli", "sum", True, False, "inverse", True), (density_param(0.5),),
-        "DARE drop and rescale, then TIES sign election and disjoint merge", DARE, random=True)
-_define("magnitude_prune", Composition("magnitude", None, False, False, "none", False),
-        (density_param(0.5, "fraction of each tensor's task vector kept by magnitude (no rescale)"),),
-        "keep the largest-|Δ| entries of each tensor (no rescale), then task arithmetic", DARE + " (MP baseline)")
-_define("breadcrumbs", Composition("outliers", None, False, False, "none", False),
-        (density_param(0.9), GAMMA),
-        "drop the largest outliers and the smallest entries of each tensor, then task arithmetic", BREADCRUMBS)
-_define("breadcrumbs_ties", Composition("outliers", "sum", False, False, "none", False),
-        (density_param(0.9), GAMMA),
-        "Breadcrumbs sparsification with TIES sign election", BREADCRUMBS)
-_define("della", Composition("della", "sum", True, True, "inverse", True), (density_param(0.7), EPSILON),
-        "magnitude-rank sampling (MagPrune), sign election, disjoint mean", DELLA, random=True)
-_define("della_linear", Composition("della", None, False, False, "inverse", True), (density_param(0.7), EPSILON),
-        "MagPrune then task arithmetic", DELLA, random=True)
+TASK_ARITHMETIC = _define(
+    "task_arithmetic", Composition(None, None, False, False, "none", False), (),
+    "θ_b + λ·Σ w_t·Δ_t", TA_PAPER)
+TIES = _define(
+    "ties", Composition("magnitude", "sum", True, True, "none", False),
+    (ParamSpec("density", float, 0.2, default_compat=1.0, per_model=True, low=0.0, high=1.0, low_open=True,
+               help="fraction of each task vector kept by magnitude (paper k = 0.2; mergekit default 1.0)"),
+     TRIM_SCOPE),
+    "trim to the top-density |Δ|, elect a sign per entry, disjoint mean of the agreeing entries", TIES_PAPER,
+    global_trim=True)
+DARE_LINEAR = _define(
+    "dare_linear", Composition("bernoulli", None, False, False, "inverse", True), (density_param(0.5),),
+    "drop entries at random with probability 1−density, rescale, then task arithmetic", DARE_PAPER, random=True)
+DARE_TIES = _define(
+    "dare_ties", Composition("bernoulli", "sum", True, False, "inverse", True), (density_param(0.5),),
+    "DARE drop and rescale, then TIES sign election and disjoint merge", DARE_PAPER, random=True)
+MAGNITUDE_PRUNE = _define(
+    "magnitude_prune", Composition("magnitude", None, False, False, "none", False),
+    (density_param(0.5, "fraction of each tensor's task vector kept by magnitude (no rescale)"),),
+    "keep the largest-|Δ| entries of each tensor (no rescale), then task arithmetic", DARE_PAPER + " (MP baseline)")
+BREADCRUMBS = _define(
+    "breadcrumbs", Composition("outliers", None, False, False, "none", False), (density_param(0.9), GAMMA),
+    "drop the largest outliers and the smallest entries of each tensor, then task arithmetic", BREADCRUMBS_PAPER)
+BREADCRUMBS_TIES = _define(
+    "breadcrumbs_ties", Composition("outliers", "sum", False, False, "none", False), (density_param(0.9), GAMMA),
+    "Breadcrumbs sparsification with TIES sign election", BREADCRUMBS_PAPER)
+DELLA = _define(
+    "della", Composition("della", "sum", True, True, "inverse", True), (density_param(0.7), EPSILON),
+    "magnitude-rank sampling (MagPrune), sign election, disjoint mean", DELLA_PAPER, random=True)
+DELLA_LINEAR = _define(
+    "della_linear", Composition("della", None, False, False, "inverse", True), (density_param(0.7), EPSILON),
+    "MagPrune then task arithmetic", DELLA_PAPER, random=True)
