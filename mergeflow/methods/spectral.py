@@ -1,0 +1,145 @@
+"""What the SVD-based merges (``tsv``, ``iso_c``, ``iso_cts``) and ``wudi`` share: task vectors in the working dtype,
+which tensors are treated as matrices, the polar factor, and how much memory their per-tensor linear algebra needs.
+
+Conventions, as in FusionBench (the reference implementation of all four):
+
+- **Which tensors.** Every 2-D tensor (embeddings, LM head and 1×n / n×1 tensors included) gets the method's matrix
+  treatment; every other tensor (biases, norms, conv kernels) takes the mean of the task vectors. The shared parameter
+  ``exclude`` (false by default) sends a 2-D tensor to the mean too: set it per tensor with a filter, e.g.
+  ``exclude: [{filter: embed_tokens, value: true}, {value: false}]`` (FusionBench's ``exclude_keys``).
+- **dtype.** The arithmetic is float32 (float64 when the inputs are float64); bf16/fp16 inputs, including in
+  ``mergekit_compat`` mode where the engine would otherwise hand over the stored dtype, are upcast first, since LAPACK
+  and cuSOLVER have no half-precision SVD. There is no mergekit equivalent, so compat mode changes nothing else.
+- **Device.** Everything runs where the engine put the tensors: ``--device cuda`` (or ``auto`` on a GPU machine) runs
+  the SVDs with cuSOLVER and WUDI's Adam steps on the GPU.
+- **Order of the experts.** The merged update is a symmetric function of the experts in exact arithmetic (the polar
+  factor commutes with permuting columns, ``svd`` sign flips cancel in ``u σ vᵀ``, sums commute), but floating-point
+  sums and LAPACK are not: the kernels alone are order-independent only to about 1e-6 relative. The engine hands
+  experts to every kernel in a canonical order (by content hash) in paper mode, so the merged *model* is bit-identical
+  whatever order the recipe lists them in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.methods.base import KernelInput, ParamSpec
+
+EXCLUDE = ParamSpec("exclude", bool, False,
+                    help="true: this 2-D tensor takes the mean of the task vectors instead (FusionBench's "
+                         "exclude_keys); set it per tensor with filters")
+
+
+def work_dtype(x: KernelInput) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def task_vectors(x: KernelInput) -> list[torch.Tensor]:
+    """Δ_t = θ_t − θ_b in the working dtype (new tensors: the inputs may be memory-mapped, so never modified)."""
+    assert x.base is not None
+    dtype = work_dtype(x)
+    base = x.base.to(dtype)
+    return [m.to(dtype) - base for m in x.models]
+
+
+def is_matrix(x: KernelInput) -> bool:
+    assert x.base is not None
+    return x.base.dim() == 2 and not x.shared.get("exclude", False)
+
+
+def mean(deltas: list[torch.Tensor]) -> torch.Tensor:
+    acc = torch.zeros_like(deltas[0])
+    for d in deltas:
+        acc.add_(d)
+    return acc.div_(len(deltas))
+
+
+def total(deltas: list[torch.Tensor]) -> torch.Tensor:
+    acc = torch.zeros_like(deltas[0])
+    for d in deltas:
+        acc.add_(d)
+    return acc
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``U Vᵀ`` of ``a = U Σ Vᵀ``: the matrix with orthonormal columns (rows, when ``a``
+    is wide) nearest to ``a`` in Frobenius norm (the Procrustes solution TSV and Iso-CTS orthogonalize with)."""
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+def finish(x: KernelInput, update: torch.Tensor) -> torch.Tensor:
+    """θ_b + λ·update, returned in the engine's compute dtype."""
+    assert x.base is not None
+    lam = float(x.shared.get("lambda", 1.0))
+    return (x.base.to(update.dtype) + lam * update).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- memory estimate
+
+def workspace_elements(method: str, shape: tuple[int, ...], k: int) -> int:
+    """Elements of working memory one tensor needs beyond what the engine's estimate counts already (the raw and
+    compute copies of the K + 1 inputs and a K-way buffer, which the task vectors take), for the methods of this
+    family (0 for a tensor they only average, and for other methods).
+
+    An SVD of an m×n matrix (r = min(m, n)) holds a copy of its input (LAPACK overwrites it), U (m·r), Vᵀ (r·n) and
+    LAPACK's divide-and-conquer work (about 4r² + max(m, n)·r elements for gesdd): about ``svd(m, n)`` below. Each
+    method holds, beyond its task vectors:
+
+    - ``tsv``: one task's SVD at a time, then the concatenated U (m·Ks) and Vᵀ (Ks·n, Ks ≈ r) and their polar
+      factors (an SVD each) and the product;
+    - ``iso_c``: the summed update and its SVD;
+    - ``iso_cts``: the sum's SVD, one projected task vector (m·n) and its SVD at a time, the combined U and Vᵀ and
+      their polar factors;
+    - ``wudi``: the merged update, Adam's two moments, the gradient and the matmul temporary (5·m·n), the
+      closed-form gradient's constant term (m·n) and its n×n Gram sum (n²).
+    """
+    if len(shape) != 2 or method not in ("tsv", "iso_c", "iso_cts", "wudi"):
+        return 0
+    m, n = shape
+    r = min(m, n)
+
+    def svd(rows: int, cols: int) -> int:
+        rr = min(rows, cols)
+        return rows * cols + rows * rr + rr * cols + 4 * rr * rr + max(rows, cols) * rr
+
+    if method == "tsv":
+        ks = k * max(1, r // k)
+        return max(svd(m, n) + m * ks + ks * n, m * ks + ks * n + svd(m, ks) + svd(ks, n)) + m * n
+    if method == "iso_c":
+        return m * n + svd(m, n)
+    if method == "iso_cts":
+        return m * n + max(svd(m, n) + m * n + svd(m, n), 2 * (m * r + r * n) + svd(m, r) + svd(r, n))
+    return 6 * m * n + n * n  # wudi
+
+
+def workspace_estimate(method: str, shapes: list[tuple[int, ...]], k: int, itemsize: int = 4) -> dict[str, int]:
+    """The largest per-tensor workspace over ``shapes`` (bytes) and the shape that needs it; {} if none needs any."""
+    best, best_shape = 0, None
+    for shape in shapes:
+        need = workspace_elements(method, tuple(shape), k)
+        if need > best:
+            best, best_shape = need, tuple(shape)
+    if best_shape is None:
+        return {}
+    return {"workspace_bytes": best * itemsize, "workspace_rows": best_shape[0], "workspace_cols": best_shape[1]}
+
+
+def rank_share(shape: tuple[int, int], k: int) -> int:
+    """TSV's singular triplets per task: ⌊min(m, n)/K⌋ as in FusionBench, but at least 1 (FusionBench keeps none
+    when min(m, n) < K, i.e. leaves such a tensor at the base)."""
+    return max(1, min(shape) // k)
+
+
+def iso_cts_split(shape: tuple[int, int], k: int, common_space_fraction: float) -> tuple[int, int]:
+    """Iso-CTS's (common directions, directions per task) for an m×n tensor, as FusionBench sizes them: the common
+    space takes ⌊r·f⌋ of the r = min(m, n) directions, the rest is rounded (Python's half-to-even ``round``) to a
+    multiple of K and split evenly, and the common space takes what is left. When rounding up would ask for more
+    than r directions (small r, small f) the per-task share is cut to ⌊r/K⌋ (FusionBench would slice with a
+    negative index there)."""
+    r = min(shape)
+    common = int(r * common_space_fraction)
+    per_task = round((r - common) / k)
+    if per_task * k > r:
+        per_task = r // k
+    return r - per_task * k, per_task
