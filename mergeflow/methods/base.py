@@ -164,6 +164,10 @@ BUILTIN_METHODS: dict[str, str] = {
     "breadcrumbs_ties": "mergeflow.methods.task_arithmetic:BREADCRUMBS_TIES",
     "della": "mergeflow.methods.task_arithmetic:DELLA",
     "della_linear": "mergeflow.methods.task_arithmetic:DELLA_LINEAR",
+    "tsv": "mergeflow.methods.tsv:TSV",
+    "iso_c": "mergeflow.methods.iso:ISO_C",
+    "iso_cts": "mergeflow.methods.iso:ISO_CTS",
+    "wudi": "mergeflow.methods.wudi:WUDI",
 }
 
 METHODS: Registry[MergeMethod] = Registry("merge method", BUILTIN_METHODS, unknown=_unknown_method)
