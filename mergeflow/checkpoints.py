@@ -1,7 +1,10 @@
 """Resolve a checkpoint reference to a checked local snapshot with a content hash.
 
 A reference is a local folder, a Hugging Face hub id (``org/name`` or ``name``, optional ``@revision``) served from the
-normal hub cache (offline mode honoured), or an MLflow registry URI (``models:/name/3``, ``models:/name@champion``).
+normal hub cache (offline mode honoured), an MLflow registry URI (``models:/name/3``, ``models:/name@champion``) or a
+zoo model (``zoo:full/base``). Finding the folder is :mod:`mergeflow.resolvers`' job (a registry of resolvers per
+scheme, which the MLflow and zoo layers fill), so this reader imports neither of them; the safetensors header and
+pickle readers live in :mod:`mergeflow.tensors`.
 
 Bad input fails here, before any heavy work, with a message naming the folder, file or tensor: checks run
 cheapest first (folder, config, weight files exist and are readable → safetensors headers consistent with the file
@@ -16,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import struct
 import tempfile
 import zipfile
 from collections.abc import Iterable
@@ -29,32 +30,23 @@ import torch
 
 from mergeflow.errors import CheckpointError, NonFiniteTensorError
 from mergeflow.paths import mergeflow_home
+from mergeflow.resolvers import locate
+from mergeflow.tensors import (
+    PICKLE_INDEX,
+    SAFETENSORS_INDEX,
+    CheckpointReader,
+    load_pickle,
+    read_safetensors_header,
+)
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
 
-# Bits per element of every safetensors dtype (F4/F6 pack several elements per byte).
-SAFETENSORS_DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
-    "I64": 64, "U64": 64,
-}
 # Float dtypes that can hold NaN or Inf (F4 and F6 have no encoding for either, so they need no scan).
 _SCANNED_DTYPES = frozenset({"F8_E5M2", "F8_E4M3", "F8_E8M0", "F16", "BF16", "F32", "F64", "C64"})
-_MAX_HEADER = 100_000_000  # the safetensors format's own limit
-
-# What we fetch from the hub: weights, configs and tokenizer files. Never code (see trust_remote_code) and never
-# other pickles (training_args.bin, optimizer.pt) that a merge does not need.
-_HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-_HUB_PICKLE_PATTERNS = ["pytorch_model*.bin"]
-_HUB_CODE_PATTERNS = ["*.py"]
-
-_MLFLOW_RE = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?")
 _FINITE_CHUNK = 1 << 24  # elements per isfinite() call: bounds the temporary bool mask to 16 MB
 
 _MEMO_NAME = "hashes.json"
@@ -91,8 +83,8 @@ def resolve(
     download include the repository's ``*.py`` files; nothing here executes them.
     """
     text = str(reference)
-    folder, resolved_revision = _locate(reference, revision=revision, base_dir=base_dir,
-                                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    folder, resolved_revision = locate(reference, revision=revision, base_dir=base_dir,
+                                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     _check_folder(folder, text)
     weight_files, fmt = find_weight_files(folder, allow_pickle=allow_pickle)
     inspect_weights(folder, weight_files)
@@ -101,190 +93,6 @@ def resolve(
         _scan_finite(folder, weight_files)
     return Snapshot(reference=text, path=folder, content_hash=digest, weight_files=weight_files, format=fmt,
                     revision=resolved_revision)
-
-
-def _locate(reference: str | Path, *, revision: str | None, base_dir: Path | None, allow_pickle: bool,
-            trust_remote_code: bool) -> tuple[Path, str | None]:
-    """The local folder for ``reference`` (downloading from the hub or MLflow if needed) and its revision."""
-    if isinstance(reference, Path):
-        return _local_folder(reference, str(reference), base_dir, revision), None
-    text = reference.strip()
-    if not text:
-        raise CheckpointError("empty checkpoint reference")
-    if text.startswith("models:/"):
-        if revision is not None:
-            raise CheckpointError(f"cannot resolve {text!r}: 'revision' applies to hub ids; put the version in the URI")
-        return _from_mlflow(text)
-    if text.startswith("zoo:"):
-        if revision is not None:
-            raise CheckpointError(f"cannot resolve {text!r}: 'revision' applies to hub ids; the zoo is named by "
-                                  "size and seed")
-        return _from_zoo(text), None
-    candidate = _absolute(Path(text).expanduser(), base_dir)
-    if candidate.exists() or candidate.is_symlink():
-        return _local_folder(candidate, text, base_dir, revision), None
-    repo_id, rev = _parse_hub_id(text)
-    if repo_id is None:
-        raise CheckpointError(f"cannot resolve {text!r}: no such folder ({candidate}) and not a hub id")
-    if rev is not None and revision is not None and rev != revision:
-        raise CheckpointError(f"cannot resolve {text!r}: revision {rev!r} in the reference conflicts with "
-                              f"revision {revision!r}")
-    return _from_hub(text, repo_id, rev or revision, allow_pickle=allow_pickle,
-                     trust_remote_code=trust_remote_code)
-
-
-def _absolute(path: Path, base_dir: Path | None) -> Path:
-    return path if path.is_absolute() else Path(base_dir or Path.cwd()) / path
-
-
-def _local_folder(path: Path, text: str, base_dir: Path | None, revision: str | None) -> Path:
-    if revision is not None:
-        # Silently ignoring it would merge something other than what the recipe pinned.
-        raise CheckpointError(f"cannot resolve {text!r}: it is a local folder, which has no revision "
-                              f"(got revision {revision!r})")
-    folder = _absolute(path.expanduser(), base_dir)
-    if not folder.exists():
-        raise CheckpointError(f"cannot resolve {text!r}: no such folder ({folder})")
-    if not folder.is_dir():
-        raise CheckpointError(f"cannot resolve {text!r}: {folder} is a file, not a checkpoint folder")
-    return folder.resolve()
-
-
-def _parse_hub_id(text: str) -> tuple[str | None, str | None]:
-    """``(repo_id, revision)`` if ``text`` is a syntactically valid hub id, else ``(None, None)``."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    repo_id, at, rev = text.partition("@")
-    if at and not rev:
-        return None, None
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        return None, None
-    return repo_id, (rev or None)
-
-
-def _hub_cache_dir() -> str | None:
-    # huggingface_hub reads these at import; reading them at call time lets tests and workers set them later.
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.path.expanduser(os.environ[var])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return None
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    def true(name: str) -> bool:
-        return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-    return constants.HF_HUB_OFFLINE or true("HF_HUB_OFFLINE") or true("TRANSFORMERS_OFFLINE")
-
-
-def _from_hub(text: str, repo_id: str, revision: str | None, *, allow_pickle: bool,
-              trust_remote_code: bool) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    patterns = list(_HUB_PATTERNS)
-    if allow_pickle:
-        patterns += _HUB_PICKLE_PATTERNS
-    if trust_remote_code:
-        patterns += _HUB_CODE_PATTERNS
-    cache_dir = _hub_cache_dir()
-    offline = _hub_offline()
-    where = cache_dir or "the default Hugging Face cache"
-    try:
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
-                                   local_files_only=offline)
-    except IncompleteSnapshotError as e:
-        raise CheckpointError(f"cannot resolve {text!r}: its cached snapshot in {where} is incomplete and the hub "
-                              f"cannot be reached ({e})") from e
-    except LocalEntryNotFoundError as e:
-        mode = "offline" if offline else "the hub could not be reached"
-        raise CheckpointError(
-            f"cannot resolve {text!r}: not a local folder and not in the Hugging Face cache ({mode}; cache: {where}"
-            f"{', revision ' + repr(revision) if revision else ''}). Download it first (`hf download {repo_id}`) "
-            f"or give a local folder") from e
-    except RevisionNotFoundError as e:
-        raise CheckpointError(f"cannot resolve {text!r}: revision {revision!r} does not exist on the hub") from e
-    except RepositoryNotFoundError as e:
-        raise CheckpointError(f"cannot resolve {text!r}: no such repository on the hub, or it is private/gated "
-                              f"and no valid token was given") from e
-    except (HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"cannot resolve {text!r}: hub download failed ({type(e).__name__}: {e})") from e
-    path = Path(folder)
-    # The cache layout is .../snapshots/<commit sha>: record the commit, not the branch name, for provenance.
-    commit = path.name if path.parent.name == "snapshots" else revision
-    return path, commit
-
-
-def _from_mlflow(uri: str) -> tuple[Path, str | None]:
-    """Download a registered model version once into MERGEFLOW_HOME and return the folder holding its weights."""
-    match = _MLFLOW_RE.fullmatch(uri)
-    if match is None:
-        raise CheckpointError(f"cannot resolve {uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
-    try:
-        import mlflow
-        import mlflow.artifacts
-    except ImportError as e:
-        raise CheckpointError(f"cannot resolve {uri!r}: MLflow is not installed (pip install 'mergeflow[pipeline]')"
-                              ) from e
-    from mergeflow.cache import Cache, cache_key
-    from mergeflow.tracking import configure
-
-    configure()  # the project's store (MLFLOW_TRACKING_URI, else the project folder's mlflow.db), as when logging
-    name, version, alias = match["name"], match["version"], match["alias"]
-    try:
-        if alias is not None:
-            # An alias moves; resolve it now so the download is cached under the immutable version.
-            version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-        if not version or not version.isdigit():
-            raise CheckpointError(f"cannot resolve {uri!r}: version must be a number (stages are not supported); "
-                                  f"use models:/{name}/<version> or models:/{name}@<alias>")
-        registry = mlflow.get_registry_uri()
-        key = cache_key("mlflow-model", registry=registry, name=name, version=version)
-        root = Cache().get_or_create(
-            "mlflow-model", key,
-            lambda dst: mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                            dst_path=str(dst)))
-    except CheckpointError:
-        raise
-    except Exception as e:  # MLflow raises its own MlflowException and plain OSErrors for connection problems
-        raise CheckpointError(f"cannot resolve {uri!r}: MLflow could not provide it ({type(e).__name__}: {e})") from e
-    return _find_model_dir(root, uri), version
-
-
-def _from_zoo(text: str) -> Path:
-    """A model of the offline zoo (``zoo:full/base``), built deterministically under MERGEFLOW_HOME if missing."""
-    from mergeflow.errors import ZooError
-    from mergeflow.zoo.build import resolve_zoo_reference
-
-    try:
-        return resolve_zoo_reference(text)
-    except ZooError as e:
-        raise CheckpointError(f"cannot resolve {text!r}: {e}") from e
-
-
-def _find_model_dir(root: Path, reference: str) -> Path:
-    """The shallowest folder under ``root`` holding a config.json (MLflow flavours nest the weights, e.g. model/)."""
-    for depth in range(4):
-        hits = sorted(p.parent for p in root.glob("/".join(["*"] * depth + [CONFIG])) if p.is_file())
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            listed = ", ".join(str(h.relative_to(root)) for h in hits)
-            raise CheckpointError(f"cannot resolve {reference!r}: several model folders in the download ({listed})")
-    raise CheckpointError(f"cannot resolve {reference!r}: the downloaded artifacts ({root}) hold no {CONFIG}")
 
 
 # ---------------------------------------------------------------------------------------------- folder and files
@@ -356,83 +164,6 @@ def _shards_from_index(folder: Path, index_name: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ header checks
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and validate the header of a safetensors file without reading any tensor data.
-
-    Checks what safetensors itself checks when opening, so a truncated or corrupt file is caught here, with the
-    file named: header length sane, JSON valid, every dtype known, ``shape × itemsize`` equal to the offset span,
-    offsets contiguous from 0, and the data section exactly as long as the last offset.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes, no header)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len == 0 or header_len > _MAX_HEADER:
-                raise CheckpointError(f"{path}: corrupt safetensors file (header length {header_len} is not sane)")
-            if 8 + header_len > size:
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {header_len} bytes "
-                                      f"does not fit in {size} bytes)")
-            raw = f.read(header_len)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors file (header is not valid JSON: {e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
-
-    spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        spans.append(_check_entry(path, name, info))
-    spans.sort()
-    cursor = 0
-    for begin, end, name in spans:
-        if begin != cursor:
-            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r} starts at byte {begin}, "
-                                  f"expected {cursor}: gap or overlap)")
-        cursor = end
-    data_len = size - 8 - header_len
-    if cursor > data_len:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, expected {8 + header_len + cursor}"
-                              f"; tensor data ends past end of file)")
-    if cursor < data_len:
-        raise CheckpointError(f"{path}: corrupt safetensors file ({data_len - cursor} bytes after the last tensor)")
-    return header
-
-
-def _check_entry(path: Path, name: str, info: Any) -> tuple[int, int, str]:
-    def bad(problem: str) -> CheckpointError:
-        return CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r}: {problem})")
-
-    if not isinstance(info, dict):
-        raise bad("entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPE_BITS:
-        raise bad(f"unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise bad(f"bad shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise bad(f"bad data_offsets {offsets!r}")
-    begin, end = offsets
-    if not 0 <= begin <= end:
-        raise bad(f"bad data_offsets {offsets!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    bits = numel * SAFETENSORS_DTYPE_BITS[dtype]
-    if bits % 8 or bits // 8 != end - begin:
-        raise bad(f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets span {end - begin}")
-    return begin, end, name
 
 
 def _inspect_pickle(path: Path) -> None:
@@ -572,18 +303,6 @@ def content_hash(folder: Path, weight_files: Iterable[str]) -> str:
 # ------------------------------------------------------------------------------------------------ finite values
 
 
-def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Load a pickle state dict safely: ``weights_only=True`` refuses anything but tensors and plain containers."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # UnpicklingError for refused globals, RuntimeError for damaged archives
-        raise CheckpointError(f"{path}: refused or unreadable pickle checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError(f"{path}: pickle checkpoint is not a state dict (name -> tensor)")
-    return state
-
-
 def _count_non_finite(tensor: torch.Tensor) -> tuple[int, int]:
     """(NaN count, Inf count), in chunks so the temporary masks stay small."""
     flat = tensor.reshape(-1)
@@ -622,8 +341,6 @@ def _scan_file(path: Path) -> None:
             if isinstance(value, torch.Tensor):
                 _check_tensor(path, name, value)
         return
-    from mergeflow.tensors import CheckpointReader
-
     header = read_safetensors_header(path)
     floats = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] in _SCANNED_DTYPES]
     # one tensor at a time, read into a private buffer (no file mapping that would count in resident memory)

@@ -15,10 +15,12 @@ import math
 import os
 import re
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,6 +91,108 @@ def parse_size(value: str | int) -> int:
     return size
 
 
+# ------------------------------------------------------------------------------------- reading weight files
+
+# Bits per element of every safetensors dtype (F4/F6 pack several elements per byte).
+SAFETENSORS_DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
+}
+
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and validate the header of a safetensors file without reading any tensor data.
+
+    Checks what safetensors itself checks when opening, so a truncated or corrupt file is caught here, with the
+    file named: header length sane, JSON valid, every dtype known, ``shape × itemsize`` equal to the offset span,
+    offsets contiguous from 0, and the data section exactly as long as the last offset.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len == 0 or header_len > _MAX_HEADER:
+                raise CheckpointError(f"{path}: corrupt safetensors file (header length {header_len} is not sane)")
+            if 8 + header_len > size:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {header_len} bytes "
+                                      f"does not fit in {size} bytes)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors file (header is not valid JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
+
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        spans.append(_check_entry(path, name, info))
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r} starts at byte {begin}, "
+                                  f"expected {cursor}: gap or overlap)")
+        cursor = end
+    data_len = size - 8 - header_len
+    if cursor > data_len:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, expected {8 + header_len + cursor}"
+                              f"; tensor data ends past end of file)")
+    if cursor < data_len:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({data_len - cursor} bytes after the last tensor)")
+    return header
+
+
+def _check_entry(path: Path, name: str, info: Any) -> tuple[int, int, str]:
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r}: {problem})")
+
+    if not isinstance(info, dict):
+        raise bad("entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPE_BITS:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise bad(f"bad shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise bad(f"bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"bad data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * SAFETENSORS_DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != end - begin:
+        raise bad(f"shape {shape} of {dtype} needs {bits / 8:g} bytes but data_offsets span {end - begin}")
+    return begin, end, name
+
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickle state dict safely: ``weights_only=True`` refuses anything but tensors and plain containers."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError for refused globals, RuntimeError for damaged archives
+        raise CheckpointError(f"{path}: refused or unreadable pickle checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path}: pickle checkpoint is not a state dict (name -> tensor)")
+    return state
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -113,8 +217,6 @@ class CheckpointReader:
     """
 
     def __init__(self, folder: Path, weight_files: Sequence[str], *, allow_pickle: bool = False) -> None:
-        from mergeflow.checkpoints import read_safetensors_header
-
         self.folder = Path(folder)
         self._where: dict[str, tuple[str, int, int]] = {}  # name -> (file, absolute offset, nbytes)
         self._specs: dict[str, TensorSpec] = {}
@@ -140,8 +242,6 @@ class CheckpointReader:
                 except OSError as exc:
                     raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
             elif allow_pickle:
-                from mergeflow.checkpoints import load_pickle
-
                 state = load_pickle(path)
                 self._pickled[file] = state
                 for name, t in state.items():

@@ -36,6 +36,7 @@ from urllib.parse import unquote
 
 try:
     import mlflow
+    import mlflow.artifacts
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunStatus, RunTag
     from mlflow.entities.model_registry import ModelVersion, RegisteredModel
@@ -47,9 +48,11 @@ try:
         path_not_unique,
     )
 except ImportError as e:  # MLflow is an optional dependency (the pipeline extra)
-    raise ImportError("mergeflow.tracking needs MLflow: pip install 'mergeflow[pipeline]'") from e
+    raise ImportError("MLflow is not installed (pip install 'mergeflow[pipeline]'); mergeflow.tracking needs it"
+                      ) from e
 
 from mergeflow import __version__
+from mergeflow.cache import Cache, cache_key
 from mergeflow.checkpoints import CONFIG, inspect_weights, resolve
 from mergeflow.errors import CheckpointError, TrackingError
 
@@ -149,6 +152,55 @@ def configure(uri: str | None = None) -> str:
     # tracking_uri() (and subprocesses) agree with the store just configured even if the variable was unset since.
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+# ------------------------------------------------------------------------------------- models:/ references
+
+
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?")
+
+
+def resolve_model_uri(uri: str) -> tuple[Path, str]:
+    """The local folder of a registered model version (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) and
+    its version: downloaded once into the mergeflow cache (versions are immutable), from the project's store.
+
+    This is the ``models`` resolver of :mod:`mergeflow.resolvers`, so ``mergeflow.checkpoints.resolve`` accepts
+    these URIs without the checkpoint reader importing MLflow.
+    """
+    match = MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise CheckpointError(f"cannot resolve {uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    configure()  # the project's store (MLFLOW_TRACKING_URI, else the project folder's mlflow.db), as when logging
+    name, version, alias = match["name"], match["version"], match["alias"]
+    try:
+        if alias is not None:
+            # An alias moves; resolve it now so the download is cached under the immutable version.
+            version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        if not version or not version.isdigit():
+            raise CheckpointError(f"cannot resolve {uri!r}: version must be a number (stages are not supported); "
+                                  f"use models:/{name}/<version> or models:/{name}@<alias>")
+        key = cache_key("mlflow-model", registry=mlflow.get_registry_uri(), name=name, version=version)
+        root = Cache().get_or_create(
+            "mlflow-model", key,
+            lambda dst: mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                            dst_path=str(dst)))
+    except CheckpointError:
+        raise
+    except Exception as e:  # MLflow raises its own MlflowException and plain OSErrors for connection problems
+        raise CheckpointError(f"cannot resolve {uri!r}: MLflow could not provide it ({type(e).__name__}: {e})") from e
+    return _find_model_dir(root, uri), version
+
+
+def _find_model_dir(root: Path, reference: str) -> Path:
+    """The shallowest folder under ``root`` holding a config.json (MLflow flavours nest the weights, e.g. model/)."""
+    for depth in range(4):
+        hits = sorted(p.parent for p in root.glob("/".join(["*"] * depth + [CONFIG])) if p.is_file())
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            listed = ", ".join(str(h.relative_to(root)) for h in hits)
+            raise CheckpointError(f"cannot resolve {reference!r}: several model folders in the download ({listed})")
+    raise CheckpointError(f"cannot resolve {reference!r}: the downloaded artifacts ({root}) hold no {CONFIG}")
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,11 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeflow import checkpoints
+from mergeflow import checkpoints, resolvers
 from mergeflow.cache import CODE_VERSION, COMPLETE_MARKER, Cache, cache_key
 from mergeflow.checkpoints import Snapshot, content_hash, inspect_weights, load_pickle, resolve, scan_finite
 from mergeflow.errors import CheckpointError, NonFiniteTensorError
 from mergeflow.paths import mergeflow_home
+from mergeflow.registry import Registry
 from tests.tiny_models import make_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -516,6 +518,8 @@ def test_unreadable_folder_and_file_simulated(tiny: Path, tmp_path: Path, monkey
 
 def test_models_uri_without_mlflow(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # makes `import mlflow` raise ImportError
+    monkeypatch.delitem(sys.modules, "mergeflow.tracking", raising=False)  # so the models: resolver imports it again
+    monkeypatch.setattr(resolvers, "RESOLVERS", Registry("reference scheme", resolvers.BUILTIN_RESOLVERS))
     with pytest.raises(CheckpointError, match="MLflow is not installed"):
         resolve("models:/tiny/1")
 
@@ -648,3 +652,33 @@ def test_cache_get_or_create_builds_once_and_default_root(tmp_path: Path):
         cache.path("../escape", key)
     with pytest.raises(ValueError, match="invalid cache key"):
         cache.path("manifest", "a/b")
+
+
+# --------------------------------------------------------------------------------------------------- resolvers
+
+
+def test_a_registered_scheme_resolves_through_its_resolver(tiny: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(resolvers.RESOLVERS, "mine", lambda ref: (tiny, "v7") if ref == "mine:tiny" else None)
+    snap = resolve("mine:tiny")
+    assert snap.path == tiny.resolve() and snap.revision == "v7" and snap.reference == "mine:tiny"
+    with pytest.raises(CheckpointError, match="'revision' applies to hub ids; a mine: reference names its version"):
+        resolve("mine:tiny", revision="main")
+
+
+def test_an_unregistered_scheme_is_a_folder_name(tiny: Path, tmp_path: Path):
+    folder = tmp_path / "odd:name"
+    shutil.copytree(tiny, folder)
+    assert resolve("odd:name", base_dir=tmp_path).path == folder.resolve()
+
+
+def test_zoo_errors_are_reported_as_checkpoint_errors():
+    # a bad zoo reference fails in the zoo's own parser, before anything is built
+    with pytest.raises(CheckpointError, match=r"cannot resolve 'zoo:nosuchsize/base': .*unknown size"):
+        resolve("zoo:nosuchsize/base")
+
+
+def test_the_checkpoint_reader_imports_neither_tracking_nor_the_zoo():
+    code = ("import sys, mergeflow.checkpoints; "
+            "print(sorted(m for m in sys.modules if m.startswith(('mergeflow.tracking', 'mergeflow.zoo', 'mlflow'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
