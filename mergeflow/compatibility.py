@@ -54,6 +54,9 @@ class CompatibilityReport:
             e = self.estimate
             lines.append(f"estimate: peak memory ≈ {_gb(e['peak_bytes'])} (largest tensor {e['largest_tensor_numel']:,} "
                          f"entries), output on disk {_gb(e['disk_bytes'])}")
+            if "workspace_bytes" in e:
+                lines.append(f"          of which SVD/optimizer workspace ≈ {_gb(e['workspace_bytes'])} for the "
+                             f"{e['workspace_rows']}×{e['workspace_cols']} tensor")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         for p in self.problems:

@@ -5,6 +5,8 @@ change a single bit."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,22 @@ def test_workspace_estimate_names_the_svd_of_the_largest_matrix() -> None:
         assert (est["workspace_rows"], est["workspace_cols"]) == (32000, 4096)
         assert 2 * tensor < est["workspace_bytes"] < 8 * tensor, (method, est)
     assert workspace_estimate("ties", shapes, k=4) == {}
+
+
+def test_check_prints_the_svd_workspace(families, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    base, experts = families("llama")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: tsv\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {e}\n" for e in experts))
+    done = CliRunner().invoke(main, ["check", str(recipe)])
+    assert done.exit_code == 0, done.output
+    assert "of which SVD/optimizer workspace ≈" in done.output and "compatible" in done.output
+    as_json = CliRunner().invoke(main, ["check", str(recipe), "--json"])
+    est = json.loads(as_json.output)["estimate"]
+    assert 0 < est["workspace_bytes"] < est["peak_bytes"]
+    assert est["workspace_rows"] * est["workspace_cols"] == est["largest_tensor_numel"]
+    recipe.write_text(recipe.read_text().replace("tsv", "task_arithmetic"))
+    assert "workspace" not in CliRunner().invoke(main, ["check", str(recipe)]).output
