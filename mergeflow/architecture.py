@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from mergeflow.errors import ArchitectureError, CheckpointError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,8 +194,6 @@ class Architecture:
     @classmethod
     def from_folder(cls, path: Path) -> Architecture:
         """Read ``config.json`` and the safetensors headers of a checkpoint folder; no tensor data is loaded."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         config_path = path / "config.json"
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergeflow.architecture import Architecture
@@ -145,8 +146,8 @@ class Coefficients:
         save_file(tensors, str(folder / VALUES_FILE))
         meta = {"format": FORMAT, "code_version": CODE_VERSION, "estimator": self.estimator, "key": self.key,
                 "experts": self.experts, "base": self.base, "fields": meta_fields,
-                "score_partitions": self.score_partitions, "params": _jsonable(self.params),
-                "data": _jsonable(self.data), "stats": _jsonable(self.stats)}
+                "score_partitions": self.score_partitions, "params": jsonable(self.params),
+                "data": jsonable(self.data), "stats": jsonable(self.stats)}
         (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         self.path = folder
         return folder
@@ -185,11 +186,12 @@ def coefficients_key(estimator: str, *, base_hash: str | None, expert_hashes: Se
                      data=dict(data), params=dict(params))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: tensors as lists, paths as strings, non-finite floats as their repr."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
@@ -297,8 +299,6 @@ def _entry_value(art: Coefficients, fname: str, row: int, tensor: str) -> torch.
     if fname in art.entry_tensors:
         return art.entry_tensors[fname][row].get(tensor)
     assert art.path is not None
-    from safetensors import safe_open
-
     path = art.path / ENTRY_DIR / fname / f"{row}.safetensors"
     with safe_open(str(path), framework="pt") as f:
         if tensor not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
@@ -310,7 +310,7 @@ def plot_coefficients(coeffs: Coefficients, folder: str | Path, *, labels: list[
     """One heatmap PNG per 2-D table of the artifact (its fields and raw scores, rows = experts, columns =
     partitions): where each expert's importance or weight sits across layers/modules. Tables wider than 64 columns
     (hidden-state level) are skipped: a picture of thousands of columns says nothing."""
-    import matplotlib
+    import matplotlib  # optional (the eval extra), and slow to import: only for the pictures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tqdm.auto import tqdm
 
+from mergeflow.cli import user_errors
+from mergeflow.zoo.build import build_zoo
 from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES, Matrix, format_table, save_png
 
 
 def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results"), limit: int | None = None,
              progress: bool = True, zoo_dir: Path | None = None, data_aware: bool = True) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from mergeflow.zoo.build import build_zoo
-
     start = time.perf_counter()
     click.echo(f"== 1/3 zoo ({size}, seed {seed}): built once, then served from MERGEFLOW_HOME")
     zoo = build_zoo(zoo_dir, size=size, seed=seed, progress=progress)
@@ -72,7 +71,5 @@ def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results")
 def demo_command(size: str, seed: int, out: Path, limit: int | None, zoo_dir: Path | None, no_progress: bool,
                  data_free_only: bool) -> None:
     """Build the zoo, merge its experts with the data-free and data-aware methods, evaluate, print the table."""
-    from mergeflow.cli import user_errors
-
     user_errors(run_demo)(size=size, seed=seed, out=out, limit=limit, progress=not no_progress, zoo_dir=zoo_dir,
                           data_aware=not data_free_only)

@@ -13,6 +13,7 @@ process and zoo, and reused for every model; only the requests are rebuilt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -23,10 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
+from transformers import AutoTokenizer
 
 from mergeflow.errors import EvaluationError, ZooError
+from mergeflow.transformers_io import load_causal_lm
 from mergeflow.zoo.build import GROUP_IN_DOMAIN, GROUP_OOD, LM_EVAL_PREFIX, Zoo, default_zoo_dir
+from mergeflow.zoo.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +83,8 @@ class _Plan:
     groups: dict[str, tuple[str, ...]]  # requested zoo groups -> their short names
 
 
-def _split_names(tasks: str | Iterable[str]) -> list[str]:
+def split_task_names(tasks: str | Iterable[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` as a list of task names; none at all is an error."""
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
@@ -87,8 +93,6 @@ def _split_names(tasks: str | Iterable[str]) -> list[str]:
 
 
 def _looks_like_zoo_name(name: str) -> bool:
-    from mergeflow.zoo.tasks import TASKS
-
     return name in (GROUP_IN_DOMAIN, GROUP_OOD) or name in TASKS or name.removeprefix(LM_EVAL_PREFIX) in TASKS
 
 
@@ -126,7 +130,9 @@ def _plan(names: Sequence[str], zoo: Zoo | None) -> _Plan:
     return _Plan(tuple(zoo_tasks), tuple(other), groups)
 
 
-def _resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | None:
+def resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | None:
+    """The zoo ``names`` refer to: ``zoo`` itself or loaded from its folder, else the default built zoo if any name
+    is a zoo task (None if none is)."""
     if isinstance(zoo, Zoo):
         return zoo
     if zoo is not None:
@@ -145,6 +151,12 @@ def _resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | No
     )
 
 
+# The old private names, kept only because mergeflow/pipeline.py still imports them; remove once it uses the public
+# ones (layering_check reports the private import until then).
+_split_names = split_task_names
+_resolve_zoo = resolve_zoo
+
+
 # ----------------------------------------------------------------------------------------------- lm-eval objects
 
 # lm-eval's task objects (cached below) hold the requests of the evaluation in progress, and torch's thread count
@@ -155,14 +167,15 @@ _TASK_MANAGERS: dict[str, Any] = {}
 _TASK_OBJECTS: dict[tuple[str, str, str, str, int], Any] = {}
 
 
-def _offline_env() -> None:
+def offline_env() -> None:
+    """Keep lm-eval's hub and datasets lookups offline unless the user said otherwise."""
     # datasets reads these at import; set them before lm-eval imports it (a user's explicit setting wins).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _task_manager(include_path: Path | None) -> Any:
+def task_manager(include_path: Path | None) -> Any:
     """A TaskManager over the zoo's task files only (indexing lm-eval's built-ins costs 10–16 s), or the default."""
     from lm_eval.tasks import TaskManager
 
@@ -203,7 +216,7 @@ def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: i
 
     missing = [t for t in tasks if key(t) not in _TASK_OBJECTS]
     if missing:
-        tm = _task_manager(zoo.tasks_dir)
+        tm = task_manager(zoo.tasks_dir)
         loaded = tm.load([zoo_task_config(zoo, t, split) for t in missing])["tasks"]
         for t in missing:
             obj = loaded[LM_EVAL_PREFIX + t]
@@ -213,7 +226,7 @@ def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: i
 
 
 def _other_task_objects(names: Sequence[str], known_zoo: Iterable[str]) -> list[Any]:
-    tm = _task_manager(None)
+    tm = task_manager(None)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise EvaluationError(
@@ -278,8 +291,6 @@ def _lm_class() -> Any:
 
 @contextlib.contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
-    import torch
-
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -318,15 +329,15 @@ def evaluate(
 def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: str | Sequence[str], *,
               zoo: Zoo | str | Path | None, split: str, limit: int | None, batch_size: int,
               device: str | torch.device, num_fewshot: int | None, threads: int | None) -> EvalResult:
-    names = _split_names(tasks)
+    names = split_task_names(tasks)
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise EvaluationError(f"limit must be >= 1, got {limit}")
-    the_zoo = _resolve_zoo(zoo, names)
+    the_zoo = resolve_zoo(zoo, names)
     plan = _plan(names, the_zoo)
 
-    _offline_env()
+    offline_env()
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
     task_objs: list[Any] = []
@@ -349,7 +360,7 @@ def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         # lm_eval.evaluator.evaluate is simple_evaluate minus its bookkeeping (pip freeze, git hash: ~2 s a call).
         raw = lm_eval_evaluate(
             lm=lm,
-            task_dict=_task_manager(the_zoo.tasks_dir if the_zoo else None).load(task_objs),
+            task_dict=task_manager(the_zoo.tasks_dir if the_zoo else None).load(task_objs),
             limit=limit,
             bootstrap_iters=1000,  # acc's stderr is closed-form; bootstrapping is only for other metrics
             log_samples=False,
@@ -414,8 +425,6 @@ def _quiet_lm_eval() -> Iterator[None]:
     Evaluating a matrix of merges would otherwise print a dozen bars and warnings per model. The bars can only be
     turned off through tqdm's import-time environment, so the module's ``tqdm`` is swapped for the call.
     """
-    import functools
-
     import lm_eval.api.task as task_module
 
     loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
@@ -447,11 +456,7 @@ def evaluate_path(
     threads: int | None = 1,
 ) -> EvalResult:
     """Load a model folder (weights + tokenizer) and ``evaluate`` it."""
-    _offline_env()
-    from transformers import AutoTokenizer
-
-    from mergeflow.transformers_io import load_causal_lm
-
+    offline_env()
     path = Path(model_dir).expanduser()
     if not (path / "config.json").exists():
         raise EvaluationError(f"{path} is not a model folder (no config.json)")

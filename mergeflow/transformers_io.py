@@ -28,6 +28,7 @@ def exclusive() -> Iterator[None]:
 def load_causal_lm(path: str | Path, *, dtype: Any = "float32", model_class: Any = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` (or ``model_class``'s) under the process-wide lock."""
     if model_class is None:
+        # transformers costs seconds to import: modules that only may load a model import this one for free
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM

@@ -94,6 +94,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
@@ -283,7 +284,7 @@ class _Swap:
 
 
 def _conv1d_type() -> type | None:
-    try:
+    try:  # transformers costs seconds to import; estimator modules load when a recipe is validated
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers always has it
         return None
@@ -689,8 +690,6 @@ class _Tracer:
             same = all(torch.equal(index[n], index[next(iter(names))]) for n in names)
             if not (feature_wise and same and module.get_parameter(next(iter(names))).shape[-1] == width):
                 return False
-            from torch.func import functional_call
-
             def take(value: Any) -> Any:
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == v * b:
                     return value.reshape(v, b, *value.shape[1:])[slots].reshape(g * b, *value.shape[1:])
@@ -712,8 +711,6 @@ class _Tracer:
         kind = type(module)
         if x is not None and set(swaps) <= {"weight", "bias"} and (kind is nn.Linear or kind is self._conv1d):
             return _linear_rows(x, module.weight, module.bias, y, swaps, transposed=kind is not nn.Linear)
-        from torch.func import functional_call
-
         indices = {None if idx is None else tuple(idx.tolist()) for _, idx, _ in swaps.values()}
         feature_wise = len(indices) == 1 and None not in indices and all(
             (module.get_parameter(local).dim() == 1 and axis == 0)

@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from mergeflow import transformers_io
 from mergeflow.cache import CODE_VERSION, Cache, cache_key
-from mergeflow.coefficients import CoefficientField, Coefficients, _jsonable, coefficients_key
+from mergeflow.coefficients import CoefficientField, Coefficients, coefficients_key, jsonable
 from mergeflow.errors import RecipeError
 from mergeflow.importance.data import TaskData, load_task_data
 from mergeflow.methods.base import ParamSpec
@@ -87,6 +90,8 @@ class ImportanceRun:
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
+            # transformers costs seconds to import, and importing this module (to validate a recipe's importance
+            # section) must not: imported when a run first needs it
             from transformers import AutoTokenizer
 
             source = self.base.path if self.base is not None else self.experts[0].path
@@ -100,13 +105,11 @@ class ImportanceRun:
 
         ``keep``: the model is read once and handed again to the later shards of the same run (the base, which every
         shard of a by-expert part reads); the caller must leave it as it found it (weights, gradients, modes)."""
-        from mergeflow.transformers_io import load_causal_lm
-
         memo = f"{ref.content_hash}:{dtype}"
         if keep and memo in self._kept:
             return self._kept[memo]
         start = time.perf_counter()
-        model = load_causal_lm(ref.path, dtype=dtype).to(self.device).eval()
+        model = transformers_io.load_causal_lm(ref.path, dtype=dtype).to(self.device).eval()
         self.load_seconds += time.perf_counter() - start
         if keep:
             self._kept[memo] = model
@@ -121,8 +124,6 @@ class ImportanceRun:
         """Measure stage: save expert ``expert``'s per-entry tensors ``name`` (a Fisher diagonal, Gram matrices)
         straight into the measurements folder, so that a model-sized measurement is held for one expert at a time.
         They come back through :meth:`Measurements.entry`."""
-        from safetensors.torch import save_file
-
         if self._folder is None:
             raise RuntimeError("write_entry is for the measure stage of a two-stage estimator")
         sub = self._folder / MEASUREMENTS_ENTRIES / name
@@ -169,8 +170,6 @@ class Measurements:
     def entry(self, name: str, expert: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Expert ``expert``'s tensors of entry measurement ``name``, read one at a time (never modify them in place:
         they may share the cached file's mapping)."""
-        from safetensors import safe_open
-
         with safe_open(str(self.entries[name][expert]), framework="pt") as f:
             for tensor in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 yield tensor, f.get_tensor(tensor)
@@ -190,21 +189,17 @@ class Measurements:
 
     def save(self, folder: Path, provenance: Mapping[str, Any] | None = None) -> None:
         """Write ``tensors`` and the metadata into ``folder`` (which already holds the entries written there)."""
-        from safetensors.torch import save_file
-
         save_file({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()},
                   str(folder / MEASUREMENTS_TENSORS))
         entries = self.index_entries(folder)
         meta = {"format": MEASUREMENTS_FORMAT, "code_version": CODE_VERSION, "key": self.key,
                 "seconds": self.seconds, "load_seconds": self.load_seconds, "passes": dict(self.passes), "entries": entries,
-                "stats": _jsonable(self.stats), **_jsonable(dict(provenance or {}))}
+                "stats": jsonable(self.stats), **jsonable(dict(provenance or {}))}
         (folder / MEASUREMENTS_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         self.path = folder
 
     @classmethod
     def load(cls, folder: Path) -> Measurements:
-        from safetensors.torch import load_file
-
         meta = json.loads((folder / MEASUREMENTS_META).read_text())
         if meta.get("format") != MEASUREMENTS_FORMAT:
             raise RuntimeError(f"{folder}: measurements format {meta.get('format')} is not {MEASUREMENTS_FORMAT}")
@@ -522,7 +517,7 @@ def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, exp
         m.index_entries(folder)
         # what a cached copy would hold: CPU tensors, JSON stats
         m.tensors = {n: t.detach().cpu() for n, t in m.tensors.items()}
-        m.stats = json.loads(json.dumps(_jsonable(m.stats)))
+        m.stats = json.loads(json.dumps(jsonable(m.stats)))
         return m, True
     folder = store.get_or_create(MEASUREMENTS_KIND, job.key, build)
     return Measurements.load(folder), bool(built)

@@ -14,11 +14,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mergeflow.errors import MergeflowError
+
+if TYPE_CHECKING:
+    from mergeflow.zoo.build import Zoo
 
 # Which split each use reads by default (the zoo has all of them; lm-eval tasks map them to their own splits).
 SPLITS = ("fewshot", "calib", "validation", "train", "test")
@@ -108,7 +111,7 @@ def _read_jsonl(path: Path, delimiter: str) -> list[Example]:
 
 
 def load_task_data(task: str, split: str = "fewshot", n: int | None = None, seed: int = 0, *,
-                   zoo: Any = None) -> TaskData:
+                   zoo: Zoo | str | Path | None = None) -> TaskData:
     """``n`` examples of ``task``'s ``split`` (all when ``n`` is None), drawn reproducibly with ``seed``."""
     rows, name = _zoo_or_file(task, split, zoo)
     if rows is None:
@@ -119,22 +122,21 @@ def load_task_data(task: str, split: str = "fewshot", n: int | None = None, seed
     return TaskData(name, split, examples, seed, _hash_examples(examples))
 
 
-def _zoo_or_file(task: str, split: str, zoo: Any) -> tuple[list[Example] | None, str]:
+def _zoo_or_file(task: str, split: str, zoo: Zoo | str | Path | None) -> tuple[list[Example] | None, str]:
     if task.endswith((".jsonl", ".json")) or Path(task).is_file():
         return _read_jsonl(Path(task), " "), task
-    from mergeflow.zoo.build import LM_EVAL_PREFIX
+    # The zoo and lm-eval glue import transformers (seconds): imported here, only when a zoo or lm-eval task is read,
+    # so validating a recipe's importance section (recipe -> importance.base -> here) stays fast.
+    from mergeflow.evaluation import resolve_zoo
+    from mergeflow.zoo.build import LM_EVAL_PREFIX, Zoo
     from mergeflow.zoo.tasks import TASKS
 
     short = task.removeprefix(LM_EVAL_PREFIX)
     if short not in TASKS:
         return None, task
     if zoo is None:
-        from mergeflow.evaluation import _resolve_zoo
-
-        zoo = _resolve_zoo(None, [short])
-    elif not hasattr(zoo, "tasks_dir"):
-        from mergeflow.zoo.build import Zoo
-
+        zoo = resolve_zoo(None, [short])
+    elif not isinstance(zoo, Zoo):
         zoo = Zoo.load(zoo)
     if short not in zoo.tasks:
         raise TaskDataError(f"task {short!r} is not in the zoo at {zoo.root}; its tasks: {', '.join(zoo.tasks)}")
@@ -147,10 +149,10 @@ def _zoo_or_file(task: str, split: str, zoo: Any) -> tuple[list[Example] | None,
 
 def _lm_eval_rows(task: str, split: str) -> list[Example]:
     """Render an lm-eval task's docs with its own templates (users with the data: hellaswag, mmlu_*, …)."""
-    from mergeflow.evaluation import _offline_env, _task_manager
+    from mergeflow.evaluation import offline_env, task_manager  # lm-eval and transformers: see _zoo_or_file
 
-    _offline_env()
-    tm = _task_manager(None)
+    offline_env()
+    tm = task_manager(None)
     if task not in tm.all_tasks:
         raise TaskDataError(f"unknown task {task!r}: not a zoo task, a .jsonl file or an lm-eval task")
     obj = tm.load([task])["tasks"][task]

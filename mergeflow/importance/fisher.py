@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
@@ -171,8 +172,6 @@ def _accumulate(model: PreTrainedModel, enc: Encoded, targets: torch.Tensor,
 
 
 def _vmapped_grad(model: PreTrainedModel) -> Callable[..., dict[str, torch.Tensor]]:
-    from torch.func import functional_call, grad, vmap
-
     buffers = dict(model.named_buffers())
 
     def logprob(params: dict[str, torch.Tensor], ids: torch.Tensor, targets: torch.Tensor,

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mergeflow import transformers_io
 from mergeflow.architecture import Architecture
+from mergeflow.checkpoints import find_weight_files
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import ArchitectureError, RecipeError
 from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, register_estimator
@@ -403,9 +405,7 @@ class _Session:
                 "head is not a set of parameters (METHODS D-20)")
         self.partitioner = Partitioner(self.arch, level, gqa_policy=gqa_policy)
         if model is None:
-            from mergeflow.transformers_io import load_causal_lm
-
-            model = load_causal_lm(base, dtype=torch.float32).to(self.device).eval()
+            model = transformers_io.load_causal_lm(base, dtype=torch.float32).to(self.device).eval()
         self.model = model
         self.parts = _Parts(model)
         self.tokenizer = tokenizer if tokenizer is not None else _tokenizer(Path(base))
@@ -569,7 +569,7 @@ def _load_into(inst: nn.Module, unit: _Unit, weights: Mapping[str, torch.Tensor]
 
 
 def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import; estimator modules load when a recipe is validated
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
@@ -578,8 +578,6 @@ def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def _reader(path: Path) -> CheckpointReader:
-    from mergeflow.checkpoints import find_weight_files
-
     files, fmt = find_weight_files(path, allow_pickle=True)
     return CheckpointReader(path, files, allow_pickle=fmt == "pickle")
 
