@@ -10,6 +10,10 @@ YAML, then runs as subprocesses, each measured for wall time and peak RSS:
 - the I/O floor: a child that reads every input tensor with ``safe_open`` one at a time and writes one base-sized
   output with ``safetensors.torch.save_file`` (+ fsync, as mergeflow fsyncs its shards).
 
+The SVD-based methods (``--methods task_arithmetic,tsv,iso_c``) have no mergekit equivalent: they get a paper-mode
+mergeflow row only, compared with the task_arithmetic paper row of the same invocation (time and peak RSS), and with
+the peak ``mergeflow check`` predicts for them (its estimate includes the SVD workspace).
+
 Peak RSS is the kernel's own accounting for each child: ``ru_maxrss`` of the rusage that ``os.wait4`` returns for that
 pid (what GNU ``time -v`` prints as "Maximum resident set size"); a sampler of ``/proc/PID/status`` adds the peak
 anonymous part (RSS minus mapped file pages) on Linux; this process stays small while it measures so that no child
@@ -49,6 +53,7 @@ HEAD_DIM = 128
 INIT_STD = 0.02  # base weights ~ N(0, 0.02²), like a freshly initialised Llama
 NOISE_STD = 1e-3  # expert = base + N(0, 1e-3²): ~5% of a weight's scale, ~8 bf16 ulps at |w| = 0.02
 METHODS = ("task_arithmetic", "ties", "dare_ties")
+SPECTRAL = ("tsv", "iso_c")  # mergeflow only (no mergekit method): paper rows, compared with task_arithmetic's
 READ_CHUNK = 16 << 20
 
 # targets from the issue: mergeflow wall time / mergekit wall time (like-for-like = --mergekit-compat rows)
@@ -208,7 +213,9 @@ def write_recipes(folder: Path, models: list[Path], methods: list[str]) -> dict[
         params = "{weight: 0.5}" if method == "task_arithmetic" else "{weight: 0.5, density: 0.5}"
         lines = [f"merge_method: {method}", f"base_model: {base.resolve()}", "models:"]
         for expert in experts:
-            lines += [f"  - model: {expert.resolve()}", f"    parameters: {params}"]
+            lines += [f"  - model: {expert.resolve()}"]
+            if method not in SPECTRAL:  # tsv / iso_c take no per-model parameters (λ = 1 on the whole update)
+                lines += [f"    parameters: {params}"]
         lines += ["dtype: bfloat16", ""]
         path = folder / f"{method}.yaml"
         path.write_text("\n".join(lines))
@@ -508,6 +515,28 @@ def render_table(runs: list[Run], floor: Run | None) -> str:
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
+def render_spectral(runs: list[Run], predicted: dict[str, int]) -> str:
+    """The SVD-based rows against task_arithmetic's paper row of the same invocation, and against the peak memory
+    ``mergeflow check`` predicts for them (the engine's streaming estimate plus the SVD workspace)."""
+    ta = next((r for r in runs if r.recipe == "task_arithmetic" and r.side == "mergeflow paper" and not r.cold), None)
+    lines = ["", "SVD-based methods (mergeflow paper mode; no mergekit equivalent):"]
+    for r in runs:
+        if r.recipe not in predicted or r.cold:
+            continue
+        vs_ta = (f"{r.wall_s / ta.wall_s:.1f}× task_arithmetic's time, {r.peak_rss / ta.peak_rss:.2f}× its peak RSS"
+                 if ta else "no task_arithmetic row in this invocation")
+        lines.append(f"  {r.recipe:<8} {r.wall_s:7.1f} s  {r.peak_rss / 1e9:5.2f} GB peak RSS "
+                     f"(check predicted {predicted[r.recipe] / 1e9:.2f} GB): {vs_ta}")
+    return "\n".join(lines)
+
+
+def check_estimate(recipe: Path, env: dict[str, str]) -> int:
+    """The peak memory ``mergeflow check --json`` predicts for ``recipe`` (untimed; a child, like every run)."""
+    done = subprocess.run([_tool("mergeflow"), "check", str(recipe), "--json"], capture_output=True, text=True,
+                          env=env, check=True)
+    return int(json.loads(done.stdout)["estimate"]["peak_bytes"])
+
+
 def evaluate_targets(runs: list[Run], floor: Run | None) -> list[tuple[str, str, str]]:
     """(target, measured, verdict). Time targets apply to the --mergekit-compat rows (same semantics as mergekit);
     the paper rows are checked too and marked as such. RSS: every steady and cold mergeflow row."""
@@ -550,7 +579,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--params", type=float, default=0.5e9, help="parameters per checkpoint (base and each expert)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK,
                    help="work folder: checkpoints (reused), recipes, outputs, logs, MERGEFLOW_HOME")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS + SPECTRAL)} ({', '.join(SPECTRAL)}: "
+                        "mergeflow paper rows only, compared with task_arithmetic's)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per row (best wall time, highest peak RSS)")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     p.add_argument("--skip-mergekit", action="store_true", help="run mergeflow and the I/O floor only")
@@ -562,9 +593,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--build-child", nargs=2, metavar=("MODELS", "SPEC_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(METHODS))
+    unknown = sorted(set(args.methods) - set(METHODS + SPECTRAL))
     if unknown or not args.methods:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS + SPECTRAL)}")
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     return args
@@ -672,11 +703,13 @@ def main(argv: list[str] | None = None) -> int:
     floor_runs = bench.floor(floor_cmd, out / "io_floor", "io_floor.start")
 
     paid: set[str] = set()  # one-time mergeflow costs already paid in this MERGEFLOW_HOME
+    predicted: dict[str, int] = {}
     for method in args.methods:
-        if not args.skip_mergekit:
+        spectral = method in SPECTRAL
+        if not args.skip_mergekit and not spectral:
             bench.timed(method, "mergekit", mergekit_cmd(recipes[method], out / method / "mergekit"),
                         out / method / "mergekit", f"{method}.mergekit")
-        for compat in (True, False):
+        for compat in (False,) if spectral else (True, False):
             side = "mergeflow " + ("compat" if compat else "paper")
             target = out / method / side.replace(" ", "_")
             cmd = mergeflow_cmd(recipes[method], target, compat)
@@ -688,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.runs.append(cold)
                 paid.update(pending)
             bench.timed(method, side, cmd, target, f"{method}.{side.replace(' ', '_')}")
+        if spectral:  # after its runs, so that check's hashing of the inputs cannot turn a cold row warm
+            predicted[method] = check_estimate(recipes[method], env)
     # the floor again at the end (the load on a shared machine drifts): the best of both ends counts
     floor = bench.best(floor_runs + bench.floor(floor_cmd, out / "io_floor", "io_floor.end"))
     bench.runs.insert(0, floor)
@@ -702,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_mergekit:
         print("verifying outputs against mergekit's ...", flush=True)
         watch = watched_tensors(spec)
-        for method in args.methods:
+        for method in (m for m in args.methods if m not in SPECTRAL):
             for mode in ("compat", "paper"):
                 # every tensor where compat claims mergekit's exact result; the few watched ones elsewhere (they
                 # differ by design, and a full comparison costs minutes)
@@ -722,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average: start {' '.join(f'{x:.2f}' for x in load_start)}, "
           f"end {' '.join(f'{x:.2f}' for x in load_end)} ({os.cpu_count()} cpus)")
     print(render_table(runs, floor))
+    if predicted:
+        print(render_spectral(runs, predicted))
     print(f"I/O floor detail: import {floor.extra['import_s']:.1f} s, read {floor.extra['read_gb']:.2f} GB in "
           f"{floor.extra['read_s']:.2f} s, write {floor.extra['write_s']:.2f} s, fsync {floor.extra['fsync_s']:.2f} s "
           f"(its wall includes interpreter start and the torch import, like every row); interpreter start + "
@@ -766,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             "spec": {**asdict(spec), "params": spec.params}, "versions": versions(),
             "mergeflow_code": {"start": code_start, "end": code_end},
             "load_start": load_start, "load_end": load_end, "startup_s": startup, "benchmark_process_peak_rss": parent_rss,
-            "runs": [asdict(r) for r in runs], "verification": verification,
+            "runs": [asdict(r) for r in runs], "verification": verification, "check_predicted_peak": predicted,
             "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in verdicts],
         }, indent=2) + "\n")
         print(f"\nwrote {args.json}")
