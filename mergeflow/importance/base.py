@@ -530,7 +530,7 @@ def measure_shard(estimator: str, *, base: ModelRef | None, experts: Sequence[Mo
     """Measure (or find in the cache) one job of :func:`measure_jobs` — a part over one shard of the experts — so
     that workers can measure the shards of one run side by side; :func:`compute_coefficients` then finds them all
     in the cache. Returns ``{"part", "experts", "key", "reused", "seconds", "passes"}``."""
-    from mergeflow.engine import compute_threads
+    from mergeflow.devices import compute_threads
 
     est = get_estimator(estimator)
     resolved = est.resolve_params(params or {})
@@ -603,7 +603,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
                                              "load_seconds": round(sum(loaded_now), 3)}
 
     def build(folder: Path) -> None:
-        from mergeflow.engine import compute_threads
+        from mergeflow.devices import compute_threads
 
         start = time.perf_counter()
         # all cores but one, like the merge: oversubscribed OpenMP threads run tiny passes many times slower
