@@ -41,7 +41,7 @@ _EMBED = frozenset({"embed_tokens", "wte", "word_embeddings", "tok_embeddings", 
 _POS_EMBED = frozenset({"wpe", "position_embeddings", "embed_positions"})
 _LM_HEAD = frozenset({"lm_head", "embed_out", "output"})
 
-# Pre-norms named after the sub-layer they feed (METHODS D-18: input_layernorm -> attn, post_attention_layernorm -> mlp).
+# Pre-norms named after the sub-layer they feed (docs/methods.md D-18: input_layernorm -> attn, post_attention_layernorm -> mlp).
 _ATTN_NORMS = frozenset({"input_layernorm", "ln_1", "attention_norm", "ln_attn", "norm1", "pre_attention_layernorm"})
 _MLP_NORMS = frozenset({"post_attention_layernorm", "ln_2", "ffn_norm", "ln_mlp", "norm2",
                         "pre_feedforward_layernorm", "post_feedforward_layernorm"})
@@ -525,7 +525,7 @@ def _make_role(name: str, shape: tuple[int, ...], dtype: str | None, layer: int 
             out_axis, in_axis = (1, 0) if conv1d else (0, 1)
             hidden_axis = in_axis if kind in _READING else out_axis
             if kind != "mlp_in" and kind != "mlp_out":
-                # q/k/v/qkv are split into heads along their output; o along its input (METHODS §1.3 head_mlp).
+                # q/k/v/qkv are split into heads along their output; o along its input (docs/methods.md §1.3 head_mlp).
                 heads = _head_layout(kind, out_axis if kind != "o" else in_axis, _leaf(tokens), sizes)
         else:
             # 3-D stacked experts (e.g. [n_experts, out, in]) and other layouts: find hidden by size only.

@@ -1,7 +1,7 @@
 """The artifact between the importance stage and the merge: per (expert, partition) coefficients.
 
 A data-aware estimator never merges anything itself. It writes a :class:`Coefficients` artifact that says, for every
-expert and every partition of a level (METHODS §1.3), the value of a merge-kernel parameter — a task-vector ``weight``
+expert and every partition of a level (docs/methods.md §1.3), the value of a merge-kernel parameter — a task-vector ``weight``
 (Sens-Merging, SLTA, MI-TA, LM-Cocktail), a DARE ``drop_ratio`` (APL) — plus the raw scores it came from, for
 auditing and heatmaps. The merge engine expands the values to per-tensor parameters (a scalar, or a vector along the
 partition axis that broadcasts against the tensor) and hands them to the ordinary kernels.

@@ -1,4 +1,4 @@
-"""Partitions of a model's parameters as per-tensor selectors (METHODS §1.3, D-1, D-2, D-18, D-20).
+"""Partitions of a model's parameters as per-tensor selectors (docs/methods.md §1.3, D-1, D-2, D-18, D-20).
 
 A partition is a set of scalar entries. Every partition used here is a union of whole tensors or of slices along one
 axis of a tensor, so one tensor's share of every partition is described by a ``TensorPartition``: an axis (or None

@@ -112,7 +112,7 @@ class ModelEntry(BaseModel):
 
 class ImportanceData(BaseModel):
     """Which examples an estimator reads: ``n`` examples of each expert's task ``split`` (estimator defaults when
-    unset), drawn with ``seed``; ``target`` scores every expert on one task instead (out-of-domain mode, D-10)."""
+    unset), drawn with ``seed``; ``target`` scores every expert on one task instead (out-of-domain mode, docs/methods.md D-10)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     split: Literal["fewshot", "calib", "validation", "train"] | None = None

@@ -2,6 +2,7 @@
 
 Golden values come from the tiny configs (hidden 32, 4 heads of 8, mistral/qwen2 with 2 kv heads, 2 blocks), not
 from running the code under test: e.g. head h of llama is rows 8h..8h+7 of q/k/v and columns 8h..8h+7 of o_proj.
+Partition rules follow docs/methods.md §1.3, D-1 and D-18.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""APL importance (METHODS §2, D-1…D-11): scores checked against swaps and gradients computed here independently."""
+"""APL importance (docs/methods.md §2, D-1…D-11): scores checked against swaps and gradients computed here independently."""
 
 from __future__ import annotations
 

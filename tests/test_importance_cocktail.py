@@ -1,4 +1,4 @@
-"""LM-Cocktail weights against an independent loss computation on tiny Llama models (METHODS §5.13, D-31)."""
+"""LM-Cocktail weights against an independent loss computation on tiny Llama models (docs/methods.md §5.13, D-31)."""
 
 from __future__ import annotations
 

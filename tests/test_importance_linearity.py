@@ -1,4 +1,4 @@
-"""SLTA (submodule-linearity task arithmetic): closed form, features, fallbacks, metrics, end to end (METHODS §4)."""
+"""SLTA (submodule-linearity task arithmetic): closed form, features, fallbacks, metrics, end to end (docs/methods.md §4)."""
 
 from __future__ import annotations
 

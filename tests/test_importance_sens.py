@@ -1,4 +1,4 @@
-"""Sens-Merging against independent computations on tiny Llama models (METHODS §3, D-2, D-7, D-13–D-16, D-29)."""
+"""Sens-Merging against independent computations on tiny Llama models (docs/methods.md §3, D-2, D-7, D-13–D-16, D-29)."""
 
 from __future__ import annotations
 

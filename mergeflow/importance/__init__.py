@@ -1,7 +1,7 @@
 """Data-aware estimators: they read few-shot / calibration data and write Coefficients artifacts for the kernels.
 
 Estimators: ``apl`` (activated parameter locating), ``sens`` (Sens-Merging), ``slta`` (submodule linearity),
-``cocktail`` (LM-Cocktail), ``fisher`` (Fisher merging), ``regmean`` (RegMean). See METHODS.md §1–§4, §5.11–§5.13, §8.
+``cocktail`` (LM-Cocktail), ``fisher`` (Fisher merging), ``regmean`` (RegMean). See docs/methods.md §1–§4, §5.11–§5.13, §8.
 """
 
 from mergeflow.importance.base import (

@@ -1,4 +1,4 @@
-"""APL — activated parameter locating via causal intervention (METHODS.md §2; decisions D-1…D-11, D-32).
+"""APL — activated parameter locating via causal intervention (docs/methods.md §2; decisions D-1…D-11, D-32).
 
 Kong, Zhang, Wang, arXiv 2408.09485. Every expert's task vector is pruned DARE-style, but with a drop ratio per
 partition instead of one for the whole model: partitions that matter for the expert's task (measured on a handful of

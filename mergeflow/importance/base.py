@@ -76,7 +76,7 @@ class ImportanceRun:
     params: dict[str, Any]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    ood: bool = False              # every expert is scored on one target task (METHODS D-10)
+    ood: bool = False              # every expert is scored on one target task (docs/methods.md D-10)
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     _tokenizer: Any = None
     part: str = WHOLE              # measure stage: the part of the measurements to measure

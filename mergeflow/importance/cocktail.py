@@ -1,4 +1,4 @@
-"""LM-Cocktail: one weight per model from its LM loss on a few examples (METHODS §5.13, §2.7, D-31).
+"""LM-Cocktail: one weight per model from its LM loss on a few examples (docs/methods.md §5.13, §2.7, D-31).
 
 Xiao et al., "LM-Cocktail: Resilient Tuning of Language Models via Model Merging" (arXiv 2311.13534), official code
 ``FlagOpen/FlagEmbedding`` ``LM_Cocktail``. The members are the base model (``include_base``, D-31) and the experts.

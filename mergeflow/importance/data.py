@@ -1,4 +1,4 @@
-"""Few-shot and calibration examples for the estimators, rendered in each task's own prompt format (D-34).
+"""Few-shot and calibration examples for the estimators, rendered in each task's own prompt format (docs/methods.md D-34).
 
 A task is named like an evaluation task: a zoo task (``sentiment`` or ``zoo_sentiment``, resolved in the given zoo),
 any lm-eval task (rendered through lm-eval's own ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice``), or a

@@ -1,4 +1,4 @@
-"""Fisher merging (METHODS §5.11, D-26): per-entry weights from each expert's diagonal Fisher on its own task.
+"""Fisher merging (docs/methods.md §5.11, D-26): per-entry weights from each expert's diagonal Fisher on its own task.
 
 ``θ* = Σ_t λ_t F_t ⊙ θ_t / Σ_t λ_t F_t`` is a weighted average with one weight per entry, so this estimator only
 writes an entry-level ``weight`` field and the ordinary ``linear`` kernel merges (recipe: ``merge_method: linear``).

@@ -1,4 +1,4 @@
-"""SLTA: per-module task-arithmetic weights from submodule linearity (Dai et al., ICLR 2025; METHODS §4, D-17..D-22).
+"""SLTA: per-module task-arithmetic weights from submodule linearity (Dai et al., ICLR 2025; docs/methods.md §4, D-17..D-22).
 
 Each module ``i`` (a decoder block, an attention or MLP sub-block, one attention head, the embeddings, the final norm
 with the LM head, or the whole network) is run with the weights of every model ``k`` (base and experts) on the *same*
@@ -33,7 +33,7 @@ Two stages: the per-sample Grams of every module (``[N, K, K]`` per task, small;
 included) are measured and cached; ``balanced``, ``cond_max``, the clips and ``nonmodule``/``nonmodule_lambda`` only
 build and solve the ``K×K`` systems from them, without a model pass.
 
-Analysis metrics (METHODS §4.5), each for one or more models and the same kind of data as the estimator:
+Analysis metrics (docs/methods.md §4.5), each for one or more models and the same kind of data as the estimator:
 :func:`nonlinearity_score` (Def. 2 / Eq. 19), :func:`projection_distance` (Eq. 8, with the cosine metrics of
 Eqs. 15–17 / D-19). The numerical core is exposed for tests and notebooks: :func:`sample_grams`,
 :func:`slta_system`, :func:`solve_alpha`, :func:`module_systems`, :func:`capture_features`.
@@ -304,7 +304,7 @@ class _Parts:
 @torch.no_grad()
 def capture_features(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      batch_size: int = 8, blocks: bool = True, mlp: bool = True) -> list[FeatureBatch]:
-    """One base forward per batch, recording every module's input with hooks (METHODS §4.3 step 1).
+    """One base forward per batch, recording every module's input with hooks (docs/methods.md §4.3 step 1).
 
     ``input_ids``/``attention_mask``: right-padded ``[N, T]``. Returns one :class:`FeatureBatch` per batch, trimmed to
     the batch's longest sample. ``blocks=False`` records nothing but the ids (model level); ``mlp=False`` skips the
@@ -402,7 +402,7 @@ class _Session:
             raise ArchitectureError(
                 f"slta at head level needs gqa_policy='group' for grouped-query attention: {self.arch.model_type} "
                 f"has {self.arch.num_heads} query heads sharing {self.arch.num_kv_heads} key/value heads, so one "
-                "head is not a set of parameters (METHODS D-20)")
+                "head is not a set of parameters (docs/methods.md D-20)")
         self.partitioner = Partitioner(self.arch, level, gqa_policy=gqa_policy)
         if model is None:
             model = transformers_io.load_causal_lm(base, dtype=torch.float32).to(self.device).eval()
@@ -850,7 +850,7 @@ def nonlinearity_score(base: str | Path, expert: str | Path, examples: Sequence[
                        gqa_policy: str | None = None, batch_size: int = 8, max_length: int | None = 512,
                        device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> dict[str, NonlinearityResult]:
-    """Non-linearity score (Def. 2, discrete Eq. 19; METHODS §4.5) of each module of one fine-tuned model.
+    """Non-linearity score (Def. 2, discrete Eq. 19; docs/methods.md §4.5) of each module of one fine-tuned model.
 
     For every module (partition id of ``level``, or only ``modules``) and every sample ``x`` of ``examples`` (its
     input = the base model's input of that module, as for the estimator): ``θ_s = θ_0 + (s/N)(θ − θ_0)`` on the

@@ -1,4 +1,4 @@
-"""RegMean (METHODS §5.12, D-27): Gram matrices of every linear layer's inputs, per expert, on its own task.
+"""RegMean (docs/methods.md §5.12, D-27): Gram matrices of every linear layer's inputs, per expert, on its own task.
 
 For each ``nn.Linear`` (q, k, v, o, gate, up, down, and ``lm_head`` unless it is tied to the embeddings; also
 transformers' ``Conv1D``, whose weight is stored ``[in, out]``: its Gram is written with a leading axis of 1) the

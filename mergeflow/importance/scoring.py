@@ -1,4 +1,4 @@
-"""Few-shot scoring shared by the estimators (METHODS §1.6): gold-answer probability and answer-token LM loss.
+"""Few-shot scoring shared by the estimators (docs/methods.md §1.6): gold-answer probability and answer-token LM loss.
 
 Texts are tokenised the way lm-eval scores them — the prompt and the whole text are encoded separately, the answer
 tokens are the tokens of the whole text past the prompt's — so an estimator and the evaluation see the same tokens.

@@ -1,7 +1,7 @@
-"""Sens-Merging: one task-vector weight per (expert, layer) from sensitivities and logit distances (METHODS §3).
+"""Sens-Merging: one task-vector weight per (expert, layer) from sensitivities and logit distances (docs/methods.md §3).
 
 Liu et al., "Sens-Merging: Sensitivity-Guided Parameter Balancing for Merging Large Language Models" (arXiv
-2502.12420, ACL 2025 Findings). No official code exists; the decisions below are METHODS D-2, D-6, D-7, D-12–D-16
+2502.12420, ACL 2025 Findings). No official code exists; the decisions below are docs/methods.md D-2, D-6, D-7, D-12–D-16
 and D-28–D-30.
 
 * **Task-specific factor** α (Eqs. 1–3): on each of expert i's own calibration examples, the gradient of the

@@ -1,7 +1,7 @@
 """RegMean: per linear layer, the weight minimising Σ_t ‖X_t W_tᵀ − X_t Wᵀ‖² given the Gram matrices of its inputs.
 
 ``W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹``, solved in float64 as ``(Σ_t G̃_t) Wᵀ = Σ_t G̃_t W_tᵀ`` (a ridge of
-``1e-6 · mean(diag)`` is added if the system is singular, D-27). The Grams come from the ``regmean`` importance
+``1e-6 · mean(diag)`` is added if the system is singular, docs/methods.md D-27). The Grams come from the ``regmean`` importance
 estimator as the per-model entry-level parameter ``gram`` (``[in, in]`` for a weight stored ``[out, in]``, as
 nn.Linear does; ``[1, in, in]`` for one stored ``[in, out]``, as GPT-2's Conv1D does); tensors without one (biases,
 norms, embeddings, a tied LM head) are averaged. Without any Gram the method refuses to run: it is data-aware and has no data-free meaning.
