@@ -166,24 +166,55 @@ def _add_svd_workspace(plan) -> None:
 @main.command()
 @click.argument("name", required=False)
 def methods(name: str | None) -> None:
-    """List the merge methods with their parameters, defaults and papers (or describe NAME)."""
-    from mergeflow.methods import all_methods, get_method
+    """List the merge methods and the importance estimators with their parameters, defaults and papers (or
+    describe NAME, a method or an estimator)."""
+    # torch-heavy: imported when the command runs, so `mergeflow --help` and the other commands start fast
+    from mergeflow.importance.base import ESTIMATORS, all_estimators
+    from mergeflow.methods.base import METHODS, all_methods
 
-    chosen = [get_method(name)] if name else all_methods()
+    if name is not None and name not in METHODS:
+        if name not in ESTIMATORS:
+            raise click.UsageError(f"{name!r} is neither a merge method ({', '.join(METHODS)}) nor an importance "
+                                   f"estimator ({', '.join(ESTIMATORS)})")
+        _describe_estimators([ESTIMATORS.lookup(name)])
+        return
+    chosen = [METHODS.lookup(name)] if name else all_methods()
     for m in chosen:
         flags = [f for f, on in (("base model", m.needs_base), ("random", m.random)) if on]
-        click.echo(click.style(m.name, bold=True) + (f"  [{', '.join(flags)}]" if flags else ""))
+        aliases = sorted(n for n in METHODS if n != m.name and METHODS[n] is m)
+        click.echo(click.style(m.name, bold=True) + (f"  [{', '.join(flags)}]" if flags else "")
+                   + (f"  (also: {', '.join(aliases)})" if aliases else ""))
         click.echo(f"    {m.summary}")
         click.echo(f"    paper: {m.paper}")
-        for p in m.params:
-            default = "required" if p.required else f"default {p.default!r}"
-            if p.default_compat is not None:
-                default += f" (mergekit_compat: {p.default_compat!r})"
-            scope = "per model" if p.per_model else "shared"
-            choices = f" one of {list(c for c in p.choices if c)}" if p.choices else ""
-            click.echo(f"    - {p.name} ({p.type.__name__}, {scope}, {default}){choices}: {p.help}")
+        if m.requires_estimator:
+            click.echo(f"    needs the importance estimator {m.requires_estimator}")
+        _describe_params(m.params)
+        click.echo("")
+    if name is None:
+        click.echo(click.style("Importance estimators", bold=True) + " (recipe `importance:`; they write "
+                   "coefficients the methods above consume)\n")
+        _describe_estimators(all_estimators())
+
+
+def _describe_estimators(estimators: list) -> None:
+    for e in estimators:
+        flags = [f for f, on in (("base model", e.needs_base), ("out-of-domain", e.supports_ood)) if on]
+        click.echo(click.style(e.name, bold=True) + (f"  [{', '.join(flags)}]" if flags else ""))
+        click.echo(f"    {e.summary}")
+        click.echo(f"    paper: {e.paper}")
+        click.echo(f"    data: split {e.default_split}, {e.default_n or 'all'} examples per task by default")
+        _describe_params(e.params)
         click.echo("")
 
+
+def _describe_params(params: tuple) -> None:
+    for p in params:
+        default = "required" if p.required else f"default {p.default!r}"
+        if p.default_compat is not None:
+            default += f" (mergekit_compat: {p.default_compat!r})"
+        scope = "per model" if p.per_model else "shared"
+        choices = f" one of {list(c for c in p.choices if c)}" if p.choices else ""
+        click.echo(f"    - {p.name} ({p.type.__name__}, {scope}, {default}){choices}: {p.help}")
 
 if __name__ == "__main__":
     main()

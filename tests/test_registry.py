@@ -91,3 +91,20 @@ def test_asking_for_one_method_imports_only_its_module():
             "print(sorted(m for m in sys.modules if m.startswith('mergeflow.methods.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['mergeflow.methods.base', 'mergeflow.methods.slerp']"
+
+
+def test_cli_methods_lists_methods_aliases_and_estimators():
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    runner = CliRunner()
+    listing = runner.invoke(main, ["methods"])
+    assert listing.exit_code == 0, listing.output
+    assert "\nlinear  [" not in listing.output and "linear  (also: weight_average)" in listing.output
+    assert "Importance estimators" in listing.output and "\napl  [base model, out-of-domain]" in listing.output
+    assert "needs the importance estimator regmean" in listing.output
+    one = runner.invoke(main, ["methods", "sens"])
+    assert one.exit_code == 0 and one.output.startswith("sens") and "temperature" in one.output
+    bad = runner.invoke(main, ["methods", "nope"])
+    assert bad.exit_code == 2 and "neither a merge method" in bad.output
