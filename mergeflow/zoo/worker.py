@@ -9,14 +9,18 @@ import json
 import sys
 from pathlib import Path
 
-from mergeflow.zoo.build import ZooSize, _no_hf_progress_bars, finetune_expert
+import transformers.utils.logging as hf_logging
+
+from mergeflow.zoo.build import ZooSize, finetune_expert
 
 
 def main(argv: list[str]) -> int:
     root, task, size_file = argv
     size = ZooSize.from_json(json.loads(Path(size_file).read_text()))
-    with _no_hf_progress_bars():
-        info = finetune_expert(root, task, size)
+    # transformers' "Loading weights" bars would clutter the build's own progress; this process exits after one
+    # expert, so there is nothing to restore
+    hf_logging.disable_progress_bar()
+    info = finetune_expert(root, task, size)
     print(json.dumps(info), flush=True)
     return 0
 
