@@ -46,7 +46,8 @@ def iso_c_kernel(x: KernelInput) -> torch.Tensor:
     summed = spectral.total(deltas)
     del deltas
     u, s, vh = torch.linalg.svd(summed, full_matrices=False)
-    return spectral.finish(x, (u * s.mean()) @ vh)
+    del summed
+    return spectral.finish(x, u.mul_(s.mean()) @ vh)
 
 
 def iso_cts_kernel(x: KernelInput) -> torch.Tensor:
@@ -76,8 +77,9 @@ def iso_cts_kernel(x: KernelInput) -> torch.Tensor:
     s_all[k * per_task:] = s[:common]
     v_all[k * per_task:] = vh[:common]
     del u, s, vh, u_c
-    update = (spectral.polar(u_all) * s_all.mean()) @ spectral.polar(v_all)
-    return spectral.finish(x, update)
+    u_orth = spectral.polar(u_all).mul_(s_all.mean())
+    del u_all
+    return spectral.finish(x, u_orth @ spectral.polar(v_all))
 
 
 ISO_C = register(MergeMethod(

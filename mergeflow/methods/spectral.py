@@ -71,10 +71,12 @@ def polar(a: torch.Tensor) -> torch.Tensor:
 
 
 def finish(x: KernelInput, update: torch.Tensor) -> torch.Tensor:
-    """θ_b + λ·update, returned in the engine's compute dtype."""
+    """θ_b + λ·update, in place on ``update`` (which the kernel owns: no m×n temporaries), in the compute dtype."""
     assert x.base is not None
     lam = float(x.shared.get("lambda", 1.0))
-    return (x.base.to(update.dtype) + lam * update).to(x.dtype)
+    if lam != 1.0:
+        update.mul_(lam)
+    return update.add_(x.base.to(update.dtype)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- memory estimate

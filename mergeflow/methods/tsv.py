@@ -51,8 +51,9 @@ def tsv_kernel(x: KernelInput) -> torch.Tensor:
         v_cat[cols] = vh[:kept]
         del u, sv, vh
     del deltas
-    update = (spectral.polar(u_cat) * s_cat) @ spectral.polar(v_cat)
-    return spectral.finish(x, update)
+    u_orth = spectral.polar(u_cat).mul_(s_cat)
+    del u_cat
+    return spectral.finish(x, u_orth @ spectral.polar(v_cat))
 
 
 TSV = register(MergeMethod(
