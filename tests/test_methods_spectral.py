@@ -272,3 +272,15 @@ def test_check_prints_the_svd_workspace(families, tmp_path) -> None:
     assert est["workspace_rows"] * est["workspace_cols"] == est["largest_tensor_numel"]
     recipe.write_text(recipe.read_text().replace("tsv", "task_arithmetic"))
     assert "workspace" not in CliRunner().invoke(main, ["check", str(recipe)]).output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
+def test_cuda_agrees_with_cpu(method) -> None:
+    """``--device cuda``: cuSOLVER's SVDs and the GPU Adam steps give the CPU result to fp32 rounding."""
+    base, experts = _inputs(3, (64, 48), seed=9, dtype=torch.float32)
+    cpu = _run(method, base, experts)
+    gpu = _run(method, base.cuda(), [e.cuda() for e in experts])
+    assert gpu.is_cuda
+    scale = (cpu - base).abs().max()
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=float(5e-5 * scale), rtol=0)
