@@ -4,7 +4,7 @@ and the cost of Prefect + MLflow over calling the library directly.
     python benchmarks/pipeline.py [--recipe recipes/zoo-ta-apl.yaml] [--knob parameters.lambda=0.8] [--json OUT]
 
 Each run is a fresh Python process timed from outside (imports included, as a user pays them):
-  1. library: ``mergeflow.pipeline.run_pipeline(recipe, register=False)`` on empty caches (no Prefect, no MLflow);
+  1. library: ``mergeflow.graph.run_pipeline(recipe, register=False)`` on empty caches (no Prefect, no MLflow);
   2. flow, cold: ``flows.merge_pipeline`` against a Prefect server and an MLflow store that already run (as in
      production: the benchmark starts a local ``prefect server`` on 127.0.0.1 and creates the SQLite store before
      timing), empty caches;
@@ -60,10 +60,10 @@ def _child(mode: str, recipe_file: Path) -> int:
     """Run inside a fresh process: the library alone, or the flow."""
     recipe = json.loads(recipe_file.read_text())
     if mode == "library":
-        from mergeflow.pipeline import run_pipeline
+        from mergeflow.graph import run_pipeline
 
         out = run_pipeline(recipe, register=False, device="auto")
-        print(json.dumps({"in_domain_avg": out["evaluation"]["in_domain_avg"]}))
+        print(json.dumps({"in_domain_avg": out["evaluation"].in_domain_avg}))
     else:
         from flows.merge_pipeline import merge_pipeline
 

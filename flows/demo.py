@@ -93,14 +93,14 @@ def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit:
     table = format_table(matrix)
     (folder / "accuracy_table.txt").write_text(table + "\n")
     png = save_png(matrix, folder / "accuracy_table.png", title=f"mergeflow demo: zoo {size}, seed {seed}")
-    promotion = result.get("promotion") or {}
+    promotion = result["promotion"].to_json() if result.get("promotion") else {}
     print("\n" + table)
     print(f"\nwrote {folder / 'accuracy_matrix.json'}, {folder / 'accuracy_table.txt'} and {png}")
     from mergeflow import tracking
 
     holder = tracking.champion(DEMO_MODEL)  # the registry's word (this run's promote may be a cached result)
     label = next((lbl for lbl, e in result["models"].items()
-                  if holder and (e.get("registration") or {}).get("version") == holder.version), None)
+                  if holder and e.get("registration") and e["registration"].version == holder.version), None)
     print(f"registered model {DEMO_MODEL!r}: champion = version {holder.version if holder else None}"
           + (f" ({label}, {holder.metric} {holder.value:.2f})" if holder and label and holder.value is not None
              else "")

@@ -33,22 +33,20 @@ def project_dir() -> Path:
     return Path(raw).expanduser().resolve() if raw else Path.cwd().resolve()
 
 
-def recipe_parameter(recipe: str | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """A recipe flow parameter (a YAML/JSON path relative to the project folder, or the recipe itself) as the plain
-    mapping the tasks take, validated now, plus the folder its relative model paths refer to."""
+def recipe_parameter(recipe: str | Mapping[str, Any]) -> tuple[Any, str]:
+    """A recipe flow parameter (a YAML/JSON path relative to the project folder, or the recipe itself) as a validated
+    Recipe, plus the folder its relative model paths refer to; a bad recipe is refused before any task runs."""
     from mergeflow.errors import RecipeError
     from mergeflow.pipeline import as_recipe
 
     if isinstance(recipe, Mapping):
-        as_recipe(recipe, base_dir=project_dir())  # refuse a bad recipe before any task runs
-        return dict(recipe), str(project_dir())
+        return as_recipe(recipe, base_dir=project_dir()), str(project_dir())
     path = Path(recipe).expanduser()
     if not path.is_absolute():
         path = project_dir() / path
     if not path.is_file():
         raise RecipeError(f"recipe {recipe!r}: no such file ({path})")
-    parsed = as_recipe(path)
-    return parsed.model_dump(mode="json", by_alias=False, exclude_none=True), str(path.parent.resolve())
+    return as_recipe(path), str(path.parent.resolve())
 
 
 def share_ephemeral_api() -> None:

@@ -24,13 +24,14 @@ from prefect import flow
 from flows.common import run_recipes
 from flows.runtime import project_dir, task_runner
 from mergeflow.errors import RecipeError
-from mergeflow.pipeline import expand_grid
+from mergeflow.pipeline import as_recipe, expand_grid
+from mergeflow.recipe import Recipe
 
 
 def sweep_parameter(recipe: str | dict[str, Any], grid: dict[str, list[Any]] | None) -> tuple[
-        list[tuple[str, dict[str, Any]]], str]:
-    """The grid points of a sweep: a recipe file (or mapping) whose optional ``grid:`` section lists the values to
-    try; a ``grid`` parameter replaces that section."""
+        list[tuple[str, Recipe]], str]:
+    """The grid points of a sweep, validated: a recipe file (or mapping) whose optional ``grid:`` section lists the
+    values to try; a ``grid`` parameter replaces that section."""
     import yaml
 
     if isinstance(recipe, dict):
@@ -47,26 +48,25 @@ def sweep_parameter(recipe: str | dict[str, Any], grid: dict[str, list[Any]] | N
         folder = path.parent.resolve()
     file_grid = data.pop("grid", None) or {}
     points = expand_grid(data, grid if grid is not None else file_grid)
-    from mergeflow.pipeline import as_recipe
-
-    for _, point in points:
-        as_recipe(point, base_dir=folder)
-    return points, str(folder)
+    return [(label, as_recipe(point, base_dir=folder)) for label, point in points], str(folder)
 
 
 @flow(name="merge-sweep", task_runner=task_runner(), log_prints=True)
 def sweep(recipe: str | dict[str, Any], grid: dict[str, list[Any]] | None = None,
-          registered_name: str | None = None, importance_deployment: str | None = None, device: str = "auto",
+          registered_name: str | None = None, importance_deployment: str | None = None,
+          evaluation_deployment: str | None = None, device: str = "auto",
           tracking_uri: str | None = None) -> dict[str, Any]:
     """Merge, evaluate and register every grid point; promote the best one if it beats the champion."""
     points, recipe_dir = sweep_parameter(recipe, grid)
     result = run_recipes(points, recipe_dir=recipe_dir, registered_name=registered_name,
-                         importance_deployment=importance_deployment, device=device, tracking_uri=tracking_uri)
-    table = {label: {"in_domain_avg": e["evaluation"]["in_domain_avg"],
-                     "selection": (e.get("registration") or {}).get("selection_value"),
-                     "version": (e.get("registration") or {}).get("version")}
+                         importance_deployment=importance_deployment, evaluation_deployment=evaluation_deployment,
+                         device=device, tracking_uri=tracking_uri)
+    table = {label: {"in_domain_avg": e["evaluation"].in_domain_avg,
+                     "selection": e["registration"].selection_value if e.get("registration") else None,
+                     "version": e["registration"].version if e.get("registration") else None}
              for label, e in result["models"].items()}
-    summary = {"points": table, "promotion": result.get("promotion")}
+    promotion = result.get("promotion")
+    summary = {"points": table, "promotion": promotion.to_json() if promotion else None}
     print(json.dumps(summary, indent=1))
     return summary
 

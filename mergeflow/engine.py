@@ -1,510 +1,91 @@
-"""The streaming merge: for each output tensor, gather the inputs → run the method's kernel → write, with prefetch.
+"""A recipe in, a merged model out: the stage graph's resolve and importance nodes, then the streaming merge.
 
-Peak memory is about (K + 1) × the largest tensor in the compute dtype plus the prefetched next tensor set; no model
-is ever held whole. Planning (resolve, headers, compatibility, parameters, output path) happens before any tensor is
-read, so every recipe or input problem surfaces in well under a second with nothing written.
+The engine proper (:mod:`mergeflow.streaming`) merges resolved snapshots with the Coefficients it is given; this
+module is the entry point that starts from a recipe, for the ``mergeflow merge`` and ``check`` commands and for
+callers that merge in memory. It plans the recipe's ``resolve`` and ``importance`` nodes with :func:`mergeflow.graph.
+plan_inputs` and runs them in this process (everything cached by content), so a recipe is resolved and its
+estimators run exactly as the pipeline does, then hands the results to the engine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import shutil
-import struct
-import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergeflow import __version__
-from mergeflow.architecture import Architecture
-from mergeflow.checkpoints import Snapshot, resolve
-from mergeflow.coefficients import Coefficients, CoefficientSource
-from mergeflow.compatibility import CompatibilityReport, compare, summarize
-from mergeflow.errors import IncompatibleModelsError, RecipeError
-from mergeflow.methods.base import KernelInput, MergeMethod
+from mergeflow import graph, pipeline, streaming
+from mergeflow.coefficients import Coefficients
 from mergeflow.recipe import Recipe
-from mergeflow.tensors import (
-    CheckpointReader,
-    ShardedWriter,
-    TensorSpec,
-    atomic_directory,
-    check_output_path,
-    dtype_from_name,
-    dtype_name,
-    parse_size,
+from mergeflow.streaming import (
+    DEFAULT_SHARD_SIZE,
+    TOKENIZER_FILES,
+    Input,
+    MergeInputs,
+    MergeOptions,
+    MergePlan,
+    MergeResult,
+    compute_threads,
+    iter_merged,
+    layer_fraction,
+    model_card,
+    pick_device,
+    provenance_of,
 )
 
-DEFAULT_SHARD_SIZE = "1GB"
-_COPIED_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+__all__ = ["DEFAULT_SHARD_SIZE", "TOKENIZER_FILES", "Input", "MergeInputs", "MergeOptions", "MergePlan",
+           "MergeResult", "compute_threads", "iter_merged", "layer_fraction", "merge", "merge_state_dict",
+           "model_card", "pick_device", "plan_merge", "provenance_of", "resolve_inputs"]
 
 
-@dataclass(frozen=True)
-class MergeOptions:
-    device: str = "cpu"  # cpu | cuda | auto
-    shard_size: str | int = DEFAULT_SHARD_SIZE
-    overwrite: bool = False
-    progress: bool = True
-    # CPU threads for the arithmetic; default: all cores but one, which the reader and writer threads use
-    # (oversubscribed OpenMP threads spin at barriers and run many times slower than one thread)
-    threads: int | None = None
+def resolve_inputs(recipe: Recipe) -> tuple[MergeInputs, dict[graph.Node, Any]]:
+    """The recipe's checkpoints resolved through its graph's resolve nodes, and the results so far."""
+    base, experts = graph.resolve_nodes(recipe)
+    results = graph.execute(((base,) if base else ()) + experts)
+    return pipeline.merge_inputs(recipe, results[base] if base else None, [results[e] for e in experts]), results
 
 
-@dataclass
-class Input:
-    role: str  # "base" or "model[i]"
-    snapshot: Snapshot
-    reader: CheckpointReader
-    arch: Architecture
-    rng_id: str  # stable identity for random draws: content hash (+ occurrence when repeated)
-
-
-@dataclass
-class MergePlan:
-    recipe: Recipe
-    method: MergeMethod
-    base: Input | None
-    experts: list[Input]
-    reference: Input  # whose tensor layout, config and tokenizer the output takes
-    specs: list[TensorSpec]  # output tensors, in the reference's order
-    params: dict[str, tuple[dict[str, list[Any]], dict[str, Any]]]
-    compute_dtype: torch.dtype | None  # None: per tensor (fp32, or fp64 inputs stay fp64)
-    device: torch.device
-    report: CompatibilityReport
-    thresholds: list[float] | None = None
-    coefficients: list[Coefficients] = field(default_factory=list)  # data-aware artifacts the kernels consume
-    coefficient_source: CoefficientSource | None = None
-
-    @property
-    def canonical_order(self) -> list[int]:
-        if self.recipe.mergekit_compat:
-            return list(range(len(self.experts)))
-        return sorted(range(len(self.experts)), key=lambda i: self.experts[i].rng_id)
-
-    @property
-    def inputs(self) -> list[Input]:
-        return ([self.base] if self.base else []) + self.experts
-
-    def input_hashes(self) -> dict[str, str]:
-        return {i.snapshot.reference: i.snapshot.content_hash for i in self.inputs}
-
-    def close(self) -> None:
-        for i in self.inputs:
-            i.reader.close()
-
-
-@dataclass
-class MergeResult:
-    path: Path | None
-    recipe_hash: str
-    input_hashes: dict[str, str]
-    n_tensors: int
-    bytes_written: int
-    seconds: float
-    thresholds: list[float] | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
-
-
-def _layer_fraction(arch: Architecture, name: str) -> float:
-    """mergekit's gradient position: layer i of L → i/(L−1); tensors outside blocks → 0."""
-    role = arch.tensors.get(name)
-    if role is None or role.layer_index is None:
-        return 0.0
-    return role.layer_index / (arch.num_layers - 1) if arch.num_layers > 1 else 1.0
-
-
-def _open(role: str, ref: str, recipe: Recipe) -> tuple[Snapshot, CheckpointReader, Architecture]:
-    snap = resolve(recipe.resolve_reference(ref), allow_pickle=recipe.allow_pickle,
-                   trust_remote_code=recipe.trust_remote_code)
-    reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=recipe.allow_pickle)
-    config = json.loads((snap.path / "config.json").read_text())
-    arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
-    return snap, reader, arch
-
-
-def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions = MergeOptions(),
-               strict: bool = True, coefficients: list[Coefficients] | None = None) -> MergePlan:
-    """Resolve, inspect and validate everything a merge needs, without reading a single tensor's data.
-
-    Data-aware recipes need Coefficients: pass them (the pipeline's importance stage), or leave ``coefficients``
-    None and the recipe's ``importance`` estimators run here (cached by content) once everything else is checked.
-    """
-    opened: list[Input] = []
-    try:
-        return _plan(recipe, out, options, strict, opened, coefficients)
-    except BaseException:
-        for i in opened:  # a refused plan must not leave file descriptors open in a long-lived worker
-            i.reader.close()
-        raise
-
-
-def _plan(recipe: Recipe, out: Path | None, options: MergeOptions, strict: bool, opened: list[Input],
-          coefficients: list[Coefficients] | None) -> MergePlan:
-    method = recipe.method
-    device = pick_device(options.device)
-    base: Input | None = None
-    if recipe.base_model:
-        snap, reader, arch = _open("base", recipe.base_model, recipe)
-        base = Input("base", snap, reader, arch, snap.content_hash)
-        opened.append(base)
-    experts: list[Input] = []
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(recipe.experts):
-        snap, reader, arch = _open(f"model[{i}]", entry.model, recipe)
-        n = seen.get(snap.content_hash, 0)
-        seen[snap.content_hash] = n + 1
-        experts.append(Input(f"model[{i}]", snap, reader, arch, f"{snap.content_hash}#{n}"))
-        opened.append(experts[-1])
-    reference = base if base is not None else experts[0]
-    summaries = {id(i): summarize(i.role, i.snapshot.reference, i.snapshot.content_hash, i.arch, i.reader)
-                 for i in [reference, *experts]}
-    problems, warnings = compare(
-        (summaries[id(reference)], reference.arch, reference.reader),
-        [(summaries[id(e)], e.arch, e.reader) for e in experts if e is not reference],
-        vocab_policy=recipe.vocab_policy,
-    )
-    report = CompatibilityReport([summaries[id(reference)]] + [summaries[id(e)] for e in experts
-                                                                 if e is not reference], problems, warnings)
-    if strict and problems:
-        raise IncompatibleModelsError("; ".join(problems))
-
-    out_dtype = dtype_from_name(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
-    compute_dtype = None
-    if recipe.mergekit_compat and recipe.dtype:
-        compute_dtype = dtype_from_name(recipe.dtype)
-    specs = []
-    params = {}
-    for name, spec in reference.reader.specs.items():
-        floating = spec.dtype.is_floating_point
-        specs.append(TensorSpec(name, spec.shape, out_dtype if (floating and out_dtype) else spec.dtype))
-        if floating:
-            per_model, shared = recipe.tensor_params(name, _layer_fraction(reference.arch, name))
-            _check_tensor_params(method, name, per_model, shared, recipe.mergekit_compat)
-            params[name] = (per_model, shared)
-    report.estimate = _estimate(reference, experts, specs, compute_dtype)
-    if out is not None:
-        check_output_path(out, [i.snapshot.path for i in [*([base] if base else []), *experts]],
-                          overwrite=options.overwrite)
-    plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report)
-    if problems:  # only reachable with strict=False (a report for `mergeflow check`): read no tensor data
-        return plan
+def _prepare(recipe: Recipe, out: Path | None, options: MergeOptions, strict: bool,
+             coefficients: list[Coefficients] | None) -> tuple[MergeInputs, list[Coefficients] | None,
+                                                               MergePlan | None]:
+    """Inputs and Coefficients of a merge of ``recipe``. A data-aware recipe is checked before its estimators run
+    (the returned plan, when that check found problems and ``strict`` is off)."""
+    inputs, results = resolve_inputs(recipe)
     if coefficients is None and (recipe.importance or recipe.coefficients):
-        from mergeflow.importance.base import ModelRef, coefficients_for_recipe
-
-        def ref(i: Input) -> ModelRef:
-            return ModelRef(i.snapshot.reference, i.snapshot.path, i.snapshot.content_hash)
-
-        coefficients = coefficients_for_recipe(recipe, ref(base) if base else None, [ref(e) for e in experts],
-                                               device=device)
-    if coefficients:
-        _attach_coefficients(plan, coefficients)
-    if not recipe.mergekit_compat and any(method.needs_global_threshold(sh) for _, sh in params.values()):
-        plan.thresholds = _global_thresholds(plan)
-    return plan
+        checked = streaming.plan_merge(recipe, inputs, out=out, options=options, strict=strict,
+                                       require_coefficients=False)
+        checked.close()
+        if checked.report.problems:
+            return inputs, None, checked
+        base, experts = graph.resolve_nodes(recipe)
+        nodes = graph.importance_nodes(recipe, base, experts)
+        graph.execute(nodes, graph.RunContext(device=str(pick_device(options.device))), results)
+        coefficients = pipeline.load_coefficients(recipe, [results[n] for n in nodes])
+    return inputs, coefficients, None
 
 
-def _attach_coefficients(plan: MergePlan, coefficients: list[Coefficients]) -> None:
-    method = plan.method
-    if plan.recipe.mergekit_compat:
-        raise RecipeError("coefficients: data-aware coefficients have no mergekit equivalent (mergekit_compat)")
-    source = CoefficientSource(coefficients, plan.reference.arch, [e.snapshot.content_hash for e in plan.experts],
-                               plan.base.snapshot.content_hash if plan.base else None)
-    for param in source.params:
-        if param not in method.partition_params:
-            accepts = ", ".join(method.partition_params) or "none"
-            raise RecipeError(f"coefficients: {method.name} takes no per-partition {param!r} (it accepts: {accepts}); "
-                              f"use a method that does, e.g. dare_linear for drop ratios")
-    plan.coefficients = list(coefficients)
-    plan.coefficient_source = source
-
-
-def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, list[Any]],
-                         shared: dict[str, Any], compat: bool) -> None:
-    if (method.normalizes_by_weight_sum and shared.get("normalize") is True
-            and not (compat and method.compat_guards_zero_weight_sum)
-            and abs(sum(float(w) for w in per_model["weight"])) < 1e-8):
-        raise RecipeError(f"parameters.weight: the weights of tensor {name} sum to zero but {method.name} "
-                          "normalises by their sum")
-    for pname, values in per_model.items():
-        spec = method.param(pname)
-        for i, value in enumerate(values):
-            if spec is not None and value is not None:
-                spec.check(value, f"models[{i}].parameters.{pname} (tensor {name})")
-
-
-def _estimate(reference: Input, experts: list[Input], specs: list[TensorSpec],
-              compute_dtype: torch.dtype | None) -> dict[str, int]:
-    largest = max((s.numel for s in specs), default=0)
-    k = len(experts) + (1 if reference not in experts else 0)
-    item = (torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4)
-    in_item = max((s.nbytes // max(s.numel, 1) for s in reference.reader.specs.values()), default=4)
-    # raw prefetched inputs (current + next) + compute copies + a stacked K-way buffer + the output being written
-    peak = 2 * k * largest * in_item + (2 * k + 2) * largest * item + largest * 4
-    return {"peak_bytes": int(peak), "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
-
-
-def _global_thresholds(plan: MergePlan) -> list[float]:
-    """Per-expert exact |Δ| thresholds over the whole task vector (global TIES trim), cached by content."""
-    from mergeflow.task_vectors import task_vector_manifest
-
-    thresholds = []
-    for i, expert in enumerate(plan.experts):
-        densities = {plan.params[n][0]["density"][i] for n in plan.params}
-        if len(densities) != 1:
-            raise RecipeError(f"models[{i}].parameters.density: trim_scope global needs one density per model; "
-                              "use trim_scope: tensor for per-tensor densities")
-        density = float(next(iter(densities)))
-        assert plan.base is not None
-        manifest = task_vector_manifest(plan.base, expert, densities=(density,))
-        thresholds.append(manifest.thresholds[repr(density)])
-    return thresholds
-
-
-# ------------------------------------------------------------------------------------------------ the merge loop
-
-
-def _rng_seed(seed: int, tensor: str, model_id: str) -> int:
-    digest = hashlib.sha256(f"{seed}\x00{tensor}\x00{model_id}".encode()).digest()
-    return struct.unpack("<q", digest[:8])[0] & ((1 << 63) - 1)
-
-
-def _fit_vocab(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """vocab_policy base: rows the base has; missing rows take the base's values (a zero task vector)."""
-    if tensor.shape == like.shape:
-        return tensor
-    out = like.clone()
-    rows = min(tensor.shape[0], like.shape[0])
-    out[:rows] = tensor[:rows].to(like.dtype)
-    return out
-
-
-def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[Any]]]:
-    # NaN/Inf were ruled out when the checkpoints were resolved (a scan memoised by file size and mtime)
-    base = plan.base.reader.get(name) if plan.base else None
-    models = [e.reader.get(name) for e in plan.experts]
-    coeffs: dict[str, list[Any]] = {}
-    if plan.coefficient_source is not None:
-        shape = plan.reference.reader.specs[name].shape
-        coeffs = plan.coefficient_source.tensor_params(name, shape)
-    return base, models, coeffs
-
-
-def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor in the output dtype, on CPU)`` for every output tensor, streaming."""
-    recipe, method = plan.recipe, plan.method
-    names = [s.name for s in plan.specs]
-    out_dtypes = {s.name: s.dtype for s in plan.specs}
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-read")
-    try:
-        pending: Future | None = pool.submit(_load, plan, names[0]) if names else None
-        for index, name in enumerate(names):
-            assert pending is not None
-            base_raw, models_raw, coeff_params = pending.result()
-            pending = pool.submit(_load, plan, names[index + 1]) if index + 1 < len(names) else None
-            reference_raw = base_raw if plan.base is not None else models_raw[0]
-            if not reference_raw.is_floating_point():
-                yield name, reference_raw  # integer / bool buffers are copied, never merged
-                continue
-            dtype = plan.compute_dtype or (torch.float64 if reference_raw.dtype == torch.float64 else torch.float32)
-            if plan.compute_dtype is None and recipe.mergekit_compat:
-                dtype = reference_raw.dtype
-                for t in models_raw:
-                    dtype = torch.promote_types(dtype, t.dtype)
-            # kernels that stream convert block by block; the others get whole tensors in the compute dtype
-            convert = None if (method.streams_raw_inputs and not recipe.mergekit_compat) else dtype
-            base = base_raw.to(plan.device, convert) if base_raw is not None else None
-            models = [t.to(plan.device, convert) for t in models_raw]
-            if recipe.vocab_policy == "base" and base is not None:
-                models = [_fit_vocab(t, base) for t in models]
-            per_model, shared = plan.params[name]
-            for pname, values in coeff_params.items():  # data-aware values replace the recipe's where given
-                current = per_model.get(pname, [None] * len(values))
-                per_model = {**per_model, pname: [c if v is None else v for v, c in zip(values, current)]}
-            # Paper mode combines the experts in a canonical order (by content), so listing them differently gives
-            # a bit-identical model; compat mode keeps the recipe order, as mergekit sums in config order.
-            order = plan.canonical_order
-            models = [models[i] for i in order]
-            per_model = {k: [v[i] for i in order] for k, v in per_model.items()}
-            thresholds = [plan.thresholds[i] for i in order] if plan.thresholds else None
-            generators = None
-            if method.random:
-                generators = []
-                for i in order:
-                    g = torch.Generator(device=plan.device)
-                    g.manual_seed(_rng_seed(recipe.seed, name, plan.experts[i].rng_id))
-                    generators.append(g)
-            x = KernelInput(name=name, base=base, models=models, params=per_model, shared=shared,
-                            generators=generators, thresholds=thresholds, compat=recipe.mergekit_compat,
-                            dtype=dtype, out_dtype=out_dtypes[name])
-            with torch.no_grad():
-                merged = method.kernel(x)
-            del base, models, x
-            yield name, merged.to(out_dtypes[name]).cpu()
-            if progress is not None:
-                progress.update(merged.numel() * torch.empty((), dtype=out_dtypes[name]).element_size())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def compute_threads(threads: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+def plan_merge(recipe: Recipe, *, out: Path | None = None, options: MergeOptions | None = None,
+               strict: bool = True, coefficients: list[Coefficients] | None = None) -> MergePlan:
+    """Resolve the recipe's checkpoints, check the merge, and (data-aware recipes without ``coefficients``) run its
+    estimators once everything else is checked; no tensor data of the merge is read."""
+    options = options or MergeOptions()
+    inputs, coefficients, refused = _prepare(recipe, out, options, strict, coefficients)
+    if refused is not None:
+        return refused
+    return streaming.plan_merge(recipe, inputs, out=out, options=options, strict=strict, coefficients=coefficients)
 
 
 def merge_state_dict(recipe: Recipe, *, device: str = "cpu", threads: int | None = None,
                      coefficients: list[Coefficients] | None = None) -> dict[str, torch.Tensor]:
     """Merge in memory (small models: evaluation of many candidate merges without touching disk)."""
-    with compute_threads(threads):
-        plan = plan_merge(recipe, options=MergeOptions(device=device, progress=False), coefficients=coefficients)
-        try:
-            return dict(iter_merged(plan))
-        finally:
-            plan.close()
+    options = MergeOptions(device=device, progress=False)
+    inputs, coefficients, _ = _prepare(recipe, None, options, True, coefficients)
+    return streaming.merge_state_dict(recipe, inputs, device=device, threads=threads, coefficients=coefficients)
 
 
-def merge(recipe: Recipe, out: str | Path, *, options: MergeOptions = MergeOptions(),
+def merge(recipe: Recipe, out: str | Path, *, options: MergeOptions | None = None,
           coefficients: list[Coefficients] | None = None) -> MergeResult:
     """Merge to ``out``: sharded safetensors + config + tokenizer + model card + provenance, renamed into place."""
-    out = Path(out)
-    start = time.perf_counter()
-    with compute_threads(options.threads):  # the NaN scan and global thresholds are compute too
-        plan = plan_merge(recipe, out=out, options=options, coefficients=coefficients)
-    try:
-        shard_size = parse_size(options.shard_size)
-        progress = None
-        if options.progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=sum(s.nbytes for s in plan.specs), unit="B", unit_scale=True,
-                            desc=f"merge {recipe.merge_method}", dynamic_ncols=True)
-        with atomic_directory(out, overwrite=options.overwrite) as tmp, compute_threads(options.threads):
-            provenance = provenance_of(plan)
-            writer = ShardedWriter(tmp, plan.specs, shard_size,
-                                   metadata={"mergeflow_version": __version__,
-                                             "mergeflow_recipe_hash": provenance["recipe_hash"]})
-            write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-write")
-            try:
-                in_flight: list[Future] = []
-                for name, tensor in iter_merged(plan, progress):
-                    in_flight.append(write_pool.submit(writer.write, name, tensor))
-                    if len(in_flight) > 2:  # bound memory held by queued writes
-                        in_flight.pop(0).result()
-                for f in in_flight:
-                    f.result()
-            finally:
-                write_pool.shutdown(wait=True)
-                writer.close()
-            writer.finalize()
-            _copy_support_files(plan, tmp)
-            elapsed = time.perf_counter() - start
-            provenance["seconds"] = round(elapsed, 3)
-            (tmp / "mergeflow.json").write_text(json.dumps(provenance, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(plan, provenance))
-        if progress is not None:
-            progress.close()
-        return MergeResult(out, provenance["recipe_hash"], plan.input_hashes(), len(plan.specs), writer.total_bytes,
-                           time.perf_counter() - start, plan.thresholds, provenance)
-    finally:
-        plan.close()
-
-
-def _copy_support_files(plan: MergePlan, dest: Path) -> None:
-    src = plan.reference.snapshot.path
-    for name in _COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
-    config_path = dest / "config.json"
-    config = json.loads(config_path.read_text())
-    float_dtypes = {s.dtype for s in plan.specs if s.dtype.is_floating_point}
-    if len(float_dtypes) == 1:
-        out = dtype_name(next(iter(float_dtypes)))
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = out
-        if "torch_dtype" not in config and "dtype" not in config:
-            config["dtype"] = out
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tok_ref = plan.recipe.tokenizer_source
-    tok_src = src
-    if tok_ref and tok_ref != "base":
-        match = [i for i in plan.inputs if i.snapshot.reference == plan.recipe.resolve_reference(tok_ref)
-                 or tok_ref in (i.snapshot.reference,)]
-        tok_src = match[0].snapshot.path if match else resolve(plan.recipe.resolve_reference(tok_ref),
-                                                                scan_finite=False).path
-    for name in TOKENIZER_FILES:
-        if (tok_src / name).is_file():
-            shutil.copy2(tok_src / name, dest / name)
-
-
-def provenance_of(plan: MergePlan) -> dict[str, Any]:
-    recipe = plan.recipe
-    return {
-        "mergeflow_version": __version__,
-        "recipe_hash": recipe.recipe_hash(),
-        "recipe": recipe.canonical(),
-        "method": recipe.merge_method,
-        "paper": plan.method.paper,
-        "mergekit_compat": recipe.mergekit_compat,
-        "inputs": [{"role": i.role, "reference": i.snapshot.reference, "content_hash": i.snapshot.content_hash,
-                    "revision": i.snapshot.revision} for i in plan.inputs],
-        "global_thresholds": plan.thresholds,
-        "coefficients": [c.summary() for c in plan.coefficients],
-        "torch_version": torch.__version__,
-    }
-
-
-def model_card(plan: MergePlan, provenance: dict[str, Any]) -> str:
-    recipe = plan.recipe
-    base_ref = plan.base.snapshot.reference if plan.base else None
-    front = ["---", "library_name: transformers", "tags:", "- mergeflow", "- merge", f"- {recipe.merge_method}"]
-    if base_ref and not Path(base_ref).is_absolute():
-        front.append(f"base_model: {base_ref}")
-    front.append("---")
-    inputs = "\n".join(f"| {i['role']} | `{i['reference']}` | `{i['content_hash']}` |" for i in provenance["inputs"])
-    return "\n".join(front) + f"""
-
-# {recipe.name or 'Merged model'}
-
-Merged with mergeflow {provenance['mergeflow_version']} using **{recipe.merge_method}**
-({plan.method.summary}).
-
-Method reference: {plan.method.paper}.
-{'Computed with mergekit 0.1.x-compatible semantics (`mergekit_compat: true`).' if recipe.mergekit_compat else ''}
-
-## Inputs
-
-| role | reference | content hash |
-|---|---|---|
-{inputs}
-
-## Recipe
-
-Recipe hash `{provenance['recipe_hash']}`.
-
-```yaml
-{recipe.to_yaml().rstrip()}
-```
-
-Provenance (recipe, input hashes, library version) is also in `mergeflow.json` beside the weights.
-"""
+    options = options or MergeOptions()
+    inputs, coefficients, _ = _prepare(recipe, Path(out), options, True, coefficients)
+    return streaming.merge(recipe, inputs, out, options=options, coefficients=coefficients)

@@ -1,11 +1,11 @@
 """The merge pipeline's stages as plain functions: ``resolve``, ``task_vectors``, ``importance``, ``merge``,
-``evaluate``, ``register``.
+``evaluate``, ``register`` (and ``promote``).
 
-Each stage takes and returns small JSON-able manifests (paths, content hashes and a few numbers), never tensors, so
-an orchestrator can cache, retry, persist and ship them between machines; the heavy intermediates (task-vector
-manifests, Coefficients, merged models, scores) live in the content-addressed cache (:mod:`mergeflow.cache`) under
-keys made of their inputs' content hashes, their parameters and the code version. Calling the stages in order with
-no orchestrator at all is :func:`run_pipeline`; the Prefect tasks in ``tasks/`` wrap the same functions one by one.
+Each stage takes and returns small typed manifests (:mod:`mergeflow.manifests`: paths, content hashes and a few
+numbers), never tensors, so an orchestrator can cache, retry, persist and ship them between machines; the heavy
+intermediates (task-vector manifests, Coefficients, merged models, scores) live in the content-addressed cache
+(:mod:`mergeflow.cache`) under keys made of their inputs' content hashes, their parameters and the code version. The
+stage graph (:mod:`mergeflow.graph`) decides which stages a run needs and in which order; its nodes call these.
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ from typing import Any
 
 from mergeflow.cache import Cache, cache_key
 from mergeflow.errors import RecipeError
+from mergeflow.manifests import (
+    CoefficientsRef,
+    Evaluation,
+    Measurement,
+    MergedModel,
+    Promotion,
+    Registration,
+    ResolvedModel,
+    TaskVectors,
+)
 from mergeflow.recipe import EvaluationSpec, Recipe, RegistrySpec, load_recipe, parse_recipe, resolve_relative
-
-Manifest = dict[str, Any]
 
 MERGED_KIND = "merged_model"
 EVAL_KIND = "evaluation"
@@ -67,14 +75,14 @@ def _slug(text: str | None) -> str | None:
 
 
 def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False) -> Manifest:
+                  trust_remote_code: bool = False) -> ResolvedModel:
     """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot."""
     from mergeflow.checkpoints import resolve
 
     snap = resolve(resolve_relative(reference, recipe_dir), allow_pickle=allow_pickle,
                    trust_remote_code=trust_remote_code)
-    return {"reference": reference, "path": str(snap.path), "content_hash": snap.content_hash,
-            "revision": snap.revision, "format": snap.format, "weight_files": list(snap.weight_files)}
+    return ResolvedModel(reference=reference, path=str(snap.path), content_hash=snap.content_hash,
+                         revision=snap.revision, format=snap.format, weight_files=tuple(snap.weight_files))
 
 
 def resolve_options(recipe: Recipe) -> dict[str, Any]:
@@ -90,23 +98,35 @@ def references(recipe: Recipe) -> tuple[str | None, list[str]]:
 # ------------------------------------------------------------------------------------------------ task_vectors
 
 
-def trim_densities(recipe: Recipe, base: Mapping[str, Any], index: int) -> list[float]:
+def trim_settings(recipe: Recipe, index: int) -> dict[str, Any] | None:
+    """What decides the densities expert ``index`` is trimmed at globally: the method, and the density and trim
+    scope settings (the expert's own and the recipe's). None when the recipe trims nothing globally. Recipes that
+    agree on these (a sweep over lambda) share one task-vector summary per expert."""
+    if recipe.mergekit_compat or not recipe.method.needs_base:
+        return None
+    entry = recipe.experts[index]
+    pick = ("density", "trim_scope")
+    return {"method": recipe.merge_method, "model": {k: v for k, v in entry.parameters.items() if k in pick},
+            "recipe": {k: v for k, v in recipe.parameters.items() if k in pick}}
+
+
+def trim_densities(recipe: Recipe, base: ResolvedModel, index: int) -> list[float]:
     """The densities expert ``index`` is trimmed at globally (TIES-style methods in paper mode), else none; read
     from the base's tensor names and the recipe, without reading tensor data."""
     from mergeflow.architecture import Architecture
-    from mergeflow.engine import _layer_fraction
+    from mergeflow.streaming import layer_fraction
     from mergeflow.tensors import CheckpointReader
 
-    if recipe.mergekit_compat or not recipe.method.needs_base:
+    if trim_settings(recipe, index) is None:
         return []
-    reader = CheckpointReader(Path(base["path"]), tuple(base["weight_files"]), allow_pickle=recipe.allow_pickle)
+    reader = CheckpointReader(Path(base.path), tuple(base.weight_files), allow_pickle=recipe.allow_pickle)
     try:
-        config = json.loads((Path(base["path"]) / "config.json").read_text())
+        config = json.loads((Path(base.path) / "config.json").read_text())
         arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
         densities: set[float] = set()
         for name, spec in reader.specs.items():
             if spec.dtype.is_floating_point:
-                per_model, shared = recipe.tensor_params(name, _layer_fraction(arch, name))
+                per_model, shared = recipe.tensor_params(name, layer_fraction(arch, name))
                 if recipe.method.needs_global_threshold(shared):
                     densities.add(float(per_model["density"][index]))
     finally:
@@ -115,20 +135,20 @@ def trim_densities(recipe: Recipe, base: Mapping[str, Any], index: int) -> list[
     return sorted(densities) if len(densities) == 1 else []
 
 
-def task_vectors_stage(base: Mapping[str, Any], expert: Mapping[str, Any], densities: Sequence[float] = (),
-                       *, allow_pickle: bool = False) -> Manifest:
+def task_vectors_stage(base: ResolvedModel, expert: ResolvedModel, densities: Sequence[float] = (),
+                       *, allow_pickle: bool = False) -> TaskVectors:
     """The task vector ``expert − base`` summarised (norms, and the exact global trim threshold at each density),
     streamed per tensor and cached by the two content hashes; the merge reuses it from the cache."""
     from mergeflow.architecture import Architecture
     from mergeflow.checkpoints import resolve
-    from mergeflow.engine import Input
+    from mergeflow.streaming import Input
     from mergeflow.task_vectors import task_vector_manifest
     from mergeflow.tensors import CheckpointReader
 
-    def open_input(role: str, m: Mapping[str, Any]) -> Input:
-        snap = resolve(Path(m["path"]), allow_pickle=allow_pickle, scan_finite=False)
-        if snap.content_hash != m["content_hash"]:
-            raise RecipeError(f"{m['reference']} changed since it was resolved; run the pipeline again")
+    def open_input(role: str, m: ResolvedModel) -> Input:
+        snap = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False)
+        if snap.content_hash != m.content_hash:
+            raise RecipeError(f"{m.reference} changed since it was resolved; run the pipeline again")
         reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=allow_pickle)
         config = json.loads((snap.path / "config.json").read_text())
         return Input(role, snap, reader, Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()}),
@@ -143,9 +163,9 @@ def task_vectors_stage(base: Mapping[str, Any], expert: Mapping[str, Any], densi
             expert_in.reader.close()
     finally:
         base_in.reader.close()
-    return {"expert": expert["reference"], "expert_hash": manifest.expert_hash, "base_hash": manifest.base_hash,
-            "densities": list(densities), "numel": manifest.numel, "l2_norm": manifest.l2_norm,
-            "thresholds": manifest.thresholds, "seconds": manifest.seconds}
+    return TaskVectors(expert=expert.reference, expert_hash=manifest.expert_hash, base_hash=manifest.base_hash,
+                       densities=tuple(densities), numel=manifest.numel, l2_norm=manifest.l2_norm,
+                       thresholds=manifest.thresholds, seconds=manifest.seconds)
 
 
 # -------------------------------------------------------------------------------------------------- importance
@@ -159,16 +179,16 @@ def importance_inputs(recipe: Recipe, index: int) -> dict[str, Any]:
     return {"spec": recipe.importance[index].model_dump(mode="json"), "expert_tasks": [e.task for e in recipe.experts]}
 
 
-def _importance_args(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
-                     experts: Sequence[Mapping[str, Any]], index: int,
+def _importance_args(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
+                     experts: Sequence[ResolvedModel], index: int,
                      recipe_dir: str | Path | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments the library's ``*_for_importance`` functions take, from a stage's plain inputs: the validated
     entry, the tasks, the base and experts as ModelRefs, and the recipe-relative reference rule."""
     from mergeflow.importance.base import ModelRef
     from mergeflow.recipe import ImportanceSpec
 
-    def ref(m: Mapping[str, Any]) -> ModelRef:
-        return ModelRef(m["reference"], Path(m["path"]), m["content_hash"])
+    def ref(m: ResolvedModel) -> ModelRef:
+        return ModelRef(m.reference, Path(m.path), m.content_hash)
 
     try:
         entry = ImportanceSpec.model_validate(dict(spec))
@@ -178,8 +198,8 @@ def _importance_args(spec: Mapping[str, Any], expert_tasks: Sequence[str | None]
             {"resolve_reference": lambda r: resolve_relative(r, recipe_dir)})
 
 
-def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
-                      experts: Sequence[Mapping[str, Any]], *, index: int = 0,
+def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
+                      experts: Sequence[ResolvedModel], *, index: int = 0,
                       recipe_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """The measurement shards of one importance entry that workers can measure side by side (``{"part",
     "experts", "key"}``; see :func:`mergeflow.importance.base.shards_for_importance`); empty when its estimator
@@ -190,39 +210,40 @@ def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None
     return shards_for_importance(*args, **kwargs)
 
 
-def measure_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
-                  experts: Sequence[Mapping[str, Any]], *, part: str, shard: Sequence[int], index: int = 0,
-                  recipe_dir: str | Path | None = None, device: str = "cpu") -> Manifest:
+def measure_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
+                  experts: Sequence[ResolvedModel], *, part: str, shard: Sequence[int], index: int = 0,
+                  recipe_dir: str | Path | None = None, device: str = "cpu") -> Measurement:
     """One shard of an importance entry's measurements, measured into the cache (or found there); the entry's
     :func:`importance_stage` then finalizes from the cached shards without a model pass of its own."""
-    from mergeflow.engine import pick_device
+    from mergeflow.devices import pick_device
     from mergeflow.importance.base import measure_for_importance
 
     dev = pick_device(device)
     args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
     out = measure_for_importance(*args, part=part, shard=shard, device=dev, **kwargs)
-    return {"index": index, "estimator": spec["estimator"], **out,
-            "experts_references": [experts[i]["reference"] for i in out["experts"]], "device": str(dev)}
+    return Measurement(estimator=spec["estimator"], part=out["part"], experts=tuple(out["experts"]), key=out["key"],
+                       experts_references=tuple(experts[i].reference for i in out["experts"]),
+                       reused=out["reused"], seconds=out["seconds"], passes=out["passes"], device=str(dev))
 
 
-def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: Mapping[str, Any] | None,
-                     experts: Sequence[Mapping[str, Any]], *, index: int = 0, recipe_dir: str | Path | None = None,
-                     device: str = "cpu") -> Manifest:
+def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
+                     experts: Sequence[ResolvedModel], *, index: int = 0, recipe_dir: str | Path | None = None,
+                     device: str = "cpu") -> CoefficientsRef:
     """The Coefficients of one importance entry (``spec``, as in a recipe) over ``experts`` (resolve manifests),
     each scored on its task in ``expert_tasks``: computed, or fetched by content (shards measured ahead by
     :func:`measure_stage` are taken from the cache)."""
-    from mergeflow.engine import pick_device
+    from mergeflow.devices import pick_device
     from mergeflow.importance.base import coefficients_for_importance
 
     start = time.perf_counter()
     args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
     coeffs = coefficients_for_importance(*args, device=pick_device(device), **kwargs)
     summary = coeffs.summary()
-    return {"index": index, "estimator": coeffs.estimator, "key": coeffs.key, "path": str(coeffs.path),
-            "params": coeffs.params, "fields": summary["fields"], "passes": coeffs.stats.get("passes", {}),
-            # the estimator's time when it ran (a cached artifact keeps it); the stage's own time may be a lookup
-            "seconds": float(coeffs.stats.get("seconds", 0.0)), "stage_seconds": round(time.perf_counter() - start, 3),
-            "device": str(coeffs.stats.get("device", device))}
+    return CoefficientsRef(estimator=coeffs.estimator, key=coeffs.key, path=str(coeffs.path), params=coeffs.params,
+                           fields=summary["fields"], passes=coeffs.stats.get("passes", {}),
+                           seconds=float(coeffs.stats.get("seconds", 0.0)),
+                           stage_seconds=round(time.perf_counter() - start, 3),
+                           device=str(coeffs.stats.get("device", device)))
 
 
 # ------------------------------------------------------------------------------------------------------- merge
@@ -251,44 +272,73 @@ def peak_rss() -> Iterator[dict[str, float]]:
         out["peak_mb"] = round(max(out["peak_mb"], proc.memory_info().rss / 2**20), 1)
 
 
-def merge_key(recipe: Recipe, inputs: Sequence[Mapping[str, Any]], coefficients: Sequence[Mapping[str, Any]]) -> str:
-    """The content address of a merged model: the recipe hash, its inputs' content hashes, the coefficients."""
-    return cache_key(MERGED_KIND, recipe=recipe.recipe_hash(),
-                     inputs=sorted([m["reference"], m["content_hash"]] for m in inputs),
-                     coefficients=[c["key"] for c in coefficients])
-
-
-def merge_stage(recipe: Recipe, inputs: Sequence[Mapping[str, Any]], coefficients: Sequence[Mapping[str, Any]] = (),
-                *, device: str = "cpu", threads: int | None = None, cache: Cache | None = None) -> Manifest:
-    """Merge into the cache (a complete folder, renamed into place) and return where it is and its content hash.
-
-    ``inputs``: the resolve manifests of the base and experts; ``coefficients``: the importance manifests, in the
-    recipe's ``importance`` order. A recipe whose importance entries have no coefficients here is refused.
-    """
+def merge_inputs(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[ResolvedModel]) -> Any:
+    """The engine's :class:`~mergeflow.streaming.MergeInputs` from the resolve stage's manifests (plus the
+    tokenizer's source when the recipe names one that is not among them, resolved here)."""
     from mergeflow.checkpoints import resolve
+    from mergeflow.streaming import MergeInputs
+
+    tokenizer = None
+    tok = recipe.tokenizer_source
+    if tok and tok != "base" and tok not in [m.reference for m in ([base] if base else []) + list(experts)]:
+        tokenizer = resolve(recipe.resolve_reference(tok), scan_finite=False)
+    return MergeInputs(base.snapshot() if base else None, tuple(e.snapshot() for e in experts), tokenizer)
+
+
+def load_coefficients(recipe: Recipe, coefficients: Sequence[CoefficientsRef]) -> list[Any]:
+    """The Coefficients a merge of ``recipe`` consumes, in order: its ``coefficients`` files, then the importance
+    stage's artifacts (one per ``importance`` entry, in the recipe's order)."""
     from mergeflow.coefficients import Coefficients
-    from mergeflow.engine import MergeOptions, merge
 
     if len(coefficients) != len(recipe.importance):
         raise RecipeError(f"importance: the recipe has {len(recipe.importance)} entries but the merge was given "
                           f"{len(coefficients)} coefficient artifacts")
-    loaded = [Coefficients.load(recipe.resolve_reference(p)) for p in recipe.coefficients]
-    loaded += [Coefficients.load(c["path"]) for c in coefficients]  # in the recipe's importance order
-    key = merge_key(recipe, inputs, [{"key": c.key} for c in loaded])
+    return ([Coefficients.load(recipe.resolve_reference(p)) for p in recipe.coefficients]
+            + [Coefficients.load(c.path) for c in coefficients])
+
+
+def check_unchanged(models: Sequence[ResolvedModel], allow_pickle: bool = False) -> None:
+    """Refuse checkpoints whose content changed since they were resolved (hashes are memoised by size and mtime,
+    so this reads no file that did not change)."""
+    from mergeflow.checkpoints import resolve
+
+    for m in models:
+        now = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False).content_hash
+        if now != m.content_hash:
+            raise RecipeError(f"{m.reference} changed between the resolve and merge stages ({m.content_hash} → "
+                              f"{now}); run the pipeline again")
+
+
+def merge_key(recipe: Recipe, inputs: Sequence[ResolvedModel], coefficient_keys: Sequence[str]) -> str:
+    """The content address of a merged model: the recipe hash, its inputs' content hashes, the coefficients."""
+    return cache_key(MERGED_KIND, recipe=recipe.recipe_hash(),
+                     inputs=sorted([m.reference, m.content_hash] for m in inputs),
+                     coefficients=list(coefficient_keys))
+
+
+def merge_stage(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[ResolvedModel],
+                coefficients: Sequence[CoefficientsRef] = (), *, device: str = "cpu", threads: int | None = None,
+                cache: Cache | None = None) -> MergedModel:
+    """Merge into the cache (a complete folder, renamed into place) and return where it is and its content hash.
+
+    ``base`` and ``experts``: the resolve stage's manifests; ``coefficients``: the importance stage's, in the
+    recipe's ``importance`` order. A recipe whose importance entries have no coefficients here is refused. The
+    engine merges exactly these snapshots; the model card and provenance name the references the recipe wrote.
+    """
+    from mergeflow.checkpoints import resolve
+    from mergeflow.streaming import MergeOptions, merge
+
+    loaded = load_coefficients(recipe, coefficients)
+    inputs = ([base] if base else []) + list(experts)
+    key = merge_key(recipe, inputs, [c.key for c in loaded])
     store = cache or Cache()
     built: dict[str, Any] = {}
 
     def build(folder: Path) -> None:
-        # The recipe's own references (not the snapshot folders), so the model card and provenance name what the
-        # user wrote; they resolve to the same snapshots (checked below), from the hub cache or the hash memo.
+        check_unchanged(inputs, recipe.allow_pickle)
         with peak_rss() as mem:
-            result = merge(recipe, folder / "model", coefficients=loaded or None,
+            result = merge(recipe, merge_inputs(recipe, base, experts), folder / "model", coefficients=loaded or None,
                            options=MergeOptions(device=device, progress=False, threads=threads))
-        expected = {m["reference"]: m["content_hash"] for m in inputs}
-        changed = sorted(r for r, h in result.input_hashes.items() if expected.get(r, h) != h)
-        if changed:
-            raise RecipeError(f"{changed[0]} changed between the resolve and merge stages "
-                              f"({expected[changed[0]]} → {result.input_hashes[changed[0]]}); run the pipeline again")
         built.update(seconds=round(result.seconds, 3), peak_rss_mb=mem["peak_mb"], bytes=result.bytes_written,
                      tensors=result.n_tensors)
         (folder / "stage.json").write_text(json.dumps(built, indent=1) + "\n")
@@ -297,8 +347,8 @@ def merge_stage(recipe: Recipe, inputs: Sequence[Mapping[str, Any]], coefficient
     stats = json.loads((folder / "stage.json").read_text())
     model = folder / "model"
     snap = resolve(model, scan_finite=False)
-    return {"path": str(model), "content_hash": snap.content_hash, "recipe_hash": recipe.recipe_hash(), "key": key,
-            "reused": not built, "method": recipe.merge_method, "name": recipe.name, **stats}
+    return MergedModel(path=str(model), content_hash=snap.content_hash, recipe_hash=recipe.recipe_hash(), key=key,
+                       reused=not built, method=recipe.merge_method, name=recipe.name, **stats)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -312,12 +362,20 @@ def _zoo_identity(zoo: Any) -> dict[str, Any] | None:
             "data": {t: {s: v.get("sha256") for s, v in i.get("splits", {}).items()} for t, i in info.items()}}
 
 
-def evaluate_stage(model: Mapping[str, Any], spec: EvaluationSpec, *, split: str | None = None,
-                   limit: int | None = None, recipe_dir: Path | None = None, device: str = "cpu",
-                   cache: Cache | None = None) -> Manifest:
+def evaluation_splits(spec: EvaluationSpec) -> list[tuple[str, int | None]]:
+    """The (split, limit) evaluations a recipe asks for: the reported one, then the selection metric's when it
+    differs in split or limit (otherwise the reported evaluation is the selection's too). The one rule for it."""
+    reported = (spec.split, spec.limit)
+    selection = (spec.selection.split, spec.selection.limit)
+    return [reported] if selection == reported else [reported, selection]
+
+
+def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, split: str | None = None,
+                   limit: int | None = None, recipe_dir: str | Path | None = None, device: str = "cpu",
+                   cache: Cache | None = None) -> Evaluation:
     """lm-eval accuracy of a model folder on ``spec.tasks`` (``split``/``limit`` override the spec's: the
     selection metric runs on validation), cached by the model's content hash, the task data and the settings."""
-    from mergeflow.engine import pick_device
+    from mergeflow.devices import pick_device
     from mergeflow.evaluation import _resolve_zoo, _split_names, evaluate_path
 
     device = str(pick_device(device))  # "auto": CUDA when there is one
@@ -325,14 +383,14 @@ def evaluate_stage(model: Mapping[str, Any], spec: EvaluationSpec, *, split: str
     limit = limit if limit is not None else spec.limit
     names = _split_names(spec.tasks)
     zoo = _resolve_zoo(resolve_relative(spec.zoo, recipe_dir) if spec.zoo else None, names)
-    key = cache_key(EVAL_KIND, model=model["content_hash"], tasks=names, zoo=_zoo_identity(zoo), split=split,
+    key = cache_key(EVAL_KIND, model=model.content_hash, tasks=names, zoo=_zoo_identity(zoo), split=split,
                     limit=limit, num_fewshot=spec.num_fewshot)
     store = cache or Cache()
     ran: list[float] = []
 
     def build(folder: Path) -> None:
         start = time.perf_counter()
-        result = evaluate_path(model["path"], names, zoo=zoo, split=split, limit=limit, batch_size=spec.batch_size,
+        result = evaluate_path(model.path, names, zoo=zoo, split=split, limit=limit, batch_size=spec.batch_size,
                                device=device, num_fewshot=spec.num_fewshot)
         ran.append(time.perf_counter() - start)
         record = {**result.to_dict(), "seconds": round(ran[0], 3),
@@ -343,68 +401,65 @@ def evaluate_stage(model: Mapping[str, Any], spec: EvaluationSpec, *, split: str
     record = json.loads((folder / "scores.json").read_text())
     acc = {t: s["acc"] for t, s in record["scores"].items()}
     in_domain = record["in_domain"] or list(acc)
-    return {"model": model["content_hash"], "split": split, "limit": limit, "accuracy": acc,
-            "in_domain_avg": round(statistics.fmean(acc[t] for t in in_domain), 3),
-            "avg": round(statistics.fmean(acc.values()), 3), "in_domain": in_domain, "ood": [
-                t for t in acc if t not in in_domain], "seconds": record["seconds"], "reused": not ran,
-            "path": str(folder / "scores.json")}
+    return Evaluation(model=model.content_hash, split=split, limit=limit, accuracy=acc,
+                      in_domain_avg=round(statistics.fmean(acc[t] for t in in_domain), 3),
+                      avg=round(statistics.fmean(acc.values()), 3), in_domain=in_domain,
+                      ood=[t for t in acc if t not in in_domain], seconds=record["seconds"], reused=not ran,
+                      path=str(folder / "scores.json"), device=device)
 
 
-def selection_value(evaluation: Mapping[str, Any], metric: str) -> float:
-    """The selection metric (``in_domain_avg``, ``avg`` or ``acc:TASK``) of an evaluate manifest."""
+def selection_value(evaluation: Evaluation, metric: str) -> float:
+    """The selection metric (``in_domain_avg``, ``avg`` or ``acc:TASK``) of an evaluation."""
     if metric in ("in_domain_avg", "avg"):
-        return float(evaluation[metric])
+        return float(getattr(evaluation, metric))
     task = metric.removeprefix("acc:")
-    if task not in evaluation["accuracy"]:
+    if task not in evaluation.accuracy:
         raise RecipeError(f"evaluation.selection.metric: {metric!r} names a task that was not evaluated "
-                          f"({', '.join(evaluation['accuracy'])})")
-    return float(evaluation["accuracy"][task])
+                          f"({', '.join(evaluation.accuracy)})")
+    return float(evaluation.accuracy[task])
 
 
 # ---------------------------------------------------------------------------------------------------- register
 
 
-def merge_metrics(reported: Mapping[str, Any], selection: Mapping[str, Any] | None,
-                  merged: Mapping[str, Any]) -> dict[str, float]:
+def merge_metrics(reported: Evaluation, selection: Evaluation | None, merged: MergedModel) -> dict[str, float]:
     """The numbers logged with a merge: per-task and average accuracy (reported split, and the selection split
     under its own prefix), the merge's time and peak memory, the evaluations' times (as first computed: a cached
     stage reports the time it cost when it ran)."""
     out: dict[str, float] = {}
     for prefix, ev in (("", reported), ("selection_", selection)):
-        if not ev:
+        if ev is None:
             continue
-        split = ev["split"]
-        for task, acc in ev["accuracy"].items():
-            out[f"{prefix}{split}_acc_{task}"] = float(acc)
-        out[f"{prefix}{split}_in_domain_avg"] = float(ev["in_domain_avg"])
-        out[f"{prefix}{split}_avg"] = float(ev["avg"])
-    for name in ("seconds", "peak_rss_mb"):
-        if name in merged:
-            out[f"merge_{name}"] = float(merged[name])
+        for task, acc in ev.accuracy.items():
+            out[f"{prefix}{ev.split}_acc_{task}"] = float(acc)
+        out[f"{prefix}{ev.split}_in_domain_avg"] = float(ev.in_domain_avg)
+        out[f"{prefix}{ev.split}_avg"] = float(ev.avg)
+    out["merge_seconds"] = float(merged.seconds)
+    out["merge_peak_rss_mb"] = float(merged.peak_rss_mb)
     for prefix, ev in (("evaluate", reported), ("selection_evaluate", selection)):
-        if ev and "seconds" in ev:
-            out[f"{prefix}_seconds"] = float(ev["seconds"])
+        if ev is not None:
+            out[f"{prefix}_seconds"] = float(ev.seconds)
     return out
 
 
-def accuracy_table(evaluations: Sequence[Mapping[str, Any]]) -> str:
-    """Evaluate manifests as a text table: one row per split, one column per task, then the averages."""
-    tasks = list(dict.fromkeys(t for e in evaluations for t in e["accuracy"]))
+def accuracy_table(evaluations: Sequence[Evaluation]) -> str:
+    """Evaluations as a text table: one row per split, one column per task, then the averages."""
+    tasks = list(dict.fromkeys(t for e in evaluations for t in e.accuracy))
     header = ["split", *tasks, "in_domain_avg", "avg"]
-    rows = [[f"{e['split']}" + (f" (first {e['limit']})" if e.get("limit") else ""),
-             *(f"{e['accuracy'][t]:.1f}" if t in e["accuracy"] else "" for t in tasks),
-             f"{e['in_domain_avg']:.1f}", f"{e['avg']:.1f}"] for e in evaluations]
+    rows = [[f"{e.split}" + (f" (first {e.limit})" if e.limit else ""),
+             *(f"{e.accuracy[t]:.1f}" if t in e.accuracy else "" for t in tasks),
+             f"{e.in_domain_avg:.1f}", f"{e.avg:.1f}"] for e in evaluations]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in [header, *rows]) + "\naccuracy (%)"
 
 
-def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]],
-                   reported: Mapping[str, Any], selection: Mapping[str, Any] | None = None,
-                   coefficients: Sequence[Mapping[str, Any]] = (), *, registered_name: str | None = None,
-                   tags: Mapping[str, str] | None = None, artifacts: Mapping[str, str | Path] | None = None,
+def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[ResolvedModel], reported: Evaluation,
+                   selection: Evaluation | None = None, coefficients: Sequence[CoefficientsRef] = (), *,
+                   registered_name: str | None = None, tags: Mapping[str, str] | None = None,
+                   artifacts: Mapping[str, str | Path] | None = None,
                    extra_metrics: Mapping[str, float] | None = None, promote: bool = True,
-                   flow_run_id: str | None = None) -> Manifest:
+                   flow_run_id: str | None = None) -> Registration:
     """Log the merge as an MLflow run and register its folder as a model version; with ``promote``, move the
     alias to it if it beats the current holder (a sweep promotes only its best merge, see :func:`promote_best`)."""
     from mergeflow import tracking
@@ -415,91 +470,61 @@ def register_stage(recipe: Recipe, merged: Mapping[str, Any], inputs: Sequence[M
     ev = selection or reported
     value = selection_value(ev, sel.metric)
     files: dict[str, Path] = {k: Path(v) for k, v in (artifacts or {}).items()}
-    model_dir = Path(merged["path"])
+    model_dir = Path(merged.path)
     if (model_dir / "README.md").is_file():
         files.setdefault("model_card", model_dir / "README.md")
     scratch = tempfile.TemporaryDirectory(prefix="mergeflow-register-")
     for i, c in enumerate(coefficients):
-        files[f"coefficients/{i}-{c['estimator']}"] = Path(c["path"])
-        pictures = Path(scratch.name) / f"{i}-{c['estimator']}"
+        files[f"coefficients/{i}-{c.estimator}"] = Path(c.path)
+        pictures = Path(scratch.name) / f"{i}-{c.estimator}"
         tasks = [e.task or Path(e.model).name for e in recipe.experts]
-        if plot_coefficients(Coefficients.load(c["path"]), pictures, labels=tasks):
-            files[f"importance_heatmaps/{i}-{c['estimator']}"] = pictures
+        if plot_coefficients(Coefficients.load(c.path), pictures, labels=tasks):
+            files[f"importance_heatmaps/{i}-{c.estimator}"] = pictures
     table = Path(scratch.name) / "evaluation"
     table.mkdir()
-    evaluations = [e for e in (reported, selection) if e]
-    (table / "accuracy.json").write_text(json.dumps(evaluations, indent=1) + "\n")
+    evaluations = [e for e in (reported, selection) if e is not None]
+    (table / "accuracy.json").write_text(json.dumps([e.to_json() for e in evaluations], indent=1) + "\n")
     (table / "accuracy.txt").write_text(accuracy_table(evaluations) + "\n")
     files["evaluation"] = table
     metrics = {**merge_metrics(reported, selection, merged), **(extra_metrics or {})}
     for i, c in enumerate(coefficients):
-        metrics[f"importance_{i}_{c['estimator']}_seconds"] = float(c.get("seconds", 0.0))
+        metrics[f"importance_{i}_{c.estimator}_seconds"] = float(c.seconds)
     with scratch:
         registration = tracking.log_merge(
             model_dir, recipe=recipe.canonical(), recipe_hash=recipe.recipe_hash(),
-            input_hashes={m["reference"]: m["content_hash"] for m in inputs}, experiment=spec.experiment,
-            registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev['split']}_{sel.metric}", value),
+            input_hashes={m.reference: m.content_hash for m in inputs}, experiment=spec.experiment,
+            registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev.split}_{sel.metric}", value),
             higher_is_better=sel.higher_is_better, alias=spec.alias, tags=dict(tags or {}), artifacts=files,
             run_name=recipe.name, promote=promote, flow_run_id=flow_run_id)
-    return {**registration.to_dict(), "selection_metric": f"{ev['split']}_{sel.metric}", "selection_value": value,
-            "higher_is_better": sel.higher_is_better, "alias": spec.alias}
+    return Registration(**registration.to_dict(), selection_metric=f"{ev.split}_{sel.metric}", selection_value=value,
+                        higher_is_better=sel.higher_is_better, alias=spec.alias)
 
 
-def promote_best(candidates: Sequence[Mapping[str, Any]]) -> Manifest:
-    """For each registered model among ``candidates`` (register manifests), move its alias to the best candidate
-    on the selection metric if that beats the current holder; one move per model, whatever the candidates' order."""
+def promote_best(candidates: Sequence[Registration]) -> Promotion:
+    """For each registered model among ``candidates``, move its alias to the best candidate on the selection metric
+    if that beats the current holder; one move per model, whatever the candidates' order."""
     from mergeflow import tracking
 
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[Registration]] = {}
     for c in candidates:
-        groups.setdefault((c["name"], c["alias"]), []).append(c)
+        groups.setdefault((c.name, c.alias), []).append(c)
     outcomes = []
     for (name, alias), group in groups.items():
-        higher = group[0]["higher_is_better"]
-        best = (max if higher else min)(group, key=lambda c: (c["selection_value"], -int(c["version"])))
-        moved, previous = tracking.promote(name, best["version"], best["selection_metric"], best["selection_value"],
+        higher = group[0].higher_is_better
+        best = (max if higher else min)(group, key=lambda c: (c.selection_value, -int(c.version)))
+        moved, previous = tracking.promote(name, best.version, best.selection_metric, best.selection_value,
                                            alias=alias, higher_is_better=higher)
-        holder = best["version"] if moved else previous
-        summary = (f"moved to version {best['version']} ({best['selection_metric']} {best['selection_value']:.2f})"
-                   if moved else f"stays on version {previous} (best of this run: version {best['version']}, "
-                   f"{best['selection_metric']} {best['selection_value']:.2f})")
-        outcomes.append({"name": name, "alias": alias, "version": holder, "moved": moved, "previous": previous,
-                         "best_of_run": best["version"], "summary": summary})
+        holder = best.version if moved else previous
+        summary = (f"moved to version {best.version} ({best.selection_metric} {best.selection_value:.2f})"
+                   if moved else f"stays on version {previous} (best of this run: version {best.version}, "
+                   f"{best.selection_metric} {best.selection_value:.2f})")
+        outcomes.append(Promotion(name=name, alias=alias, version=holder, moved=moved, previous=previous,
+                                  best_of_run=best.version, summary=summary))
     if len(outcomes) == 1:
         return outcomes[0]
-    return {"name": ", ".join(o["name"] for o in outcomes), "alias": outcomes[0]["alias"], "models": outcomes,
-            "summary": "; ".join(f"{o['name']}: {o['summary']}" for o in outcomes)}
-
-
-# ------------------------------------------------------------------------------------------------- all stages
-
-
-def run_pipeline(recipe: Recipe | Mapping[str, Any] | str | Path, *, registered_name: str | None = None,
-                 device: str = "cpu", register: bool = True) -> Manifest:
-    """resolve → task_vectors → importance → merge → evaluate → register, in this process, no orchestrator."""
-    recipe = as_recipe(recipe)
-    base_ref, expert_refs = references(recipe)
-    options = {"recipe_dir": recipe.recipe_dir, **resolve_options(recipe)}
-    base = resolve_stage(base_ref, **options) if base_ref else None
-    experts = [resolve_stage(r, **options) for r in expert_refs]
-    inputs = ([base] if base else []) + experts
-    vectors = [task_vectors_stage(base, e, trim_densities(recipe, base, i), allow_pickle=recipe.allow_pickle)
-               for i, e in enumerate(experts)] if base else []
-    coefficients = [importance_stage(**importance_inputs(recipe, i), base=base, experts=experts, index=i,
-                                     recipe_dir=recipe.recipe_dir, device=device)
-                    for i in range(len(recipe.importance))]
-    merged = merge_stage(recipe, inputs, coefficients, device=device)
-    spec = evaluation_spec(recipe)
-    reported = evaluate_stage(merged, spec, recipe_dir=recipe.recipe_dir, device=device)
-    selection = evaluate_stage(merged, spec, split=spec.selection.split, limit=spec.selection.limit,
-                               recipe_dir=recipe.recipe_dir, device=device) \
-        if spec.selection.split != reported["split"] else None
-    out: Manifest = {"inputs": inputs, "task_vectors": vectors, "coefficients": coefficients, "merged": merged,
-                     "evaluation": reported, "selection": selection}
-    if register:
-        out["registration"] = register_stage(recipe, merged, inputs, reported, selection, coefficients,
-                                             registered_name=registered_name)
-    return out
+    return Promotion(name=", ".join(o.name for o in outcomes), alias=outcomes[0].alias,
+                     models=[o.to_json() for o in outcomes],
+                     summary="; ".join(f"{o.name}: {o.summary}" for o in outcomes))
 
 
 # ------------------------------------------------------------------------------------------------------ sweeps

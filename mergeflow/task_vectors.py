@@ -13,15 +13,21 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from mergeflow.cache import Cache, cache_key
+from mergeflow.checkpoints import Snapshot
 from mergeflow.methods.ops import KthSmallest, trim_rank
+from mergeflow.tensors import CheckpointReader
 
-if TYPE_CHECKING:
-    from mergeflow.engine import Input
+
+class Input(Protocol):
+    """An opened checkpoint (the engine's ``streaming.Input`` is one): its snapshot and its tensor reader."""
+
+    snapshot: Snapshot
+    reader: CheckpointReader
 
 MANIFEST_FILE = "task_vector.json"
 

@@ -1,8 +1,9 @@
 """Cache policies and result storage of the pipeline's Prefect tasks.
 
-A task's cache key is built from what determines its output: the content hashes and keys inside the manifests it
-receives (not their volatile parts: timings, "reused" flags, devices), its other parameters, the task's source
-(Prefect's ``TASK_SOURCE``) and mergeflow's code version. Checkpoint references are keyed by what they point at now:
+A task's cache key is built from what determines its output: its node's stage and own parameters (not the node's
+upstream structure: its inputs enter as their manifests), the content hashes and keys inside the manifests it
+receives (not their volatile parts: timings, "reused" flags, devices), the task's source (Prefect's
+``TASK_SOURCE``) and mergeflow's code version. Checkpoint references are keyed by what they point at now:
 a local folder by its weight files' names, sizes and modification times, so editing a checkpoint re-resolves it.
 Results persist under ``MERGEFLOW_PREFECT_RESULTS`` (default ``MERGEFLOW_HOME/prefect-results``); point it at a
 shared volume (or set Prefect's own result storage) when workers run on several machines.
@@ -20,13 +21,13 @@ from typing import Any
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
 from mergeflow.cache import cache_key
+from mergeflow.graph import Node
+from mergeflow.manifests import Manifest
 from mergeflow.paths import mergeflow_home
 
 ENV_RESULTS = "MERGEFLOW_PREFECT_RESULTS"
-# Parts of a manifest that say how a stage ran, not what it produced, and the registry's state at the time (who held
-# the alias); they never enter a downstream key.
-VOLATILE = frozenset({"seconds", "stage_seconds", "reused", "peak_rss_mb", "device", "passes", "bytes", "tensors",
-                      "champion", "previous_champion"})
+# Task parameters that say where a result goes, not what it is (the registry's own policies key the store).
+NOT_CONTENT = frozenset({"tracking_uri"})
 
 
 def results_path() -> Path:
@@ -38,9 +39,14 @@ def results_path() -> Path:
 
 
 def identity(value: Any) -> Any:
-    """``value`` with the volatile keys of every nested manifest removed."""
+    """What ``value`` contributes to a key: a node its stage and own parameters, a manifest its non-volatile fields
+    (:meth:`mergeflow.manifests.Manifest.identity`), containers item by item."""
+    if isinstance(value, Node):
+        return {"stage": value.stage, "parameters": identity(value.parameters())}
+    if isinstance(value, Manifest):
+        return value.identity()
     if isinstance(value, Mapping):
-        return {str(k): identity(v) for k, v in value.items() if k not in VOLATILE}
+        return {str(k): identity(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [identity(v) for v in value]
     if isinstance(value, Path):
@@ -54,7 +60,8 @@ class ContentInputs(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        return cache_key("prefect-task", task=task_ctx.task.name if task_ctx else None, inputs=identity(inputs))
+        content = {k: v for k, v in inputs.items() if k not in NOT_CONTENT}
+        return cache_key("prefect-task", task=task_ctx.task.name if task_ctx else None, inputs=identity(content))
 
 
 def _folder_signature(folder: Path) -> list[list[Any]]:
@@ -74,13 +81,12 @@ class CheckpointReference(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        reference = str(inputs.get("reference", ""))
-        base_dir = inputs.get("recipe_dir")
-        local = Path(reference).expanduser()
-        if not local.is_absolute() and base_dir:
-            local = Path(base_dir) / local
+        node = inputs["node"]
+        local = Path(node.reference).expanduser()
+        if not local.is_absolute() and node.recipe_dir:
+            local = Path(node.recipe_dir) / local
         signature = _folder_signature(local) if local.is_dir() else None
-        return cache_key("prefect-resolve", inputs=identity(inputs), files=signature, home=str(mergeflow_home()))
+        return cache_key("prefect-resolve", node=identity(node), files=signature, home=str(mergeflow_home()))
 
 
 @dataclass
@@ -92,14 +98,12 @@ class RegistryState(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        from mergeflow import pipeline, tracking
+        from mergeflow import tracking
 
         uri = tracking.configure(inputs.get("tracking_uri"))
-        recipe = pipeline.as_recipe(inputs["recipe"], base_dir=Path(inputs["recipe_dir"]) if inputs.get(
-            "recipe_dir") else None)
-        name = pipeline.registry_spec(recipe, inputs.get("registered_name")).name
-        assert name is not None
-        version = tracking.registered_version(name, inputs["merged"]["content_hash"])
+        node = inputs["node"]
+        name = node.registered_name
+        version = tracking.registered_version(name, node.bind(inputs["inputs"])["merged"].content_hash)
         if version is None:  # not in this registry (any more): never served from the cache
             return cache_key("prefect-registry-miss", nonce=uuid.uuid4().hex)
         return cache_key("prefect-registry", uri=uri, name=name, version=version)
@@ -117,7 +121,7 @@ class AliasState(CachePolicy):
 
         uri = tracking.configure(inputs.get("tracking_uri"))
         holders = {}
-        for name, alias in sorted({(c["name"], c["alias"]) for c in inputs["candidates"]}):
+        for name, alias in sorted({(c.name, c.alias) for c in inputs["inputs"]}):
             held = tracking.champion(name, alias)
             holders[f"{name}@{alias}"] = held.version if held is not None else None
         return cache_key("prefect-alias", uri=uri, holders=holders)

@@ -69,13 +69,14 @@ def test_prefect_yaml_header_and_pull_step(prefect_yaml: dict[str, Any]) -> None
     assert set(prefect_yaml["deployments"][0]) >= {"name", "entrypoint", "work_pool"}
 
 
-def test_deployments_are_the_expected_three(deployments: dict[str, dict[str, Any]]) -> None:
-    assert set(deployments) == {"merge-pipeline-nightly", "sweep-weekly", "importance-gpu"}
+def test_deployments_are_the_expected_four(deployments: dict[str, dict[str, Any]]) -> None:
+    assert set(deployments) == {"merge-pipeline-nightly", "sweep-weekly", "importance-gpu", "evaluate-gpu"}
 
 
 @pytest.mark.parametrize(("name", "flow_name"), [("merge-pipeline-nightly", "merge-pipeline"),
                                                  ("sweep-weekly", "merge-sweep"),
-                                                 ("importance-gpu", "importance")])
+                                                 ("importance-gpu", "importance"),
+                                                 ("evaluate-gpu", "evaluate")])
 def test_entrypoints_name_existing_flows(deployments: dict[str, dict[str, Any]], name: str, flow_name: str) -> None:
     file, _, function = deployments[name]["entrypoint"].partition(":")
     path = ROOT / file
@@ -128,6 +129,15 @@ def test_importance_deployment_targets_the_gpu_pool(deployments: dict[str, dict[
     # the name the nightly pipeline hands to run_deployment points at this deployment
     target = deployments["merge-pipeline-nightly"]["parameters"]["importance_deployment"]
     assert target == "importance/importance-gpu"
+
+
+def test_evaluation_deployment_targets_the_gpu_pool(deployments: dict[str, dict[str, Any]]) -> None:
+    evaluate = deployments["evaluate-gpu"]
+    assert evaluate["work_pool"]["name"] == "gpu"
+    assert not evaluate.get("schedules") and not evaluate.get("parameters")
+    # the pipelines hand their evaluate nodes to it by name: evaluation_deployment="evaluate/evaluate-gpu"
+    fn = _flow_functions(ROOT / evaluate["entrypoint"].partition(":")[0])["evaluate_flow"]
+    assert {"jobs", "device"} <= {a.arg for a in fn.args.args}
 
 
 # ------------------------------------------------------------------------------------------------- docker compose

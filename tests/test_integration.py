@@ -19,7 +19,10 @@ B. the recipe with one merge knob changed (lambda), its cpu worker SIGKILLed (wi
    (``limit: 1, ENQUEUE`` in prefect.yaml) until its 300 s lease lapses, so the test marks it Crashed through the
    API, as an operator or a zombie-run automation would;
 C. the same deployment and parameters again, on a restarted worker: it completes, what B finished is ``Cached``,
-   what depends on the changed knob is computed, never served from A's cache, and the registry gains one version.
+   what depends on the changed knob is computed, never served from A's cache, and the registry gains one version;
+D. A's recipe evaluated on other slices (``tests/recipes/zoo-test-ties-eval.yaml``) with
+   ``evaluation_deployment=evaluate/evaluate-gpu``: its evaluate stage runs as a flow run of that deployment on the
+   gpu pool (on CUDA when the worker has it), everything up to the merge is served from A's cache.
 
 Flows use ``MERGEFLOW_TASK_RUNNER=dask-threads`` (one in-process Dask worker): a local process cluster costs
 seconds of start-up per flow run on a loaded 2-core machine, and the stages are the same either way.
@@ -51,10 +54,12 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "tests/recipes/zoo-test-ties.yaml"  # relative to the project folder, as a deployment parameter is
 RECIPE_CHANGED = "tests/recipes/zoo-test-ties-lambda.yaml"  # the same with lambda 1.0 -> 0.7
+RECIPE_EVAL = "tests/recipes/zoo-test-ties-eval.yaml"  # the same evaluated on other slices of test and validation
 MODEL = "it-pipeline"
 PIPELINE = "merge-pipeline/merge-pipeline-nightly"
 IMPORTANCE = "importance/importance-gpu"
-DEPLOYMENTS = (PIPELINE, "merge-sweep/sweep-weekly", IMPORTANCE)
+EVALUATION = "evaluate/evaluate-gpu"
+DEPLOYMENTS = (PIPELINE, "merge-sweep/sweep-weekly", IMPORTANCE, EVALUATION)
 STAGES = ("resolve", "task_vectors", "merge", "evaluate", "register")
 BIN = Path(sys.executable).parent  # the venv's scripts (prefect, mlflow) next to this interpreter
 RUN_TIMEOUT = 240.0
@@ -257,6 +262,7 @@ def _setup_deployments(st: Stack) -> None:
         assert pipeline_dep.global_concurrency_limit.limit == 1
         assert pipeline_dep.concurrency_options.collision_strategy.value == "ENQUEUE"
         assert client.read_deployment_by_name(IMPORTANCE).work_pool_name == "gpu"
+        assert client.read_deployment_by_name(EVALUATION).work_pool_name == "gpu"
         assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
 
 
@@ -265,9 +271,10 @@ def _setup_deployments(st: Stack) -> None:
 
 def _stage(task_run: Any) -> str:
     """A task run's stage: "resolve zoo:test/base" -> resolve, "register-f31" -> register; the placeholder task run
-    ``run_deployment`` adds for the importance subflow (a random name) -> "importance/importance-gpu"."""
+    ``run_deployment`` adds for a deployment's subflow (a random name, a task key ending in the deployment's
+    slugified name) -> "importance/importance-gpu" or "evaluate/evaluate-gpu"."""
     if task_run.task_key.startswith("prefect.deployments.flow_runs.run_deployment."):
-        return IMPORTANCE
+        return EVALUATION if task_run.task_key.endswith("evaluate-evaluate-gpu") else IMPORTANCE
     return re.sub(r"-[0-9a-f]+$", "", task_run.name.split(" ")[0])
 
 
@@ -277,11 +284,11 @@ def _task_runs(client: Any, flow_run_id: UUID) -> list[Any]:
     return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def _create_run(st: Stack, recipe: str) -> Any:
+def _create_run(st: Stack, recipe: str, **extra: Any) -> Any:
     with st.client() as client:
         dep = client.read_deployment_by_name(PIPELINE)
         return client.create_flow_run_from_deployment(dep.id, parameters={
-            "recipe": recipe, "registered_name": MODEL, "importance_deployment": IMPORTANCE})
+            "recipe": recipe, "registered_name": MODEL, "importance_deployment": IMPORTANCE, **extra})
 
 
 def _wait_final(st: Stack, flow_run_id: UUID, timeout: float = RUN_TIMEOUT) -> Any:
@@ -316,11 +323,11 @@ def _slots(client: Any) -> int:
     return client.read_deployment_by_name(PIPELINE).global_concurrency_limit.active_slots
 
 
-def _importance_run(client: Any, flow_run_id: UUID) -> Any:
-    """The flow run of the importance deployment that ``flow_run_id`` started as its subflow."""
+def _importance_run(client: Any, flow_run_id: UUID, deployment: str = IMPORTANCE) -> Any:
+    """The flow run of the importance (or another) deployment that ``flow_run_id`` started as its subflow."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
 
-    parents = [tr.id for tr in _task_runs(client, flow_run_id) if _stage(tr) == IMPORTANCE]
+    parents = [tr.id for tr in _task_runs(client, flow_run_id) if _stage(tr) == deployment]
     assert len(parents) == 1, "; ".join(tr.name for tr in _task_runs(client, flow_run_id))
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         parent_task_run_id=FlowRunFilterParentTaskRunId(any_=parents)))
@@ -475,7 +482,7 @@ def test_registered_in_mlflow_and_champion_loads(registry_client: Stack, mergefl
     assert champion.content_hash == model_hash
     merged = _merged_folder(mergeflow_home, recipe_hash, model_hash)
     manifest = st.runs["A merge"]
-    assert Path(manifest["path"]) == merged and manifest["content_hash"] == model_hash
+    assert Path(manifest.path) == merged and manifest.content_hash == model_hash
     assert champion.path != merged  # a download from the server, not the cache folder itself
     assert torch.equal(_logits(champion.path), _logits(merged))
 
@@ -569,7 +576,7 @@ def test_killed_worker_then_rerun(registry_client: Stack) -> None:
     assert client.get_run(new.run_id).data.tags["mergeflow.flow_run_id"] == str(run_c.id)
     assert float(client.get_run(new.run_id).data.params["parameters.lambda"]) == 0.7
     [c_merge] = [tr for tr in c_trs if _stage(tr) == "merge"]
-    assert new.tags["mergeflow.model_hash"] == _task_result(c_merge)["content_hash"]
+    assert new.tags["mergeflow.model_hash"] == _task_result(c_merge).content_hash
     assert new.tags["mergeflow.model_hash"] != versions[0].tags["mergeflow.model_hash"]
     _check_every_version_complete(st)
     metric = "mergeflow.selection.validation_in_domain_avg"
@@ -579,3 +586,38 @@ def test_killed_worker_then_rerun(registry_client: Stack) -> None:
     experiment = client.get_run(new.run_id).info.experiment_id
     b_runs = client.search_runs([experiment], f"tags.`mergeflow.flow_run_id` = '{run_b.id}'")
     assert b_runs == [], b_runs
+
+
+def test_evaluation_deployment_on_the_gpu_pool(registry_client: Stack) -> None:
+    """Run D: the evaluate stage as a flow run of evaluate/evaluate-gpu on the gpu pool, the rest from A's cache."""
+    import torch
+
+    st = registry_client
+    if "A" not in st.runs:
+        pytest.skip("run A did not happen")
+    run = _create_run(st, RECIPE_EVAL, evaluation_deployment=EVALUATION)
+    done = _wait_final(st, run.id)
+    assert done.work_pool_name == "cpu" and done.state.type.value == "COMPLETED"
+    with st.client() as client:
+        trs = _task_runs(client, run.id)
+        states = _states(trs)
+        by_stage = _by_stage(states, trs)
+        assert "evaluate" not in by_stage, states  # it ran in the other flow run, not here
+        assert by_stage["resolve"] == ["Cached"] * 4 and by_stage["task_vectors"] == ["Cached"] * 3, states
+        assert by_stage["merge"] == ["Cached"] and by_stage["register"] == ["Completed"], states
+        evaluation = _importance_run(client, run.id, EVALUATION)
+        assert evaluation.deployment_id == client.read_deployment_by_name(EVALUATION).id
+        assert evaluation.work_pool_name == "gpu" and evaluation.state.type.value == "COMPLETED", evaluation.state
+        ev_trs = _task_runs(client, evaluation.id)
+        ev_states = _states(ev_trs)
+        # new slices: computed there, on CUDA when the gpu worker has one
+        assert ev_states == {"evaluate test": "Completed", "evaluate validation": "Completed"}, ev_states
+        results = {tr.name: _task_result(tr) for tr in ev_trs}
+        assert results["evaluate test"].limit == 30 and results["evaluate validation"].limit == 15
+        assert {r.device for r in results.values()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+        [reg] = [tr for tr in trs if _stage(tr) == "register"]
+        registration = _task_result(reg)
+    # the same weights as A: the registry already holds them (version 1), so nothing new is registered
+    assert registration.model_hash == st.runs["A merge"].content_hash
+    assert registration.version == "1" and registration.reused
+    assert [v.version for v in _versions(st)] == ["1", "2"]

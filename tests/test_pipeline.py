@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeflow import pipeline
+from mergeflow import graph, pipeline
 from mergeflow.checkpoints import resolve
 from mergeflow.errors import CheckpointError, RecipeError, ZooError
 from mergeflow.recipe import parse_recipe
@@ -98,10 +98,10 @@ def resolved(test_zoo):  # noqa: F811
 
 def test_resolve_manifest(resolved, test_zoo):  # noqa: F811
     _, base, experts = resolved
-    assert base["path"] == str(test_zoo.base)
-    assert base["content_hash"] == resolve(test_zoo.base).content_hash
-    assert [e["reference"] for e in experts] == [f"zoo:test/{t}" for t in TASKS]
-    json.dumps(base)  # manifests are plain JSON
+    assert base.path == str(test_zoo.base)
+    assert base.content_hash == resolve(test_zoo.base).content_hash
+    assert [e.reference for e in experts] == [f"zoo:test/{t}" for t in TASKS]
+    assert type(base).model_validate_json(base.model_dump_json()) == base  # manifests are plain JSON
 
 
 def test_task_vectors_thresholds_match_the_merge(resolved):
@@ -112,13 +112,12 @@ def test_task_vectors_thresholds_match_the_merge(resolved):
     # the exact global threshold: keep the top 30% of |Δ| over the whole task vector
     from safetensors.torch import load_file
 
-    b, e = load_file(Path(base["path"]) / "model.safetensors"), load_file(Path(experts[0]["path"]) /
-                                                                          "model.safetensors")
+    b, e = load_file(Path(base.path) / "model.safetensors"), load_file(Path(experts[0].path) / "model.safetensors")
     deltas = torch.cat([(e[n].float() - b[n].float()).abs().flatten() for n in b if b[n].is_floating_point()])
-    threshold = tv["thresholds"]["0.3"]
+    threshold = tv.thresholds["0.3"]
     assert bool((deltas == threshold).any())  # an exact order statistic, not an estimate
     assert (deltas >= threshold).float().mean().item() == pytest.approx(0.3, abs=1 / deltas.numel() + 1e-6)
-    assert tv["l2_norm"] == pytest.approx(float(torch.linalg.vector_norm(deltas)), rel=1e-5)
+    assert tv.l2_norm == pytest.approx(float(torch.linalg.vector_norm(deltas)), rel=1e-5)
     linear = parse_recipe(zoo_recipe(merge_method="task_arithmetic", models=[
         {"model": f"zoo:test/{t}"} for t in TASKS]))
     assert pipeline.trim_densities(linear, base, 0) == []
@@ -126,22 +125,21 @@ def test_task_vectors_thresholds_match_the_merge(resolved):
 
 def test_merge_stage_is_content_addressed_and_checked(resolved):
     recipe, base, experts = resolved
-    inputs = [base, *experts]
-    first = pipeline.merge_stage(recipe, inputs)
-    again = pipeline.merge_stage(recipe, inputs)
-    assert not first["reused"] and again["reused"]
-    assert first["path"] == again["path"] and first["content_hash"] == again["content_hash"]
-    assert json.loads((Path(first["path"]) / "mergeflow.json").read_text())["recipe_hash"] == recipe.recipe_hash()
-    other = pipeline.merge_stage(parse_recipe(zoo_recipe(parameters={"lambda": 0.5})), inputs)
-    assert other["content_hash"] != first["content_hash"]
+    first = pipeline.merge_stage(recipe, base, experts)
+    again = pipeline.merge_stage(recipe, base, experts)
+    assert not first.reused and again.reused
+    assert first.path == again.path and first.content_hash == again.content_hash
+    assert json.loads((Path(first.path) / "mergeflow.json").read_text())["recipe_hash"] == recipe.recipe_hash()
+    other = pipeline.merge_stage(parse_recipe(zoo_recipe(parameters={"lambda": 0.5})), base, experts)
+    assert other.content_hash != first.content_hash
     # a data-aware recipe without its coefficients is refused, not merged without them
     aware = parse_recipe(zoo_recipe(importance=[{"estimator": "cocktail", "data": {"zoo": "zoo:test"}}]))
     with pytest.raises(RecipeError, match="1 entries but the merge was given 0"):
-        pipeline.merge_stage(aware, inputs)
+        pipeline.merge_stage(aware, base, experts)
     # a checkpoint that changed after resolve is caught before its result is published
-    stale = [dict(base, content_hash="sha256:" + "0" * 64), *experts]
+    stale = base.model_copy(update={"content_hash": "sha256:" + "0" * 64})
     with pytest.raises(RecipeError, match="changed between the resolve and merge stages"):
-        pipeline.merge_stage(parse_recipe(zoo_recipe(parameters={"lambda": 0.7})), stale)
+        pipeline.merge_stage(parse_recipe(zoo_recipe(parameters={"lambda": 0.7})), stale, experts)
 
 
 def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):  # noqa: F811
@@ -151,14 +149,14 @@ def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):  # noqa: F
     # a limit no other test uses: the first call computes (other modules may have scored the base already)
     spec = pipeline.evaluation_spec(recipe).model_copy(update={"limit": 23})
     ev = pipeline.evaluate_stage(base, spec)
-    direct = evaluate_path(base["path"], ["zoo", "zoo-ood"], zoo=test_zoo, limit=23)
-    assert ev["accuracy"] == {t: s.acc for t, s in direct.scores.items()}
-    assert ev["in_domain"] == list(test_zoo.in_domain) and ev["ood"] == list(test_zoo.ood)
-    assert ev["in_domain_avg"] == pytest.approx(sum(ev["accuracy"][t] for t in test_zoo.in_domain) / 3, abs=1e-3)
-    assert not ev["reused"] and pipeline.evaluate_stage(base, spec)["reused"]
+    direct = evaluate_path(base.path, ["zoo", "zoo-ood"], zoo=test_zoo, limit=23)
+    assert ev.accuracy == {t: s.acc for t, s in direct.scores.items()}
+    assert ev.in_domain == list(test_zoo.in_domain) and ev.ood == list(test_zoo.ood)
+    assert ev.in_domain_avg == pytest.approx(sum(ev.accuracy[t] for t in test_zoo.in_domain) / 3, abs=1e-3)
+    assert not ev.reused and pipeline.evaluate_stage(base, spec).reused
     sel = pipeline.evaluate_stage(base, spec, split="validation", limit=10)
-    assert sel["split"] == "validation" and sel["limit"] == 10
-    assert pipeline.selection_value(sel, "acc:nli") == sel["accuracy"]["nli"]
+    assert sel.split == "validation" and sel.limit == 10
+    assert pipeline.selection_value(sel, "acc:nli") == sel.accuracy["nli"]
     with pytest.raises(RecipeError, match="not evaluated"):
         pipeline.selection_value(sel, "acc:arith")
 
@@ -166,12 +164,12 @@ def test_evaluate_stage_matches_lm_eval_directly(resolved, test_zoo):  # noqa: F
 def test_run_pipeline_data_aware_end_to_end(test_zoo):  # noqa: F811
     recipe = zoo_recipe(merge_method="task_arithmetic", models=[{"model": f"zoo:test/{t}", "task": t} for t in TASKS],
                         parameters={}, importance=[{"estimator": "cocktail", "data": {"zoo": "zoo:test"}}])
-    out = pipeline.run_pipeline(recipe, register=False, device="auto")
-    assert [c["estimator"] for c in out["coefficients"]] == ["cocktail"]
-    weights = out["coefficients"][0]["fields"]["weight"]
+    out = graph.run_pipeline(recipe, register=False, device="auto")
+    assert [c.estimator for c in out["coefficients"]] == ["cocktail"]
+    weights = out["coefficients"][0].fields["weight"]
     assert weights["min"] >= 0 and weights["max"] <= 1
-    assert out["evaluation"]["split"] == "test" and out["selection"]["split"] == "validation"
-    provenance = json.loads((Path(out["merged"]["path"]) / "mergeflow.json").read_text())
+    assert out["evaluation"].split == "test" and out["selection"].split == "validation"
+    provenance = json.loads((Path(out["merged"].path) / "mergeflow.json").read_text())
     assert [c["estimator"] for c in provenance["coefficients"]] == ["cocktail"]
     assert [i["reference"] for i in provenance["inputs"]] == ["zoo:test/base", *(f"zoo:test/{t}" for t in TASKS)]
 
@@ -186,8 +184,8 @@ def test_importance_shards_measured_apart_then_finalized_without_a_pass(resolved
     assert [(s["part"], s["experts"]) for s in shards] == [("all", [0]), ("all", [1]), ("all", [2])]
     for s in reversed(shards):
         m = pipeline.measure_stage(spec, list(TASKS), base, experts, part=s["part"], shard=s["experts"])
-        assert m["key"] == s["key"] and not m["reused"] and m["passes"]["forward"] > 0
-        assert m["experts_references"] == [experts[s["experts"][0]]["reference"]]
+        assert m.key == s["key"] and not m.reused and m.passes["forward"] > 0
+        assert list(m.experts_references) == [experts[s["experts"][0]].reference]
     from mergeflow.importance.base import Measurements
 
     def no_pass(*args, **kwargs):
@@ -195,8 +193,8 @@ def test_importance_shards_measured_apart_then_finalized_without_a_pass(resolved
 
     monkeypatch.setattr(Measurements, "save", no_pass)  # every measurement, whatever the estimator, is saved
     out = pipeline.importance_stage(spec, list(TASKS), base, experts)
-    assert out["estimator"] == "regmean" and out["passes"]["forward"] == sum(
-        pipeline.measure_stage(spec, list(TASKS), base, experts, part="all", shard=s["experts"])["passes"]["forward"]
+    assert out.estimator == "regmean" and out.passes["forward"] == sum(
+        pipeline.measure_stage(spec, list(TASKS), base, experts, part="all", shard=s["experts"]).passes["forward"]
         for s in shards)
     assert pipeline.importance_shards({"estimator": "cocktail", "data": {"zoo": "zoo:test"}}, list(TASKS), base,
                                       experts) == []
