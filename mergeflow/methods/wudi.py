@@ -28,6 +28,9 @@ silent:
 - **Which tensors.** Every 2-D tensor, embeddings and LM head included, in its stored orientation, as FusionBench
   (``exclude`` per tensor sends one to the mean). GPT-2's Conv1D stores [in, out]: WUDI then measures interference
   on the output side; exclude those tensors or accept it.
+- **Variants seen elsewhere.** Some published copies of the authors' ViT script weight each task by 1/‖Δ_t‖ (not
+  squared), restrict WUDI to the blocks' attention and MLP matrices and sweep a scaling coefficient afterwards; we
+  follow FusionBench (squared norm, every 2-D tensor, no coefficient), which matches the paper's objective.
 - **A zero task vector** on a tensor (an expert that did not train it) has no interference term (FusionBench would
   divide by zero and write NaN); if every task vector is zero the update is zero.
 - **Determinism.** The steps are plain tensor ops from a fixed start: same inputs, same device → same bits. See
