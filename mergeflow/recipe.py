@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergeflow.errors import RecipeError
 from mergeflow.methods.base import MergeMethod, ParamSpec, get_method
+from mergeflow.resolvers import scheme_of
 from mergeflow.tensors import DTYPE_NAMES
 
 Scalar = bool | int | float | str
@@ -204,8 +205,9 @@ PIPELINE_SECTIONS = ("evaluation", "registry")
 
 def resolve_relative(ref: str, recipe_dir: str | Path | None) -> str:
     """How a recipe in ``recipe_dir`` names local things: an existing (or ``./``/``/``-prefixed) path relative to
-    the recipe's folder becomes absolute; anything else (hub id, ``models:/`` URI, ``zoo:`` name) stays as written."""
-    if recipe_dir is None or ref.startswith(("zoo:", "models:/")):
+    the recipe's folder becomes absolute; anything else (hub id, a reference with a registered scheme such as a
+    ``models:/`` URI or a ``zoo:`` name) stays as written."""
+    if recipe_dir is None or scheme_of(ref) is not None:
         return ref
     candidate = Path(ref) if Path(ref).is_absolute() else Path(recipe_dir) / ref
     return str(candidate.resolve()) if ref.startswith((".", "/")) or candidate.exists() else ref
