@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from mergeflow import transformers_io
 from mergeflow.cache import CODE_VERSION, Cache, cache_key
 from mergeflow.coefficients import CoefficientField, Coefficients, coefficients_key, jsonable
+from mergeflow.devices import compute_threads
 from mergeflow.errors import RecipeError
 from mergeflow.importance.data import TaskData, load_task_data
 from mergeflow.methods.base import ParamSpec
@@ -530,8 +531,6 @@ def measure_shard(estimator: str, *, base: ModelRef | None, experts: Sequence[Mo
     """Measure (or find in the cache) one job of :func:`measure_jobs` — a part over one shard of the experts — so
     that workers can measure the shards of one run side by side; :func:`compute_coefficients` then finds them all
     in the cache. Returns ``{"part", "experts", "key", "reused", "seconds", "passes"}``."""
-    from mergeflow.devices import compute_threads
-
     est = get_estimator(estimator)
     resolved = est.resolve_params(params or {})
     jobs = measure_jobs(est, resolved, base_hash=base.content_hash if base else None,
@@ -603,8 +602,6 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
                                              "load_seconds": round(sum(loaded_now), 3)}
 
     def build(folder: Path) -> None:
-        from mergeflow.devices import compute_threads
-
         start = time.perf_counter()
         # all cores but one, like the merge: oversubscribed OpenMP threads run tiny passes many times slower
         with torch.random.fork_rng(devices=[]), compute_threads(threads), contextlib.ExitStack() as scratch:
