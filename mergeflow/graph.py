@@ -418,12 +418,18 @@ def merge_node(recipe: Recipe) -> MergeNode:
                      task_vectors=tuple(vectors), recipe=canonical)
 
 
+def evaluate_node(model: MergeNode | ResolveNode, spec: EvaluationSpec, *, split: str | None = None,
+                  limit: int | None = None, recipe_dir: str | Path | None = None) -> EvaluateNode:
+    """``model`` evaluated with ``spec`` on ``split`` (default: the reported one) and ``limit``."""
+    return EvaluateNode(model=model, spec=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+                        split=split or spec.split, limit=spec.limit if split is None else limit,
+                        recipe_dir=str(recipe_dir) if recipe_dir else None)
+
+
 def evaluate_nodes(recipe: Recipe, model: MergeNode | ResolveNode) -> tuple[EvaluateNode, EvaluateNode | None]:
     """The reported evaluation and the selection's (None when it is the reported one: pipeline.evaluation_splits)."""
     spec = pipeline.evaluation_spec(recipe)
-    folder = str(recipe.recipe_dir) if recipe.recipe_dir else None
-    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    nodes = [EvaluateNode(model=model, spec=text, split=split, limit=limit, recipe_dir=folder)
+    nodes = [evaluate_node(model, spec, split=split, limit=limit, recipe_dir=recipe.recipe_dir)
              for split, limit in pipeline.evaluation_splits(spec)]
     return nodes[0], (nodes[1] if len(nodes) > 1 else None)
 

@@ -1,8 +1,10 @@
 """The accuracy matrix of a zoo: base, every expert and a set of merges, evaluated on every task.
 
-Merges run in memory (the zoo's models are small) and every evaluation is cached by content — the model's weights
-(its checkpoint hash, or the recipe hash plus its inputs' hashes for a merge), the task data's hashes, the split and
-the code version — so a second run, or a run that adds one method, evaluates only what is new.
+The matrix is a plan of the stage graph (:mod:`mergeflow.graph`), like the pipeline's: the zoo's checkpoints are
+resolved once, the data-aware methods' estimators run once per distinct entry, each merge is written into the
+content-addressed cache and evaluated there, and every evaluation is cached by content (the model's weights, the
+task data's hashes, the split, the limit and the code version), so a second run, or a run that adds one method,
+evaluates only what is new.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from typing import Any
 
 import click
 
-from mergeflow.cache import Cache, cache_key
-from mergeflow.checkpoints import resolve
+from mergeflow import graph
+from mergeflow.cache import Cache
+from mergeflow.recipe import EvaluationSpec
 from mergeflow.zoo.build import Zoo
-
-RESULT_FILE = "scores.json"
 
 
 @dataclass(frozen=True)
@@ -104,14 +105,8 @@ DATA_AWARE_MERGES: tuple[MergeSpec, ...] = (
 )
 
 
-def _task_data_key(zoo: Zoo, split: str) -> dict[str, Any]:
-    """The sha256 of every task's data file for ``split`` (from the manifest: the files are hashed at build time)."""
-    info = zoo.manifest["task_info"]
-    return {task: info[task]["splits"][split]["sha256"] for task in zoo.tasks}
-
-
 class Matrix:
-    """Evaluates models of one zoo on all its tasks, with a content-addressed cache of the scores."""
+    """Evaluates models of one zoo on all its tasks: its rows planned and run as one stage graph."""
 
     def __init__(
         self,
@@ -121,17 +116,20 @@ class Matrix:
         limit: int | None = None,
         cache: Cache | None = None,
         progress: Callable[[str], None] | None = None,
+        device: str = "cpu",
     ) -> None:
         self.zoo = zoo
         self.split = split
         self.limit = limit
         self.cache = cache or Cache()
         self.progress = progress or (lambda msg: None)
+        self.device = device
         self._model: Any = None
         self._tokenizer: Any = None
-        self._data_key = _task_data_key(zoo, split)
+        self._results: dict[graph.Node, Any] = {}  # node -> manifest, shared by the rows of this matrix
 
     def _load_base(self) -> tuple[Any, Any]:
+        """The zoo's base model and tokenizer in memory (for callers that score a state dict themselves)."""
         if self._model is None:
             from transformers import AutoTokenizer
 
@@ -141,67 +139,50 @@ class Matrix:
             self._tokenizer = AutoTokenizer.from_pretrained(self.zoo.base)
         return self._model, self._tokenizer
 
-    def _cached(self, identity: Mapping[str, Any], compute: Callable[[], dict[str, float]]) -> dict[str, float]:
-        key = cache_key("zoo_eval", model=dict(identity), data=self._data_key, split=self.split, limit=self.limit)
-        hit = self.cache.get("zoo_eval", key)
-        if hit is not None:
-            return json.loads((hit / RESULT_FILE).read_text())
-        scores = compute()
+    @property
+    def evaluation(self) -> EvaluationSpec:
+        """Every task of the zoo on this matrix's split and limit (the selection is the same evaluation)."""
+        return EvaluationSpec(tasks=list(self.zoo.tasks), zoo=str(self.zoo.root), split=self.split,
+                              limit=self.limit, selection={"split": self.split, "limit": self.limit})
 
-        def write(folder: Path) -> None:
-            (folder / RESULT_FILE).write_text(json.dumps(scores, sort_keys=True))
+    def plan(self, merges: Iterable[MergeSpec] = DATA_FREE_MERGES, seed: int = 0) -> tuple[graph.Plan,
+                                                                                         dict[str, graph.Node]]:
+        """The graph of the matrix: base and experts resolved and evaluated, each merge planned like a recipe of
+        the pipeline (resolve, task vectors, importance, merge, evaluate; nothing registered). Returns the plan and
+        its rows (label -> the evaluate node that gives the row)."""
+        recipes = [(spec.label, {**spec.recipe(self.zoo, seed), "evaluation": self.evaluation.model_dump(
+            mode="json")}) for spec in merges]
+        members = {"base": str(self.zoo.base), **{f"expert:{t}": str(p) for t, p in self.zoo.experts.items()}}
+        rows: dict[str, graph.Node] = {}
+        plan = graph.plan(recipes, register=False) if recipes else graph.Plan()
+        for label, ref in members.items():
+            rows[label] = plan.add(graph.evaluate_node(plan.add(graph.ResolveNode(reference=ref)),  # type: ignore
+                                                       self.evaluation))
+        for label, target in plan.targets.items():
+            rows[label] = target.reported
+        return plan, rows
 
-        self.cache.get_or_create("zoo_eval", key, write)
-        return scores
-
-    def _evaluate_state(self, state: Mapping[str, Any]) -> dict[str, float]:
-        from mergeflow.evaluation import evaluate
-
-        model, tok = self._load_base()
-        model.load_state_dict(dict(state), strict=True)
-        result = evaluate(model, tok, list(self.zoo.tasks), zoo=self.zoo, split=self.split, limit=self.limit)
-        return {task: result.scores[task].acc for task in self.zoo.tasks}
+    def _scores(self, node: graph.Node) -> dict[str, float]:
+        graph.execute([node], graph.RunContext(device=self.device), self._results)
+        accuracy = self._results[node].accuracy
+        return {task: accuracy[task] for task in self.zoo.tasks}
 
     def checkpoint(self, path: Path) -> dict[str, float]:
         """Scores of a model folder (base or expert)."""
-        snap = resolve(path, scan_finite=False)
-
-        def compute() -> dict[str, float]:
-            from safetensors.torch import load_file
-
-            state: dict[str, Any] = {}
-            for f in snap.weight_files:
-                state.update(load_file(snap.path / f))
-            return self._evaluate_state(state)
-
-        return self._cached({"checkpoint": snap.content_hash}, compute)
+        return self._scores(graph.evaluate_node(graph.ResolveNode(reference=str(path)), self.evaluation))
 
     def merge(self, spec: MergeSpec, seed: int = 0) -> dict[str, float]:
-        """Scores of a merge of all experts (merged in memory only when not cached)."""
-        from mergeflow.engine import merge_state_dict, plan_merge
-        from mergeflow.recipe import parse_recipe
-
-        recipe = parse_recipe(spec.recipe(self.zoo, seed))
-        plan = plan_merge(recipe)  # data-aware recipes: computes (or fetches) the coefficients here
-        coefficients = plan.coefficients
-        # the coefficients' keys name the task data they read, so a merge's scores are keyed by its data too
-        identity = {"recipe": recipe.recipe_hash(), "inputs": plan.input_hashes(),
-                    "coefficients": [c.key for c in coefficients]}
-        plan.close()
-        return self._cached(identity, lambda: self._evaluate_state(
-            merge_state_dict(recipe, coefficients=coefficients or None)))
+        """Scores of a merge of all experts (merged into the content-addressed cache when not there yet)."""
+        _, rows = self.plan([spec], seed)
+        return self._scores(rows[spec.label])
 
     def run(self, merges: Iterable[MergeSpec] = DATA_FREE_MERGES, seed: int = 0) -> dict[str, Any]:
         """The matrix as ``{"tasks": {...}, "models": {"base": {...}, "expert:TASK": {...}, LABEL: {...}}}``."""
+        _, rows = self.plan(list(merges), seed)
         models: dict[str, dict[str, float]] = {}
-        self.progress("base")
-        models["base"] = self.checkpoint(self.zoo.base)
-        for task, path in self.zoo.experts.items():
-            self.progress(f"expert:{task}")
-            models[f"expert:{task}"] = self.checkpoint(path)
-        for spec in merges:
-            self.progress(spec.label)
-            models[spec.label] = self.merge(spec, seed)
+        for label, node in rows.items():
+            self.progress(label)
+            models[label] = self._scores(node)
         return {
             "tasks": {"in_domain": list(self.zoo.in_domain), "ood": list(self.zoo.ood)},
             "models": models,
