@@ -376,13 +376,13 @@ def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, 
     """lm-eval accuracy of a model folder on ``spec.tasks`` (``split``/``limit`` override the spec's: the
     selection metric runs on validation), cached by the model's content hash, the task data and the settings."""
     from mergeflow.devices import pick_device
-    from mergeflow.evaluation import _resolve_zoo, _split_names, evaluate_path
+    from mergeflow.evaluation import evaluate_path, resolve_zoo, split_task_names
 
     device = str(pick_device(device))  # "auto": CUDA when there is one
     split = split or spec.split
     limit = limit if limit is not None else spec.limit
-    names = _split_names(spec.tasks)
-    zoo = _resolve_zoo(resolve_relative(spec.zoo, recipe_dir) if spec.zoo else None, names)
+    names = split_task_names(spec.tasks)
+    zoo = resolve_zoo(resolve_relative(spec.zoo, recipe_dir) if spec.zoo else None, names)
     key = cache_key(EVAL_KIND, model=model.content_hash, tasks=names, zoo=_zoo_identity(zoo), split=split,
                     limit=limit, num_fewshot=spec.num_fewshot)
     store = cache or Cache()
