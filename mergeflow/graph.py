@@ -207,18 +207,18 @@ class ImportanceNode(Node):
     def label(self) -> str:
         return f"importance {self.estimator}"
 
-    def arguments(self, inputs: Sequence[Any]) -> dict[str, Any]:
-        """The stage functions' arguments (see pipeline.importance_stage) from the inputs' results."""
+    def job(self, inputs: Sequence[Any]) -> pipeline.ImportanceJob:
+        """The stage's work over the inputs' results (the resolve manifests of the base and the experts)."""
         bound = self.bind(inputs)
-        return {"spec": self.entry, "expert_tasks": list(self.expert_tasks), "base": bound["base"],
-                "experts": list(bound["experts"]), "index": self.index, "recipe_dir": self.recipe_dir}
+        return pipeline.ImportanceJob(self.entry, list(self.expert_tasks), bound["base"], list(bound["experts"]),
+                                      self.index, self.recipe_dir)
 
     def shards(self, inputs: Sequence[Any]) -> list[dict[str, Any]]:
         """The per-expert measurement shards an orchestrator may measure side by side before :meth:`run`."""
-        return pipeline.importance_shards(**self.arguments(inputs))
+        return self.job(inputs).shards()
 
     def run(self, inputs: Sequence[Any], ctx: RunContext) -> CoefficientsRef:
-        return pipeline.importance_stage(**self.arguments(inputs), device=ctx.device)
+        return self.job(inputs).coefficients(ctx.device)
 
 
 class MergeNode(Node):

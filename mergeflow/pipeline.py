@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergeflow.cache import Cache, cache_key
+from mergeflow.devices import pick_device
 from mergeflow.errors import RecipeError
 from mergeflow.manifests import (
     CoefficientsRef,
@@ -179,71 +181,71 @@ def importance_inputs(recipe: Recipe, index: int) -> dict[str, Any]:
     return {"spec": recipe.importance[index].model_dump(mode="json"), "expert_tasks": [e.task for e in recipe.experts]}
 
 
-def _importance_args(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
-                     experts: Sequence[ResolvedModel], index: int,
-                     recipe_dir: str | Path | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments the library's ``*_for_importance`` functions take, from a stage's plain inputs: the validated
-    entry, the tasks, the base and experts as ModelRefs, and the recipe-relative reference rule."""
-    from mergeflow.importance.base import ModelRef
-    from mergeflow.recipe import ImportanceSpec
+@dataclass(frozen=True)
+class ImportanceJob:
+    """What one importance entry reads, together: the entry (as in a recipe), each expert's task, the base's and
+    experts' resolve manifests, and the recipe's folder (for relative data paths); ``index`` names the entry in
+    messages. Its methods are the stage: the shards workers may measure side by side, one shard's measurement,
+    and the entry's Coefficients."""
 
-    def ref(m: ResolvedModel) -> ModelRef:
-        return ModelRef(m.reference, Path(m.path), m.content_hash)
+    spec: Mapping[str, Any]
+    expert_tasks: Sequence[str | None]
+    base: ResolvedModel | None
+    experts: Sequence[ResolvedModel]
+    index: int = 0
+    recipe_dir: str | Path | None = None
 
-    try:
-        entry = ImportanceSpec.model_validate(dict(spec))
-    except ValueError as e:
-        raise RecipeError(f"importance[{index}]: {e}") from None
-    return ((entry, list(expert_tasks), ref(base) if base else None, [ref(e) for e in experts]),
-            {"resolve_reference": lambda r: resolve_relative(r, recipe_dir)})
+    def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The importance library's arguments: the validated entry, the tasks, ModelRefs, the reference rule."""
+        from mergeflow.importance.base import ModelRef
+        from mergeflow.recipe import ImportanceSpec
 
+        def ref(m: ResolvedModel) -> ModelRef:
+            return ModelRef(m.reference, Path(m.path), m.content_hash)
 
-def importance_shards(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
-                      experts: Sequence[ResolvedModel], *, index: int = 0,
-                      recipe_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """The measurement shards of one importance entry that workers can measure side by side (``{"part",
-    "experts", "key"}``; see :func:`mergeflow.importance.base.shards_for_importance`); empty when its estimator
-    measures all experts in one go. Cheap: it reads the task data, no model."""
-    from mergeflow.importance.base import shards_for_importance
+        try:
+            entry = ImportanceSpec.model_validate(dict(self.spec))
+        except ValueError as e:
+            raise RecipeError(f"importance[{self.index}]: {e}") from None
+        folder = self.recipe_dir
+        return ((entry, list(self.expert_tasks), ref(self.base) if self.base else None,
+                 [ref(e) for e in self.experts]), {"resolve_reference": lambda r: resolve_relative(r, folder)})
 
-    args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
-    return shards_for_importance(*args, **kwargs)
+    def shards(self) -> list[dict[str, Any]]:
+        """The measurement shards workers can measure side by side (``{"part", "experts", "key"}``; see
+        :func:`mergeflow.importance.base.shards_for_importance`); empty when the estimator measures all experts in
+        one go. Cheap: it reads the task data, no model."""
+        from mergeflow.importance.base import shards_for_importance
 
+        args, kwargs = self._args()
+        return shards_for_importance(*args, **kwargs)
 
-def measure_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
-                  experts: Sequence[ResolvedModel], *, part: str, shard: Sequence[int], index: int = 0,
-                  recipe_dir: str | Path | None = None, device: str = "cpu") -> Measurement:
-    """One shard of an importance entry's measurements, measured into the cache (or found there); the entry's
-    :func:`importance_stage` then finalizes from the cached shards without a model pass of its own."""
-    from mergeflow.devices import pick_device
-    from mergeflow.importance.base import measure_for_importance
+    def measure(self, part: str, shard: Sequence[int], device: str = "cpu") -> Measurement:
+        """One shard of the entry's measurements, measured into the cache (or found there); :meth:`coefficients`
+        then finalizes from the cached shards without a model pass of its own."""
+        from mergeflow.importance.base import measure_for_importance
 
-    dev = pick_device(device)
-    args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
-    out = measure_for_importance(*args, part=part, shard=shard, device=dev, **kwargs)
-    return Measurement(estimator=spec["estimator"], part=out["part"], experts=tuple(out["experts"]), key=out["key"],
-                       experts_references=tuple(experts[i].reference for i in out["experts"]),
-                       reused=out["reused"], seconds=out["seconds"], passes=out["passes"], device=str(dev))
+        dev = pick_device(device)
+        args, kwargs = self._args()
+        out = measure_for_importance(*args, part=part, shard=shard, device=dev, **kwargs)
+        return Measurement(estimator=self.spec["estimator"], part=out["part"], experts=tuple(out["experts"]),
+                           key=out["key"], experts_references=tuple(self.experts[i].reference for i in out["experts"]),
+                           reused=out["reused"], seconds=out["seconds"], passes=out["passes"], device=str(dev))
 
+    def coefficients(self, device: str = "cpu") -> CoefficientsRef:
+        """The entry's Coefficients, computed or fetched by content (shards measured ahead are taken from the
+        cache)."""
+        from mergeflow.importance.base import coefficients_for_importance
 
-def importance_stage(spec: Mapping[str, Any], expert_tasks: Sequence[str | None], base: ResolvedModel | None,
-                     experts: Sequence[ResolvedModel], *, index: int = 0, recipe_dir: str | Path | None = None,
-                     device: str = "cpu") -> CoefficientsRef:
-    """The Coefficients of one importance entry (``spec``, as in a recipe) over ``experts`` (resolve manifests),
-    each scored on its task in ``expert_tasks``: computed, or fetched by content (shards measured ahead by
-    :func:`measure_stage` are taken from the cache)."""
-    from mergeflow.devices import pick_device
-    from mergeflow.importance.base import coefficients_for_importance
-
-    start = time.perf_counter()
-    args, kwargs = _importance_args(spec, expert_tasks, base, experts, index, recipe_dir)
-    coeffs = coefficients_for_importance(*args, device=pick_device(device), **kwargs)
-    summary = coeffs.summary()
-    return CoefficientsRef(estimator=coeffs.estimator, key=coeffs.key, path=str(coeffs.path), params=coeffs.params,
-                           fields=summary["fields"], passes=coeffs.stats.get("passes", {}),
-                           seconds=float(coeffs.stats.get("seconds", 0.0)),
-                           stage_seconds=round(time.perf_counter() - start, 3),
-                           device=str(coeffs.stats.get("device", device)))
+        start = time.perf_counter()
+        args, kwargs = self._args()
+        coeffs = coefficients_for_importance(*args, device=pick_device(device), **kwargs)
+        summary = coeffs.summary()
+        return CoefficientsRef(estimator=coeffs.estimator, key=coeffs.key, path=str(coeffs.path),
+                               params=coeffs.params, fields=summary["fields"], passes=coeffs.stats.get("passes", {}),
+                               seconds=float(coeffs.stats.get("seconds", 0.0)),
+                               stage_seconds=round(time.perf_counter() - start, 3),
+                               device=str(coeffs.stats.get("device", device)))
 
 
 # ------------------------------------------------------------------------------------------------------- merge

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
-from mergeflow import graph, pipeline
+from mergeflow import graph
 from mergeflow.manifests import Measurement
 from tasks.policies import CONTENT, PROMOTE, REGISTER, RESOLVE, results_path
 
@@ -90,4 +90,4 @@ def importance_measure(node: graph.ImportanceNode, inputs: Sequence[Any], part: 
     in-domain), measured into the shared cache; the node's ``importance`` task waits for its shards and finalizes
     without a model pass. Tagged ``gpu`` like ``importance``: the shards of one estimator run spread over the GPU
     workers (or the local cluster's processes) instead of queueing on one."""
-    return pipeline.measure_stage(**node.arguments(list(inputs)), part=part, shard=shard, device=device)
+    return node.job(list(inputs)).measure(part, shard, device)

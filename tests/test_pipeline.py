@@ -180,10 +180,11 @@ def test_importance_shards_measured_apart_then_finalized_without_a_pass(resolved
     _, base, experts = resolved
     # data no other test draws (seed 7): every shard is measured here
     spec = {"estimator": "regmean", "parameters": {"batch_size": 4}, "data": {"zoo": "zoo:test", "n": 6, "seed": 7}}
-    shards = pipeline.importance_shards(spec, list(TASKS), base, experts)
+    job = pipeline.ImportanceJob(spec, list(TASKS), base, experts)
+    shards = job.shards()
     assert [(s["part"], s["experts"]) for s in shards] == [("all", [0]), ("all", [1]), ("all", [2])]
     for s in reversed(shards):
-        m = pipeline.measure_stage(spec, list(TASKS), base, experts, part=s["part"], shard=s["experts"])
+        m = job.measure(s["part"], s["experts"])
         assert m.key == s["key"] and not m.reused and m.passes["forward"] > 0
         assert list(m.experts_references) == [experts[s["experts"][0]].reference]
     from mergeflow.importance.base import Measurements
@@ -192,14 +193,14 @@ def test_importance_shards_measured_apart_then_finalized_without_a_pass(resolved
         raise AssertionError("the importance stage measured again what its shards had measured")
 
     monkeypatch.setattr(Measurements, "save", no_pass)  # every measurement, whatever the estimator, is saved
-    out = pipeline.importance_stage(spec, list(TASKS), base, experts)
+    out = job.coefficients()
     assert out.estimator == "regmean" and out.passes["forward"] == sum(
-        pipeline.measure_stage(spec, list(TASKS), base, experts, part="all", shard=s["experts"]).passes["forward"]
+        job.measure("all", s["experts"]).passes["forward"]
         for s in shards)
-    assert pipeline.importance_shards({"estimator": "cocktail", "data": {"zoo": "zoo:test"}}, list(TASKS), base,
-                                      experts) == []
+    assert pipeline.ImportanceJob({"estimator": "cocktail", "data": {"zoo": "zoo:test"}}, list(TASKS), base,
+                                  experts).shards() == []
     with pytest.raises(RecipeError, match="no measurement job"):
-        pipeline.measure_stage(spec, list(TASKS), base, experts, part="all", shard=[0, 1])
+        job.measure("all", [0, 1])
 
 
 def test_zoo_builds_of_one_folder_wait_for_each_other(tmp_path, monkeypatch):
