@@ -87,11 +87,6 @@ def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow
                          revision=snap.revision, format=snap.format, weight_files=tuple(snap.weight_files))
 
 
-def resolve_options(recipe: Recipe) -> dict[str, Any]:
-    """The recipe settings that change how a reference resolves (the rest of the recipe does not)."""
-    return {"allow_pickle": recipe.allow_pickle, "trust_remote_code": recipe.trust_remote_code}
-
-
 def references(recipe: Recipe) -> tuple[str | None, list[str]]:
     """The base reference (or None) and the experts' references, in recipe order."""
     return recipe.base_model, [m.model for m in recipe.experts]
