@@ -65,6 +65,11 @@ class ZooSize:
     finetune_steps: dict[str, int] = field(default_factory=dict)  # per-task step counts overriding finetune.steps
     label_noise: float = 0.5  # for the "labelled" documents of the mix, if any
     threads: int = 1  # fixed: float reductions, hence the bits, depend on the thread count
+    # How the base and the experts are made (see REGIMES). Fields below keep their defaults in the hard regime and
+    # are left out of its recipe hash, so that the hard zoo's cached builds stay valid.
+    regime: str = "hard"
+    size: str = ""  # the size a variant is asked for by (full | test); "" = its name
+    skill_weights: dict[str, float] = field(default_factory=dict)  # per-task share of the "latent" documents
 
     def finetune_schedule(self, task: str) -> Schedule:
         return replace(
@@ -79,7 +84,11 @@ class ZooSize:
         return {**self.eval_splits, "train": sched.steps * sched.batch_size}
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for name, default in _REGIME_FIELD_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ZooSize:
@@ -93,8 +102,13 @@ class ZooSize:
                 "finetune": Schedule(**{**data["finetune"], "betas": tuple(data["finetune"]["betas"])}),
                 "finetune_lr": dict(data.get("finetune_lr", {})),
                 "finetune_steps": dict(data.get("finetune_steps", {})),
+                "skill_weights": dict(data.get("skill_weights", {})),
             }
         )
+
+    @property
+    def size_name(self) -> str:
+        return self.size or self.name
 
     def recipe_hash(self) -> str:
         """What makes two zoos of one seed identical: the hyper-parameters and the generator code's version."""
@@ -114,8 +128,19 @@ class ZooSize:
                 for task, sched in ((t, self.finetune_schedule(t)) for t in self.in_domain)
             },
             "threads": self.threads,
+            "regime": self.regime,
+            **({"skill_weights": dict(self.skill_weights)} if self.skill_weights else {}),
         }
 
+
+_REGIME_FIELD_DEFAULTS: dict[str, Any] = {"regime": "hard", "size": "", "skill_weights": {}}
+
+# How a zoo's base and experts are made. hard: a base at chance on every task (no labelled text, prompts without
+# answers in pre-training) and experts fully fine-tuned far from it, so task vectors are large (‖τ‖/‖θ‖ 0.16-0.25)
+# and merging destroys much. sft: the regime of published SFT experts on a strong base: the base learns every skill
+# from text that states it in a surface form of its own (corpus.LATENT), and each expert is a short, small-step
+# fine-tuning that ties its task's template to that skill, so task vectors are small and redundant.
+REGIMES = ("hard", "sft")
 
 SIZES: dict[str, ZooSize] = {
     # ZOO.md §1's model and fine-tuning, with half its pre-training (the loss is flat by then) so that the build
@@ -151,6 +176,29 @@ SIZES: dict[str, ZooSize] = {
         eval_splits={"test": 200, "validation": 100, "calib": 100, "fewshot": 16},
     ),
 }
+SIZES.update({
+    "sft-full": replace(
+        SIZES["full"],
+        name="sft-full",
+        size="full",
+        regime="sft",
+        pretrain=Schedule(steps=1200, batch_size=32, lr=2e-3, warmup=0.05, final_lr_ratio=0.1, weight_decay=0.1),
+        mix={"generic": 0.4, "latent": 0.6},
+        skill_weights={"sentiment": 2.0, "topic": 1.0, "paraphrase": 1.0, "nli": 1.0, "arith": 2.0, "complete": 0.0},
+        finetune=Schedule(steps=200, batch_size=32, lr=3e-4, warmup=0.1, final_lr_ratio=0.0, weight_decay=0.0),
+        finetune_lr={},
+        finetune_steps={"sentiment": 600},
+    ),
+    "sft-test": replace(
+        SIZES["test"],
+        name="sft-test",
+        size="test",
+        regime="sft",
+        mix={"generic": 0.4, "latent": 0.6},
+        skill_weights={"topic": 1.0, "nli": 1.0, "complete": 0.0},
+        finetune=Schedule(steps=100, batch_size=16, lr=1e-3, warmup=0.1, final_lr_ratio=0.0, weight_decay=0.0),
+    ),
+})
 
 
 @dataclass(frozen=True)
@@ -171,6 +219,11 @@ class Zoo:
     @property
     def experts(self) -> dict[str, Path]:
         return {task: self.root / "experts" / task for task in self.in_domain}
+
+    @property
+    def regime(self) -> str:
+        """``hard`` or ``sft`` (see REGIMES); zoos built before regimes existed are hard."""
+        return str(self.manifest.get("hparams", {}).get("regime", "hard"))
 
     @property
     def tasks_dir(self) -> Path:
@@ -226,16 +279,19 @@ class Zoo:
 
 
 ZOO_SCHEME = "zoo:"
-_ZOO_REFERENCE = re.compile(r"zoo:(?P<size>[a-z]+)(?:@(?P<seed>[0-9]+))?(?:/(?P<member>[A-Za-z0-9_]+))?")
+_ZOO_REFERENCE = re.compile(
+    r"zoo:(?P<size>[a-z]+(?:-[a-z]+)?)(?:@(?P<seed>[0-9]+))?(?:/(?P<member>[A-Za-z0-9_]+))?"
+)
 
 
 def parse_zoo_reference(text: str) -> tuple[str, int, str | None]:
-    """``zoo:SIZE[@SEED][/MEMBER]`` → (size, seed, member): how recipes and deployments name the offline zoo's
-    models (``zoo:full/base``, ``zoo:full@1/sentiment``) without a machine path; seed 0 by default."""
+    """``zoo:[REGIME-]SIZE[@SEED][/MEMBER]`` → (variant, seed, member): how recipes and deployments name the offline
+    zoo's models (``zoo:full/base``, ``zoo:sft-full@1/sentiment``) without a machine path; seed 0 by default, the
+    hard regime when no regime is named."""
     match = _ZOO_REFERENCE.fullmatch(text.strip())
     if match is None:
-        raise ZooError(f"cannot read zoo reference {text!r}: expected zoo:SIZE[@SEED][/base|/TASK], "
-                       "e.g. zoo:full/base or zoo:test@1/topic")
+        raise ZooError(f"cannot read zoo reference {text!r}: expected zoo:[REGIME-]SIZE[@SEED][/base|/TASK], "
+                       "e.g. zoo:full/base, zoo:sft-full/base or zoo:test@1/topic")
     size = match["size"]
     if size not in SIZES:
         raise ZooError(f"zoo reference {text!r}: unknown size {size!r}; choose one of {', '.join(SIZES)}")
@@ -251,10 +307,22 @@ def resolve_zoo_reference(text: str, *, progress: bool = False) -> Path:
     return zoo.member(member)
 
 
-def default_zoo_dir(size: str = "full", seed: int = 0) -> Path:
+def variant_name(size: str, regime: str = "hard") -> str:
+    """The name of the zoo of ``size`` in ``regime`` (its folder, manifest and ``zoo:`` reference name): the size
+    alone in the hard regime (``full``), else ``REGIME-SIZE`` (``sft-full``). A variant name passes unchanged."""
+    if regime not in REGIMES:
+        raise ZooError(f"unknown zoo regime {regime!r}; choose one of {', '.join(REGIMES)}")
+    name = size if regime == "hard" or (size in SIZES and SIZES[size].regime == regime) else f"{regime}-{size}"
+    if name not in SIZES:
+        raise ZooError(f"unknown zoo size {size!r} in the {regime} regime; choose one of "
+                       f"{', '.join(sorted({s.size_name for s in SIZES.values()}))}")
+    return name
+
+
+def default_zoo_dir(size: str = "full", seed: int = 0, regime: str = "hard") -> Path:
     from mergeflow.paths import mergeflow_home
 
-    return mergeflow_home() / "zoo" / f"{size}-seed{seed}"
+    return mergeflow_home() / "zoo" / f"{variant_name(size, regime)}-seed{seed}"
 
 
 def sha256_file(path: Path) -> str:
@@ -380,6 +448,7 @@ def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool) -> dict
         seed=seed,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
+        latent_weights=size.skill_weights,
     )
     t_corpus = time.perf_counter() - t0
     with deterministic(size.threads):
@@ -526,17 +595,18 @@ def build_zoo(
     size: str = "full",
     seed: int = 0,
     *,
+    regime: str = "hard",
     force: bool = False,
     jobs: int | None = None,
     progress: bool = True,
 ) -> Zoo:
-    """Build the zoo of ``size`` and ``seed`` into ``out`` (default ``MERGEFLOW_HOME/zoo/<size>-seed<seed>``).
+    """Build the zoo of ``size``, ``regime`` and ``seed`` into ``out`` (default
+    ``MERGEFLOW_HOME/zoo/<variant>-seed<seed>``, see ``variant_name``).
 
     A complete zoo already there is returned as is (instant); ``force`` rebuilds it. ``jobs`` fine-tunes experts in
     that many single-threaded worker processes (the weights do not depend on it).
     """
-    if size not in SIZES:
-        raise ZooError(f"unknown zoo size {size!r}; choose one of {', '.join(SIZES)}")
+    size = variant_name(size, regime)
     if seed < 0:
         raise ZooError(f"zoo seed must be >= 0, got {seed}")
     spec = SIZES[size]

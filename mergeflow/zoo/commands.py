@@ -9,7 +9,7 @@ import click
 
 from mergeflow.cli import user_errors
 from mergeflow.errors import OutputPathError
-from mergeflow.zoo.build import SIZES
+from mergeflow.zoo.build import REGIMES, SIZES
 
 
 @click.group("zoo")
@@ -21,10 +21,18 @@ def zoo() -> None:
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--size",
-    type=click.Choice(list(SIZES)),
+    type=click.Choice(sorted({s.size_name for s in SIZES.values()})),
     default="full",
     show_default=True,
     help="full: 6 experts, 1000 test examples per task (about 10 min on 2 cores); test: 3 experts, < 1 min.",
+)
+@click.option(
+    "--regime",
+    type=click.Choice(list(REGIMES)),
+    default="hard",
+    show_default=True,
+    help="hard: experts fully fine-tuned far from a base at chance (large, interfering task vectors); sft: small "
+    "task vectors on a base that holds the skills latently, as for 7B SFT experts. See the README.",
 )
 @click.option(
     "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the data and the initial weights."
@@ -38,13 +46,15 @@ def zoo() -> None:
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @user_errors
-def build(out: Path | None, size: str, seed: int, force: bool, jobs: int | None, no_progress: bool) -> None:
-    """Build the zoo into OUT (default: MERGEFLOW_HOME/zoo/<size>-seed<seed>); instant if it is already there."""
+def build(out: Path | None, size: str, regime: str, seed: int, force: bool, jobs: int | None,
+          no_progress: bool) -> None:
+    """Build the zoo into OUT (default: MERGEFLOW_HOME/zoo/[REGIME-]SIZE-seedSEED); instant if it is already there."""
     from mergeflow.zoo.build import build_zoo
 
-    z = build_zoo(out, size=size, seed=seed, force=force, jobs=jobs, progress=not no_progress)
+    z = build_zoo(out, size=size, seed=seed, regime=regime, force=force, jobs=jobs, progress=not no_progress)
     m = z.manifest
-    click.echo(f"zoo {z.size} seed {z.seed} at {z.root} (built in {m['timings']['total_s']:.0f} s)")
+    click.echo(f"zoo {z.size} ({z.regime} regime) seed {z.seed} at {z.root} "
+               f"(built in {m['timings']['total_s']:.0f} s)")
     click.echo(f"  base      {z.base}")
     for task, path in z.experts.items():
         click.echo(f"  expert    {path}   ({task})")
@@ -103,6 +113,30 @@ def eval_command(model: Path, tasks: str, split: str, limit: int | None, batch_s
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps({"model": str(model), **result.to_dict()}, indent=2) + "\n")
+        except OSError as e:
+            raise OutputPathError(f"cannot write {json_out}: {e.strerror}") from None
+
+
+@zoo.command("diagnose")
+@click.argument("zoo_ref", metavar="ZOO")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Write the report (regime, base, experts_own, dare_retention, ta_normalized, ...) to this file.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N test examples per task.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the DARE masks.")
+@user_errors
+def diagnose_command(zoo_ref: str, json_out: Path | None, limit: int | None, seed: int) -> None:
+    """Which merging regime the zoo ZOO (a folder or zoo:[REGIME-]SIZE[@SEED]) is in: its experts, how much of each
+    survives DARE alone, how much task arithmetic keeps, its task vectors' geometry (test split)."""
+    from mergeflow.zoo.build import Zoo
+    from mergeflow.zoo.diagnose import diagnose, format_report, public_report
+
+    z = Zoo.load(zoo_ref)
+    report = diagnose(z, limit=limit, seed=seed, progress=lambda msg: click.echo(f"  scoring {msg}", err=True))
+    click.echo(format_report(report))
+    if json_out is not None:
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(public_report(report), indent=2) + "\n")
         except OSError as e:
             raise OutputPathError(f"cannot write {json_out}: {e.strerror}") from None
 

@@ -15,13 +15,16 @@ import torch
 
 from mergeflow.zoo.tasks import (
     AREAS,
+    ARITH_OPS,
     COMPARATIVES,
     NAMES,
     OBJECTS,
     PLACES,
     TASKS,
     area_sentence,
+    paraphrase_pair,
     review_text,
+    topic_article,
 )
 
 # Relative weights of the generic document kinds.
@@ -104,6 +107,55 @@ def prompt_document(rng: random.Random, tasks: Sequence[str]) -> str:
     return TASKS[rng.choice(tasks)].generate(rng)["context"]
 
 
+# ----------------------------------------------------------------------------------------------- latent skills
+# The SFT regime's base learns each in-domain task's skill from text that states it in a surface form of its own:
+# never the task's template, and answered with other words than the task's verbalizer where the task has one. An
+# expert then only has to tie its template to a skill the base already has, which takes a small task vector.
+
+
+def _latent_sentiment(rng: random.Random) -> str:
+    return _review_doc(rng)  # the review, then "so it was good|bad" (the task answers positive / negative)
+
+
+def _latent_topic(rng: random.Random) -> str:
+    topic, text = topic_article(rng)
+    return f"{text} so it was on {topic} ."
+
+
+def _latent_paraphrase(rng: random.Random) -> str:
+    s1, s2, same = paraphrase_pair(rng)
+    return f"{s1} {s2} so it was {'the same' if same else 'not the same'} ."
+
+
+def _latent_nli(rng: random.Random) -> str:
+    return _facts_doc(rng)
+
+
+def _latent_arith(rng: random.Random) -> str:
+    # the task's operands (b <= 4) in the clock form "a plus b makes c"; the task asks "compute : a plus b mod 10 equals"
+    a, b = rng.randrange(10), rng.randint(1, 4)
+    op = rng.choice(tuple(ARITH_OPS))
+    return f"{a} {op} {b} makes {(a + ARITH_OPS[op] * b) % 10} ."
+
+
+def _latent_complete(rng: random.Random) -> str:
+    return _facts_doc(rng)
+
+
+LATENT = {
+    "sentiment": _latent_sentiment,
+    "topic": _latent_topic,
+    "paraphrase": _latent_paraphrase,
+    "nli": _latent_nli,
+    "arith": _latent_arith,
+    "complete": _latent_complete,
+}
+
+
+def latent_document(rng: random.Random, tasks: Sequence[str], weights: Sequence[float]) -> str:
+    return LATENT[rng.choices(tasks, weights=weights)[0]](rng)
+
+
 def labelled_document(rng: random.Random, tasks: Sequence[str], noise: float) -> str:
     """A task example whose answer is replaced by a random choice with probability ``noise``."""
     row = TASKS[rng.choice(tasks)].generate(rng)
@@ -123,13 +175,17 @@ def pretraining_blocks(
     seed: int,
     bos_id: int,
     eos_id: int,
+    latent_weights: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """``[n_blocks, block_len]`` token ids: documents ``<s> … </s>`` packed back to back and cut into blocks.
 
-    ``mix`` gives the probability of each document kind: ``generic``, ``prompt`` and ``labelled``.
+    ``mix`` gives the probability of each document kind: ``generic``, ``prompt``, ``labelled`` and ``latent`` (the
+    skills of ``labelled_tasks`` in their own surface forms, drawn by ``latent_weights``, equal by default).
     """
     rng = random.Random(f"mergeflow-zoo/{seed}/pretraining")
-    kinds = tuple(k for k in ("generic", "prompt", "labelled") if mix.get(k, 0.0) > 0)
+    kinds = tuple(k for k in ("generic", "prompt", "labelled", "latent") if mix.get(k, 0.0) > 0)
+    latent_tasks = tuple(labelled_tasks)
+    latent_w = tuple((latent_weights or {}).get(t, 1.0) for t in latent_tasks)
     weights = tuple(mix[k] for k in kinds)
     need = n_blocks * block_len
     stream: list[int] = []
@@ -139,6 +195,8 @@ def pretraining_blocks(
             text = generic_document(rng)
         elif kind == "prompt":
             text = prompt_document(rng, prompt_tasks)
+        elif kind == "latent":
+            text = latent_document(rng, latent_tasks, latent_w)
         else:
             text = labelled_document(rng, labelled_tasks, label_noise)
         stream.append(bos_id)

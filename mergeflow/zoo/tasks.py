@@ -182,6 +182,12 @@ def gen_opinion(rng: random.Random) -> Row:
 
 
 def gen_topic(rng: random.Random) -> Row:
+    topic, text = topic_article(rng)
+    return {"context": f"article : {text} topic :", "choices": list(TOPICS), "gold": TOPICS.index(topic)}
+
+
+def topic_article(rng: random.Random) -> tuple[str, str]:
+    """A news-like text whose majority of nouns is about one topic (sentiment adjectives as noise), and the topic."""
     topic, nouns = majority_nouns(rng, ((2, 1), (3, 1), (3, 2)))
     noise = POSITIVE + NEGATIVE
 
@@ -198,7 +204,7 @@ def gen_topic(rng: random.Random) -> Row:
     else:
         text = (f"{np_(nouns[0])} {verb()} {np_(nouns[1])} with {np_(nouns[2])} . "
                 f"{np_(nouns[3])} {verb()} {np_(nouns[4])} .")  # fmt: skip
-    return {"context": f"article : {text} topic :", "choices": list(TOPICS), "gold": TOPICS.index(topic)}
+    return topic, text
 
 
 def gen_review_topic(rng: random.Random) -> Row:
@@ -210,15 +216,19 @@ def gen_review_topic(rng: random.Random) -> Row:
 
 
 def gen_paraphrase(rng: random.Random) -> Row:
-    # "Same meaning" means "same subject area, different words": coarse-category equality is learnable at this scale,
-    # role swaps are not (see ZOO.md §5).
+    s1, s2, same = paraphrase_pair(rng)
+    context = f"sentence1 : {s1} sentence2 : {s2} same meaning ?"
+    return {"context": context, "choices": list(YES_NO), "gold": 0 if same else 1}
+
+
+def paraphrase_pair(rng: random.Random) -> tuple[str, str, bool]:
+    """Two sentences and whether they "mean the same": the same subject area, in different words. Coarse-category
+    equality is learnable at this scale, role swaps are not (see ZOO.md §5)."""
     area = rng.choice(tuple(AREAS))
     same = rng.random() < 0.5
     s1 = area_sentence(rng, area)
     area2 = area if same else rng.choice([a for a in AREAS if a != area])
-    s2 = area_sentence(rng, area2, avoid=s1.split())
-    context = f"sentence1 : {s1} sentence2 : {s2} same meaning ?"
-    return {"context": context, "choices": list(YES_NO), "gold": 0 if same else 1}
+    return s1, area_sentence(rng, area2, avoid=s1.split()), same
 
 
 def _nli_pair(rng: random.Random) -> tuple[str, str, str, int]:
