@@ -151,12 +151,6 @@ def resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | Non
     )
 
 
-# The old private names, kept only because mergeflow/pipeline.py still imports them; remove once it uses the public
-# ones (layering_check reports the private import until then).
-_split_names = split_task_names
-_resolve_zoo = resolve_zoo
-
-
 # ----------------------------------------------------------------------------------------------- lm-eval objects
 
 # lm-eval's task objects (cached below) hold the requests of the evaluation in progress, and torch's thread count
