@@ -85,11 +85,11 @@ DATA_FREE_MERGES: tuple[MergeSpec, ...] = (
 )
 
 
-# The data-aware methods with the papers' defaults (METHODS.md; no tuning on the zoo): each expert is scored on its
+# The data-aware methods with the papers' defaults (docs/methods.md; no tuning on the zoo): each expert is scored on its
 # own task's few-shot (APL, LM-Cocktail) or calibration examples (Sens, SLTA, Fisher, RegMean).
 DATA_AWARE_MERGES: tuple[MergeSpec, ...] = (
     MergeSpec("lm_cocktail", "task_arithmetic", {}, importance=({"estimator": "cocktail"},)),
-    # 100 calibration examples: every zoo size has that many (METHODS' 256 is for real models)
+    # 100 calibration examples: every zoo size has that many (docs/methods.md §5.11–§5.12 use 256 for real models)
     MergeSpec("fisher", "linear", {}, importance=({"estimator": "fisher", "data": {"n": 100}},)),
     MergeSpec("regmean", "regmean", {}, importance=({"estimator": "regmean", "data": {"n": 100}},)),
     MergeSpec("ta+apl@0.9", "dare_linear", {"lambda": 0.5},
