@@ -429,7 +429,8 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool) -> dict[str, Any]:
+def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     from mergeflow.zoo.corpus import pretraining_blocks
     from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, build_tokenizer, zoo_vocab
     from mergeflow.zoo.train import deterministic, model_config, pretrain
@@ -453,7 +454,8 @@ def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool) -> dict
     t_corpus = time.perf_counter() - t0
     with deterministic(size.threads):
         model, losses = pretrain(
-            model_config(size.shape, len(vocab)), blocks, sched, seed, desc="pre-train base", progress=progress
+            model_config(size.shape, len(vocab)), blocks, sched, seed, desc="pre-train base", progress=progress,
+            report=None if log is None else _milestones(log, "pre-training the base", sched.steps),
         )
     with _no_hf_progress_bars():
         info = _save_model(model, build_tokenizer(), root, "base")
@@ -464,6 +466,23 @@ def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool) -> dict
         "corpus_s": round(t_corpus, 2),
         "train_s": round(time.perf_counter() - t0 - t_corpus, 2),
     }
+
+
+def _milestones(log: Callable[[str], None], what: str, steps: int) -> Callable[[int, float], None]:
+    """A training callback that logs every 10 % of ``steps``: done / to do, loss, elapsed and remaining time."""
+    every = max(1, steps // 10)
+    t0 = time.perf_counter()
+
+    def report(step: int, loss: float) -> None:
+        done = step + 1
+        if done % every and done != steps:
+            return
+        elapsed = time.perf_counter() - t0
+        left = elapsed / done * (steps - done)
+        log(f"{what}: step {done}/{steps} ({100 * done // steps} %), loss {loss:.3f}, {elapsed:.0f} s, "
+            f"about {left:.0f} s left")
+
+    return report
 
 
 @contextlib.contextmanager
@@ -513,7 +532,8 @@ def _finetune_all(root: Path, size: ZooSize, jobs: int, progress: bool, log: Cal
         experts: dict[str, Any] = {}
         for task in size.in_domain:
             experts[task] = finetune_expert(str(root), task, size, progress)
-            log(f"expert {task}: {experts[task]['train_s']:.1f} s, loss {experts[task]['final_loss']}")
+            log(f"expert {len(experts)}/{len(size.in_domain)} ({task}) fine-tuned in {experts[task]['train_s']:.1f} s, "
+                f"loss {experts[task]['final_loss']}")
         return experts
     return _finetune_in_workers(root, size, jobs, log)
 
@@ -556,7 +576,8 @@ def _finetune_in_workers(root: Path, size: ZooSize, jobs: int, log: Callable[[st
                     tail = " | ".join(output.strip().splitlines()[-5:])
                     raise ZooError(f"fine-tuning the {task} expert failed (exit code {proc.returncode}): {tail}")
                 results[task] = json.loads(lines[-1])
-                log(f"expert {task}: {results[task]['train_s']:.1f} s, loss {results[task]['final_loss']}")
+                log(f"expert {len(results)}/{len(size.in_domain)} ({task}) fine-tuned in "
+                    f"{results[task]['train_s']:.1f} s, loss {results[task]['final_loss']}")
     finally:
         for proc, _ in running.values():
             proc.kill()
@@ -598,13 +619,15 @@ def build_zoo(
     regime: str = "hard",
     force: bool = False,
     jobs: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[str], None] = True,
 ) -> Zoo:
     """Build the zoo of ``size``, ``regime`` and ``seed`` into ``out`` (default
     ``MERGEFLOW_HOME/zoo/<variant>-seed<seed>``, see ``variant_name``).
 
     A complete zoo already there is returned as is (instant); ``force`` rebuilds it. ``jobs`` fine-tunes experts in
-    that many single-threaded worker processes (the weights do not depend on it).
+    that many single-threaded worker processes (the weights do not depend on it). ``progress``: True shows bars and
+    step lines on stderr, False nothing, a callable receives the step lines (pre-training every 10 %, each expert)
+    instead of bars, e.g. a flow's logger.
     """
     size = variant_name(size, regime)
     if seed < 0:
@@ -620,7 +643,7 @@ def build_zoo(
 
 
 def _build_zoo(target: Path, spec: ZooSize, size: str, seed: int, *, force: bool, jobs: int | None,
-               progress: bool) -> Zoo:
+               progress: bool | Callable[[str], None]) -> Zoo:
     if target.exists() and not force:
         if (target / MANIFEST).exists():
             zoo = Zoo.load(target)
@@ -639,8 +662,12 @@ def _build_zoo(target: Path, spec: ZooSize, size: str, seed: int, *, force: bool
             raise ZooError(f"{target} exists and is not a zoo; choose another folder or pass force=True (--force)")
 
     def log(msg: str) -> None:
-        if progress:
+        if callable(progress):
+            progress(f"zoo {size} seed {seed}: {msg}")
+        elif progress:
             print(f"[zoo {size} seed {seed}] {msg}", file=sys.stderr, flush=True)
+
+    bars = progress is True
 
     _remove_stale_builds(target)
     tmp = target.parent / f".{target.name}.building-{os.getpid()}"
@@ -656,10 +683,10 @@ def _build_zoo(target: Path, spec: ZooSize, size: str, seed: int, *, force: bool
         task_info = _write_task_data(tmp / "tasks", spec, seed, vocab)
         t_data = time.perf_counter() - t0
         log(f"task data written in {t_data:.1f} s; pre-training the base ({spec.pretrain.steps} steps)")
-        base = _pretrain_base(tmp, spec, seed, progress)
+        base = _pretrain_base(tmp, spec, seed, bars, None if bars else log)
         log(f"base: {base['train_s']:.1f} s, loss {base['final_loss']}; fine-tuning {len(spec.in_domain)} experts")
         t0 = time.perf_counter()
-        experts = _finetune_all(tmp, spec, jobs if jobs is not None else _default_jobs(spec), progress, log)
+        experts = _finetune_all(tmp, spec, jobs if jobs is not None else _default_jobs(spec), bars, log)
         t_experts = time.perf_counter() - t0
         manifest = {
             "format": FORMAT_VERSION,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -118,8 +118,10 @@ def pretrain(
     *,
     desc: str = "pre-train",
     progress: bool = True,
+    report: Callable[[int, float], None] | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
-    """Next-token training on packed blocks, ``sched.batch_size`` blocks per step in order. Returns model and losses."""
+    """Next-token training on packed blocks, ``sched.batch_size`` blocks per step in order. Returns model and losses.
+    ``report(step, loss)`` is called after every step (for progress lines where a bar cannot show)."""
     torch.manual_seed(seed)
     with transformers_io.exclusive():
         model = LlamaForCausalLM(config)
@@ -132,6 +134,8 @@ def pretrain(
         loss = model(input_ids=batch, labels=batch).loss
         _step(model, opt, lr_sched, sched, loss)
         losses.append(loss.item())
+        if report is not None:
+            report(step, losses[-1])
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
