@@ -8,6 +8,9 @@ data.
 
 Evaluating many merges should be cheap: the lm-eval task objects (with their loaded datasets) are built once per
 process and zoo, and reused for every model; only the requests are rebuilt.
+
+lm-eval is imported inside the functions that use it: it is an optional dependency (the ``eval`` extra), it takes
+seconds to import, and ``datasets`` reads the offline settings of :func:`offline_env` when it is first imported.
 """
 
 from __future__ import annotations
