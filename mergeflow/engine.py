@@ -2,9 +2,10 @@
 
 The engine proper (:mod:`mergeflow.streaming`) merges resolved snapshots with the Coefficients it is given; this
 module is the entry point that starts from a recipe, for the ``mergeflow merge`` and ``check`` commands and for
-callers that merge in memory. It plans the recipe's ``resolve`` and ``importance`` nodes with :func:`mergeflow.graph.
-plan_inputs` and runs them in this process (everything cached by content), so a recipe is resolved and its
-estimators run exactly as the pipeline does, then hands the results to the engine.
+callers that merge in memory. It takes the recipe's ``resolve`` and ``importance`` nodes from the stage graph
+(:func:`mergeflow.graph.resolve_nodes`, :func:`mergeflow.graph.importance_nodes`) and runs them in this process with
+:func:`mergeflow.graph.execute` (everything cached by content), so a recipe is resolved and its estimators run
+exactly as the pipeline does, then hands the results to the engine.
 """
 
 from __future__ import annotations
