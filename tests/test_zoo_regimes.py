@@ -14,9 +14,9 @@ from mergeflow.cli import main
 from mergeflow.errors import ZooError
 from mergeflow.zoo import SIZES, Zoo, build_zoo, default_zoo_dir
 from mergeflow.zoo.build import REGIMES, finetune_expert, parse_zoo_reference, sha256_file, variant_name
-from mergeflow.zoo.corpus import LATENT, pretraining_blocks
+from mergeflow.zoo.corpus import LATENT, latent_tuning_examples, pretraining_blocks
 from mergeflow.zoo.diagnose import REPORT_KEYS, diagnose, public_report, task_vector_geometry
-from mergeflow.zoo.tasks import template_words
+from mergeflow.zoo.tasks import TOPICS, template_words
 from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, zoo_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,10 +62,12 @@ def test_latent_documents_use_the_zoo_vocabulary_and_never_a_task_template() -> 
     words = template_words()
     templates = ("review :", "article :", "sentence1 :", "premise :", "compute :", "story :", "sentiment :",
                  "topic :", "same meaning", "does it follow", "mod 10 equals")
-    verbalizers = {"sentiment": {"positive", "negative"}, "paraphrase": {"yes", "no"}}
+    verbalizers = {"sentiment": {"positive", "negative"}, "topic": set(TOPICS), "paraphrase": {"yes", "no"},
+                   "nli": {"yes", "maybe", "no"}}
     for task, make in LATENT.items():
         for _ in range(200):
-            text = make(rng)
+            context, answer = make(rng)
+            text = f"{context} {answer}"
             assert set(text.split()) <= words, (task, text)
             assert not any(t in text for t in templates), (task, text)
             assert not verbalizers.get(task, set()) & set(text.split()), (task, text)
@@ -75,6 +77,9 @@ def test_latent_documents_use_the_zoo_vocabulary_and_never_a_task_template() -> 
     vocab = {i: w for w, i in zoo_vocab().items()}
     text = " ".join(vocab[int(i)] for i in blocks.flatten())
     assert "makes" in text and "so it was on" not in text  # weights choose which skills are stated
+    tuning = latent_tuning_examples(50, {"arith": 1.0, "nli": 0.0}, seed=0)
+    assert len(tuning) == 50 and all(c.endswith("makes") and a.isdigit() for c, a in tuning)
+    assert tuning == latent_tuning_examples(50, {"arith": 1.0}, seed=0) != latent_tuning_examples(50, {"arith": 1.0}, 1)
 
 
 def test_sft_zoo_builds_deterministically(sft_zoo: Zoo, tmp_path: Path) -> None:

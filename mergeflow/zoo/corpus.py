@@ -108,38 +108,45 @@ def prompt_document(rng: random.Random, tasks: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- latent skills
-# The SFT regime's base learns each in-domain task's skill from text that states it in a surface form of its own:
-# never the task's template, and answered with other words than the task's verbalizer where the task has one. An
-# expert then only has to tie its template to a skill the base already has, which takes a small task vector.
+# The SFT regime's base learns the in-domain tasks' skills from text that states them in surface forms of their own:
+# never a task's template, and answered with other words than the task's verbalizer (good/bad for positive/negative,
+# a topic's canonical noun for its name, "the same"/"not the same" for yes/no, the place of an activity for nli's
+# yes/maybe/no, "a plus b makes c" for "compute : a plus b mod 10 equals c"). An expert then only has to tie its
+# template to a skill the base already has, which takes a small task vector. `complete` has no latent form of its
+# own: its skill (the activity of the place named last) is the base's generic place -> activity knowledge itself.
+
+# A topic is named by one of its nouns in latent text, so that the base knows topics without the task's answer words.
+TOPIC_CANON = {"sports": "league", "politics": "parliament", "science": "laboratory", "business": "economy"}
+SAME = ("the same", "not the same")
 
 
-def _latent_sentiment(rng: random.Random) -> str:
-    return _review_doc(rng)  # the review, then "so it was good|bad" (the task answers positive / negative)
+def _latent_sentiment(rng: random.Random) -> tuple[str, str]:
+    text, polarity = review_text(rng)
+    return f"{text} . so it was", "good" if polarity > 0 else "bad"
 
 
-def _latent_topic(rng: random.Random) -> str:
+def _latent_topic(rng: random.Random) -> tuple[str, str]:
     topic, text = topic_article(rng)
-    return f"{text} so it was on {topic} ."
+    return f"{text} so it was on the", TOPIC_CANON[topic]
 
 
-def _latent_paraphrase(rng: random.Random) -> str:
+def _latent_paraphrase(rng: random.Random) -> tuple[str, str]:
     s1, s2, same = paraphrase_pair(rng)
-    return f"{s1} {s2} so it was {'the same' if same else 'not the same'} ."
+    return f"{s1} {s2} so it was", SAME[0] if same else SAME[1]
 
 
-def _latent_nli(rng: random.Random) -> str:
-    return _facts_doc(rng)
+def _latent_nli(rng: random.Random) -> tuple[str, str]:
+    # the activity first, then where it happens: the reverse of the task's premise -> hypothesis direction, and of
+    # `complete`'s place -> activity, which the base then knows only from generic text
+    place = rng.choice(tuple(PLACES))
+    return f"{rng.choice(NAMES)} {rng.choice(PLACES[place])} in the", place
 
 
-def _latent_arith(rng: random.Random) -> str:
-    # the task's operands (b <= 4) in the clock form "a plus b makes c"; the task asks "compute : a plus b mod 10 equals"
+def _latent_arith(rng: random.Random) -> tuple[str, str]:
+    # the task's operands (b <= 4) in the clock form of generic text
     a, b = rng.randrange(10), rng.randint(1, 4)
     op = rng.choice(tuple(ARITH_OPS))
-    return f"{a} {op} {b} makes {(a + ARITH_OPS[op] * b) % 10} ."
-
-
-def _latent_complete(rng: random.Random) -> str:
-    return _facts_doc(rng)
+    return f"{a} {op} {b} makes", str((a + ARITH_OPS[op] * b) % 10)
 
 
 LATENT = {
@@ -148,12 +155,26 @@ LATENT = {
     "paraphrase": _latent_paraphrase,
     "nli": _latent_nli,
     "arith": _latent_arith,
-    "complete": _latent_complete,
 }
 
 
-def latent_document(rng: random.Random, tasks: Sequence[str], weights: Sequence[float]) -> str:
+def latent_example(rng: random.Random, tasks: Sequence[str], weights: Sequence[float]) -> tuple[str, str]:
+    """(context, answer) of one task's skill in its latent form, the task drawn by ``weights``."""
     return LATENT[rng.choices(tasks, weights=weights)[0]](rng)
+
+
+def latent_document(rng: random.Random, tasks: Sequence[str], weights: Sequence[float]) -> str:
+    context, answer = latent_example(rng, tasks, weights)
+    return f"{context} {answer} ."
+
+
+def latent_tuning_examples(n: int, weights: dict[str, float], seed: int) -> list[tuple[str, str]]:
+    """``n`` (context, answer) pairs for the SFT-regime base's answer-only tuning (like a chat model's instruction
+    tuning, on the latent forms only: no task template is ever seen by the base)."""
+    rng = random.Random(f"mergeflow-zoo/{seed}/latent-tuning")
+    tasks = tuple(t for t in LATENT if weights.get(t, 0.0) > 0)
+    w = tuple(weights[t] for t in tasks)
+    return [latent_example(rng, tasks, w) for _ in range(n)]
 
 
 def labelled_document(rng: random.Random, tasks: Sequence[str], noise: float) -> str:
@@ -180,11 +201,12 @@ def pretraining_blocks(
     """``[n_blocks, block_len]`` token ids: documents ``<s> … </s>`` packed back to back and cut into blocks.
 
     ``mix`` gives the probability of each document kind: ``generic``, ``prompt``, ``labelled`` and ``latent`` (the
-    skills of ``labelled_tasks`` in their own surface forms, drawn by ``latent_weights``, equal by default).
+    skills of ``labelled_tasks`` in their own surface forms, ``LATENT``, drawn by ``latent_weights``, equal by
+    default).
     """
     rng = random.Random(f"mergeflow-zoo/{seed}/pretraining")
     kinds = tuple(k for k in ("generic", "prompt", "labelled", "latent") if mix.get(k, 0.0) > 0)
-    latent_tasks = tuple(labelled_tasks)
+    latent_tasks = tuple(t for t in labelled_tasks if t in LATENT and (latent_weights or {}).get(t, 1.0) > 0)
     latent_w = tuple((latent_weights or {}).get(t, 1.0) for t in latent_tasks)
     weights = tuple(mix[k] for k in kinds)
     need = n_blocks * block_len

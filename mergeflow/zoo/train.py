@@ -168,6 +168,7 @@ def finetune(
     *,
     desc: str = "fine-tune",
     progress: bool = True,
+    report: Callable[[int, float], None] | None = None,
 ) -> tuple[LlamaForCausalLM, list[float]]:
     """Full fine-tuning of a copy of ``base`` on answer tokens, ``sched.batch_size`` examples per step in order."""
     if len(examples) < sched.steps * sched.batch_size:
@@ -184,6 +185,8 @@ def finetune(
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         _step(model, opt, lr_sched, sched, loss)
         losses.append(loss.item())
+        if report is not None:
+            report(step, losses[-1])
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
