@@ -16,8 +16,9 @@ from mergeflow.engine import merge_state_dict
 from mergeflow.errors import RecipeError
 from mergeflow.importance import base as importance_base
 from mergeflow.importance.apl import DropRatioConfig, drop_ratios, linear_mapping, linear_window, mi_weights
-from mergeflow.importance.base import ModelRef, coefficients_for_recipe, compute_coefficients, get_estimator
+from mergeflow.importance.base import ModelRef, compute_coefficients, get_estimator
 from mergeflow.importance.data import load_task_data
+from mergeflow.importance.recipes import coefficients_for_recipe
 from mergeflow.recipe import parse_recipe
 
 # words of the tiny tokenizer's corpus (tests/tiny_models.py), so that every token is a real merge

@@ -15,7 +15,7 @@ from mergeflow.architecture import Architecture
 from mergeflow.checkpoints import resolve
 from mergeflow.engine import merge_state_dict
 from mergeflow.errors import ArchitectureError
-from mergeflow.importance.base import ModelRef, coefficients_for_recipe, compute_coefficients
+from mergeflow.importance.base import ModelRef, compute_coefficients
 from mergeflow.importance.data import Example, load_task_data
 from mergeflow.importance.linearity import (
     ModuleSystem,
@@ -28,6 +28,7 @@ from mergeflow.importance.linearity import (
     slta_system,
     solve_alpha,
 )
+from mergeflow.importance.recipes import coefficients_for_recipe
 from mergeflow.importance.scoring import encode
 from mergeflow.partitions import Partitioner
 from mergeflow.recipe import parse_recipe

@@ -40,14 +40,12 @@ from mergeflow.cache import CODE_VERSION, Cache, cache_key
 from mergeflow.coefficients import CoefficientField, Coefficients, coefficients_key, jsonable
 from mergeflow.devices import compute_threads
 from mergeflow.errors import RecipeError
-from mergeflow.importance.data import TaskData, load_task_data
+from mergeflow.importance.data import TaskData
 from mergeflow.methods.base import ParamSpec
 from mergeflow.registry import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from mergeflow.recipe import ImportanceSpec, Recipe
 
 CACHE_KIND = "coefficients"
 MEASUREMENTS_KIND = "importance_measurements"
@@ -638,82 +636,15 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
     return Coefficients.load(store.get_or_create(CACHE_KIND, key, build))
 
 
-def coefficients_for_recipe(recipe: Recipe, base: ModelRef | None, experts: Sequence[ModelRef], *,
-                            device: str | torch.device = "cpu", cache: Cache | None = None) -> list[Coefficients]:
-    """The artifacts a recipe's merge consumes: its precomputed ``coefficients`` folders, then one per
-    ``importance`` entry (computed, or fetched from the cache). ``experts`` are in the recipe's order."""
-    out = [Coefficients.load(recipe.resolve_reference(path)) for path in recipe.coefficients]
-    for index in range(len(recipe.importance)):
-        out.append(coefficients_for_spec(recipe, index, base, experts, device=device, cache=cache))
-    return out
-
-
-def coefficients_for_spec(recipe: Recipe, index: int, base: ModelRef | None, experts: Sequence[ModelRef], *,
-                          device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
-    """The artifact of the recipe's ``importance[index]`` entry (computed, or fetched from the cache)."""
-    if not 0 <= index < len(recipe.importance):
-        raise RecipeError(f"importance[{index}]: the recipe has {len(recipe.importance)} importance entries")
-    return coefficients_for_importance(recipe.importance[index], [e.task for e in recipe.experts], base, experts,
-                                       resolve_reference=recipe.resolve_reference, device=device, cache=cache)
-
-
-def coefficients_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
-                                experts: Sequence[ModelRef], *,
-                                resolve_reference: Callable[[str], str] = lambda ref: ref,
-                                device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
-    """One importance entry's artifact: each expert scored on its own task's data (``expert_tasks[i]``), or all on
-    the out-of-domain ``target``. Needs only the entry, not the whole recipe, so a pipeline keys it by what it
-    reads: a change elsewhere in the recipe (a merge knob) reuses it."""
-    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
-    return compute_coefficients(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
-                                device=device, seed=spec.data.seed, ood=spec.data.target is not None, cache=cache)
-
-
-def shards_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
-                          experts: Sequence[ModelRef], *,
-                          resolve_reference: Callable[[str], str] = lambda ref: ref) -> list[dict[str, Any]]:
-    """The measurement shards of one importance entry that can be measured apart (``{"part", "experts", "key"}``):
-    those of its by-expert parts, when there is more than one shard. A flow fans them out (one task each, on
-    whichever worker is free) before the entry's own task finalizes; empty when there is nothing to fan out."""
-    est = get_estimator(spec.estimator)
-    params = est.resolve_params(spec.parameters)
-    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
-    jobs = measure_jobs(est, params, base_hash=base.content_hash if base else None,
-                        expert_hashes=[e.content_hash for e in experts], tasks=tasks, seed=spec.data.seed,
-                        ood=spec.data.target is not None)
+def measurement_shards(estimator: str, *, base: ModelRef | None, experts: Sequence[ModelRef],
+                       tasks: Sequence[TaskData], params: Mapping[str, Any] | None = None, seed: int = 0,
+                       ood: bool = False) -> list[dict[str, Any]]:
+    """The measurement shards of a run that can be measured apart (``{"part", "experts", "key"}``): those of the
+    estimator's by-expert parts, when there is more than one shard; each is measured by :func:`measure_shard`.
+    Empty when there is nothing to fan out. Cheap: no model is read."""
+    est = get_estimator(estimator)
+    resolved = est.resolve_params(params or {})
+    jobs = measure_jobs(est, resolved, base_hash=base.content_hash if base else None,
+                        expert_hashes=[e.content_hash for e in experts], tasks=tasks, seed=seed, ood=ood)
     return [{"part": part.name, "experts": list(j.experts), "key": j.key}
             for part, part_jobs in _jobs_by_part(jobs) if part.by_expert and len(part_jobs) > 1 for j in part_jobs]
-
-
-def measure_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
-                           experts: Sequence[ModelRef], *, part: str, shard: Sequence[int],
-                           resolve_reference: Callable[[str], str] = lambda ref: ref,
-                           device: str | torch.device = "cpu", cache: Cache | None = None) -> dict[str, Any]:
-    """Measure one shard of :func:`shards_for_importance` into the cache (or find it there)."""
-    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
-    return measure_shard(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters, part=part,
-                         shard=shard, device=device, seed=spec.data.seed, ood=spec.data.target is not None,
-                         cache=cache)
-
-
-def _importance_tasks(spec: ImportanceSpec, expert_tasks: Sequence[str | None], n_experts: int,
-                      resolve_reference: Callable[[str], str]) -> list[TaskData]:
-    """Expert i's data for an importance entry: its own task's examples, or the out-of-domain target's."""
-    est = get_estimator(spec.estimator)
-    split = spec.data.split or est.default_split
-    n = spec.data.n if spec.data.n is not None else est.default_n
-    zoo = resolve_reference(spec.data.zoo) if spec.data.zoo else None
-    if spec.data.target is not None:
-        target = load_task_data(spec.data.target, split, n, spec.data.seed, zoo=zoo)
-        return [target] * n_experts
-    if len(expert_tasks) != n_experts or any(t is None for t in expert_tasks):
-        raise RecipeError(f"importance: {spec.estimator} scores each expert on its own task; give every model "
-                          "a task (or data.target for the out-of-domain mode)")
-    by_task: dict[str, TaskData] = {}
-    tasks = []
-    for task in expert_tasks:
-        assert task is not None
-        if task not in by_task:
-            by_task[task] = load_task_data(task, split, n, spec.data.seed, zoo=zoo)
-        tasks.append(by_task[task])
-    return tasks

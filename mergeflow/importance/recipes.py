@@ -1,0 +1,106 @@
+"""A recipe's importance entries, run: the Coefficients artifacts a recipe's merge consumes, and the measurement
+shards a flow fans out for them.
+
+This module sits above :mod:`mergeflow.recipe` and :mod:`mergeflow.importance.base`: the recipe looks estimators up
+in the registry of ``importance.base`` to validate its ``importance`` section, so ``importance.base`` knows nothing
+of recipes, and what turns a recipe's entry into task data and a :func:`~mergeflow.importance.base.compute_coefficients`
+call lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mergeflow.cache import Cache
+from mergeflow.coefficients import Coefficients
+from mergeflow.errors import RecipeError
+from mergeflow.importance.base import (
+    ModelRef,
+    compute_coefficients,
+    get_estimator,
+    measure_shard,
+    measurement_shards,
+)
+from mergeflow.importance.data import TaskData, load_task_data
+
+if TYPE_CHECKING:
+    from mergeflow.recipe import ImportanceSpec, Recipe
+
+
+def coefficients_for_recipe(recipe: Recipe, base: ModelRef | None, experts: Sequence[ModelRef], *,
+                            device: str | torch.device = "cpu", cache: Cache | None = None) -> list[Coefficients]:
+    """The artifacts a recipe's merge consumes: its precomputed ``coefficients`` folders, then one per
+    ``importance`` entry (computed, or fetched from the cache). ``experts`` are in the recipe's order."""
+    out = [Coefficients.load(recipe.resolve_reference(path)) for path in recipe.coefficients]
+    for index in range(len(recipe.importance)):
+        out.append(coefficients_for_spec(recipe, index, base, experts, device=device, cache=cache))
+    return out
+
+
+def coefficients_for_spec(recipe: Recipe, index: int, base: ModelRef | None, experts: Sequence[ModelRef], *,
+                          device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
+    """The artifact of the recipe's ``importance[index]`` entry (computed, or fetched from the cache)."""
+    if not 0 <= index < len(recipe.importance):
+        raise RecipeError(f"importance[{index}]: the recipe has {len(recipe.importance)} importance entries")
+    return coefficients_for_importance(recipe.importance[index], [e.task for e in recipe.experts], base, experts,
+                                       resolve_reference=recipe.resolve_reference, device=device, cache=cache)
+
+
+def coefficients_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
+                                experts: Sequence[ModelRef], *,
+                                resolve_reference: Callable[[str], str] = lambda ref: ref,
+                                device: str | torch.device = "cpu", cache: Cache | None = None) -> Coefficients:
+    """One importance entry's artifact: each expert scored on its own task's data (``expert_tasks[i]``), or all on
+    the out-of-domain ``target``. Needs only the entry, not the whole recipe, so a pipeline keys it by what it
+    reads: a change elsewhere in the recipe (a merge knob) reuses it."""
+    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
+    return compute_coefficients(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
+                                device=device, seed=spec.data.seed, ood=spec.data.target is not None, cache=cache)
+
+
+def shards_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
+                          experts: Sequence[ModelRef], *,
+                          resolve_reference: Callable[[str], str] = lambda ref: ref) -> list[dict[str, Any]]:
+    """The measurement shards of one importance entry that can be measured apart (``{"part", "experts", "key"}``):
+    those of its by-expert parts, when there is more than one shard. A flow fans them out (one task each, on
+    whichever worker is free) before the entry's own task finalizes; empty when there is nothing to fan out."""
+    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
+    return measurement_shards(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
+                              seed=spec.data.seed, ood=spec.data.target is not None)
+
+
+def measure_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | None], base: ModelRef | None,
+                           experts: Sequence[ModelRef], *, part: str, shard: Sequence[int],
+                           resolve_reference: Callable[[str], str] = lambda ref: ref,
+                           device: str | torch.device = "cpu", cache: Cache | None = None) -> dict[str, Any]:
+    """Measure one shard of :func:`shards_for_importance` into the cache (or find it there)."""
+    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
+    return measure_shard(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters, part=part,
+                         shard=shard, device=device, seed=spec.data.seed, ood=spec.data.target is not None,
+                         cache=cache)
+
+
+def _importance_tasks(spec: ImportanceSpec, expert_tasks: Sequence[str | None], n_experts: int,
+                      resolve_reference: Callable[[str], str]) -> list[TaskData]:
+    """Expert i's data for an importance entry: its own task's examples, or the out-of-domain target's."""
+    est = get_estimator(spec.estimator)
+    split = spec.data.split or est.default_split
+    n = spec.data.n if spec.data.n is not None else est.default_n
+    zoo = resolve_reference(spec.data.zoo) if spec.data.zoo else None
+    if spec.data.target is not None:
+        target = load_task_data(spec.data.target, split, n, spec.data.seed, zoo=zoo)
+        return [target] * n_experts
+    if len(expert_tasks) != n_experts or any(t is None for t in expert_tasks):
+        raise RecipeError(f"importance: {spec.estimator} scores each expert on its own task; give every model "
+                          "a task (or data.target for the out-of-domain mode)")
+    by_task: dict[str, TaskData] = {}
+    tasks = []
+    for task in expert_tasks:
+        assert task is not None
+        if task not in by_task:
+            by_task[task] = load_task_data(task, split, n, spec.data.seed, zoo=zoo)
+        tasks.append(by_task[task])
+    return tasks
