@@ -210,7 +210,7 @@ class ImportanceJob:
         """The measurement shards workers can measure side by side (``{"part", "experts", "key"}``; see
         :func:`mergeflow.importance.base.shards_for_importance`); empty when the estimator measures all experts in
         one go. Cheap: it reads the task data, no model."""
-        from mergeflow.importance.base import shards_for_importance
+        from mergeflow.importance.recipes import shards_for_importance
 
         args, kwargs = self._args()
         return shards_for_importance(*args, **kwargs)
@@ -218,7 +218,7 @@ class ImportanceJob:
     def measure(self, part: str, shard: Sequence[int], device: str = "cpu") -> Measurement:
         """One shard of the entry's measurements, measured into the cache (or found there); :meth:`coefficients`
         then finalizes from the cached shards without a model pass of its own."""
-        from mergeflow.importance.base import measure_for_importance
+        from mergeflow.importance.recipes import measure_for_importance
 
         dev = pick_device(device)
         args, kwargs = self._args()
@@ -230,7 +230,7 @@ class ImportanceJob:
     def coefficients(self, device: str = "cpu") -> CoefficientsRef:
         """The entry's Coefficients, computed or fetched by content (shards measured ahead are taken from the
         cache)."""
-        from mergeflow.importance.base import coefficients_for_importance
+        from mergeflow.importance.recipes import coefficients_for_importance
 
         start = time.perf_counter()
         args, kwargs = self._args()
