@@ -10,12 +10,13 @@ with a grid; the demo with the zoo's methods and the base and experts as extra r
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed
 
 from mergeflow import graph
 from tasks import stages
@@ -98,6 +99,19 @@ def submit_plan(plan: graph.Plan, *, device: str, tracking_uri: str | None = Non
     return futures
 
 
+def wait_logging_progress(futures: Mapping[graph.Node, Any], log: Any) -> None:
+    """Wait for every submitted node, logging each one that finishes as done / to do, stage by stage and in all
+    (a run of the demo's table is minutes of importance, merges and evaluations that otherwise show nothing)."""
+    pending = {id(f): (node, f) for node, f in futures.items() if isinstance(f, PrefectFuture)}
+    totals = Counter(node.stage for node, _ in pending.values())
+    finished: Counter[str] = Counter()
+    for i, future in enumerate(as_completed([f for _, f in pending.values()]), start=1):
+        node, _ = pending[id(future)]
+        finished[node.stage] += 1
+        log.info("%s %d/%d done (%s); %d/%d steps of the run", node.stage, finished[node.stage],
+                 totals[node.stage], node.label(), i, len(pending))
+
+
 def run_recipes(recipes: Sequence[tuple[str, Any]], *, recipe_dir: str | None,
                 registered_name: str | None = None, importance_deployment: str | None = None,
                 evaluation_deployment: str | None = None, device: str = "auto", tracking_uri: str | None = None,
@@ -114,7 +128,7 @@ def run_recipes(recipes: Sequence[tuple[str, Any]], *, recipe_dir: str | None,
                       extra_models=extra_models)
     futures = submit_plan(plan, device=device, tracking_uri=tracking_uri,
                           deployments={"importance": importance_deployment, "evaluate": evaluation_deployment})
-    wait([f for f in futures.values() if isinstance(f, PrefectFuture)])
+    wait_logging_progress(futures, log)
     done = graph.RunResult(plan, {n: _value(f) for n, f in futures.items()})
     results: dict[str, Any] = {"models": {label: done.entry(label) for label in plan.targets},
                                "extra": done.extra()}

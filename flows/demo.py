@@ -1,6 +1,6 @@
 """The demo flow (the README's main command, ``make demo``): the offline zoo through the whole pipeline on Prefect.
 
-    python -m flows.demo [--size full|test] [--seed N] [--limit N] [--data-free-only] [--out demo_results]
+    python -m flows.demo [--size full|test] [--regime hard|sft] [--seed N] [--limit N] [--data-free-only] [--out demo_results]
 
 zoo (built once, cached) → resolve → task_vectors → importance (the data-aware methods' estimators) → merges (the
 data-free baselines and the data-aware methods, fanned out) → evaluate (lm-eval, test split; the selection metric on
@@ -28,7 +28,7 @@ for _name, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
                       ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"), ("HF_HUB_OFFLINE", "1")):
     os.environ.setdefault(_name, _value)
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows.common import accuracy_matrix, run_recipes  # noqa: E402
 from flows.runtime import project_dir, task_runner  # noqa: E402
@@ -38,12 +38,12 @@ DEMO_MODEL = "mergeflow-demo"
 
 
 @task(name="zoo", cache_policy=CONTENT, persist_result=True, result_storage=results_path())
-def zoo(size: str, seed: int, home: str) -> dict[str, Any]:
+def zoo(size: str, seed: int, home: str, regime: str = "hard") -> dict[str, Any]:
     """The offline model zoo (tokenizer, base, one expert per task, lm-eval task files), built deterministically
-    once under MERGEFLOW_HOME (``home`` keys the cached result to it)."""
+    once under MERGEFLOW_HOME (``home`` keys the cached result to it); its progress goes to the task's log."""
     from mergeflow.zoo.build import build_zoo
 
-    built = build_zoo(size=size, seed=seed, progress=False)
+    built = build_zoo(size=size, seed=seed, regime=regime, progress=get_run_logger().info)
     return {"root": str(built.root), "size": built.size, "seed": built.seed, "in_domain": list(built.in_domain),
             "ood": list(built.ood), "recipe": built.manifest.get("recipe_sha256")}
 
@@ -72,27 +72,27 @@ def demo_recipes(zoo_info: dict[str, Any], *, data_aware: bool, limit: int | Non
 @flow(name="mergeflow-demo", task_runner=task_runner(), log_prints=True)
 def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit: int | None = None,
               selection_limit: int | None = 200, out: str = "demo_results",
-              tracking_uri: str | None = None) -> dict[str, Any]:
+              tracking_uri: str | None = None, regime: str = "hard") -> dict[str, Any]:
     """Build the zoo, merge its experts with every demo method, evaluate, register, print the table."""
     from mergeflow.paths import mergeflow_home
     from mergeflow.zoo.matrix import format_table, save_png
 
     start = time.perf_counter()
-    info = zoo(size, seed, str(mergeflow_home()))
-    print(f"zoo {size} seed {seed}: {info['root']} (in-domain {', '.join(info['in_domain'])}; out-of-domain "
+    info = zoo(size, seed, str(mergeflow_home()), regime)
+    print(f"zoo {info['size']} seed {seed}: {info['root']} (in-domain {', '.join(info['in_domain'])}; out-of-domain "
           f"{', '.join(info['ood'])})")
     recipes = demo_recipes(info, data_aware=data_aware, limit=limit, selection_limit=selection_limit)
-    ref = f"zoo:{size}@{seed}"
+    ref = f"zoo:{info['size']}@{seed}"
     extra = {"base": f"{ref}/base", **{f"expert:{t}": f"{ref}/{t}" for t in info["in_domain"]}}
     result = run_recipes(recipes, recipe_dir=str(project_dir()), registered_name=DEMO_MODEL, device="auto",
                          tracking_uri=tracking_uri, extra_models=extra)
-    matrix = {**accuracy_matrix(result), "split": "test", "zoo": {"size": size, "seed": seed}}
+    matrix = {**accuracy_matrix(result), "split": "test", "zoo": {"size": info["size"], "seed": seed}}
     folder = Path(out) if Path(out).is_absolute() else project_dir() / out
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "accuracy_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
     table = format_table(matrix)
     (folder / "accuracy_table.txt").write_text(table + "\n")
-    png = save_png(matrix, folder / "accuracy_table.png", title=f"mergeflow demo: zoo {size}, seed {seed}")
+    png = save_png(matrix, folder / "accuracy_table.png", title=f"mergeflow demo: zoo {info['size']}, seed {seed}")
     promotion = result["promotion"].to_json() if result.get("promotion") else {}
     print("\n" + table)
     print(f"\nwrote {folder / 'accuracy_matrix.json'}, {folder / 'accuracy_table.txt'} and {png}")
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "test"], default="full")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regime", choices=["hard", "sft"], default="hard",
+                        help="the zoo's merging regime (README: two regimes)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N test examples of each task")
     parser.add_argument("--selection-limit", type=int, default=200,
                         help="validation examples per task for the selection metric (champion choice)")
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from mergeflow.errors import MergeflowError
 
     try:
-        demo_flow(size=args.size, seed=args.seed, data_aware=not args.data_free_only, limit=args.limit,
+        demo_flow(size=args.size, seed=args.seed, regime=args.regime, data_aware=not args.data_free_only, limit=args.limit,
                   selection_limit=args.selection_limit, out=args.out)
     except MergeflowError as e:
         print(f"error: {e}", file=sys.stderr)

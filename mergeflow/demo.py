@@ -19,10 +19,11 @@ from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES, Matrix, fo
 
 
 def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results"), limit: int | None = None,
-             progress: bool = True, zoo_dir: Path | None = None, data_aware: bool = True) -> dict[str, Any]:
+             progress: bool = True, zoo_dir: Path | None = None, data_aware: bool = True,
+             regime: str = "hard") -> dict[str, Any]:
     start = time.perf_counter()
-    click.echo(f"== 1/3 zoo ({size}, seed {seed}): built once, then served from MERGEFLOW_HOME")
-    zoo = build_zoo(zoo_dir, size=size, seed=seed, progress=progress)
+    click.echo(f"== 1/3 zoo ({size}, {regime} regime, seed {seed}): built once, then served from MERGEFLOW_HOME")
+    zoo = build_zoo(zoo_dir, size=size, seed=seed, regime=regime, progress=progress)
     built = time.perf_counter() - start
     click.echo(f"   {zoo.root} ({built:.0f} s); tasks {', '.join(zoo.in_domain)}; out-of-domain "
                f"{', '.join(zoo.ood)}")
@@ -60,6 +61,8 @@ def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results")
 @click.option("--size", type=click.Choice(["full", "test"]), default="full", show_default=True,
               help="Zoo size: full (the benchmark zoo) or test (seconds to build).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Zoo seed (data, initialisation, DARE masks).")
+@click.option("--regime", type=click.Choice(["hard", "sft"]), default="hard", show_default=True,
+              help="The zoo's merging regime (README: two regimes).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_results"), show_default=True,
               help="Folder for the table (txt, json, png).")
 @click.option("--limit", type=int, default=None, help="Score only the first N test examples of each task.")
@@ -68,8 +71,8 @@ def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--data-free-only", is_flag=True, help="Skip the data-aware methods (APL, Sens, SLTA, LM-Cocktail, "
               "Fisher, RegMean).")
-def demo_command(size: str, seed: int, out: Path, limit: int | None, zoo_dir: Path | None, no_progress: bool,
-                 data_free_only: bool) -> None:
+def demo_command(size: str, seed: int, regime: str, out: Path, limit: int | None, zoo_dir: Path | None,
+                 no_progress: bool, data_free_only: bool) -> None:
     """Build the zoo, merge its experts with the data-free and data-aware methods, evaluate, print the table."""
-    user_errors(run_demo)(size=size, seed=seed, out=out, limit=limit, progress=not no_progress, zoo_dir=zoo_dir,
+    user_errors(run_demo)(size=size, seed=seed, regime=regime, out=out, limit=limit, progress=not no_progress, zoo_dir=zoo_dir,
                           data_aware=not data_free_only)

@@ -201,7 +201,7 @@ SIZES.update({
         mix={"generic": 0.4, "latent": 0.6},
         skill_weights={"sentiment": 2.0, "topic": 1.0, "paraphrase": 1.0, "nli": 0.5, "arith": 2.0},
         latent_tuning=Schedule(steps=1000, batch_size=32, lr=1e-3, warmup=0.05, final_lr_ratio=0.1, weight_decay=0.0),
-        latent_tuning_weights={"sentiment": 3.0, "topic": 1.0, "paraphrase": 1.0, "nli": 1.0, "arith": 3.0},
+        latent_tuning_weights={"sentiment": 4.0, "topic": 1.0, "paraphrase": 1.0, "nli": 1.0, "arith": 2.0},
         finetune=Schedule(steps=200, batch_size=32, lr=3e-4, warmup=0.1, final_lr_ratio=0.0, weight_decay=0.0),
         finetune_lr={},
         finetune_steps={"sentiment": 400, "nli": 400},

@@ -8,6 +8,7 @@ no labelled examples the base knows the lexicons and the facts but is at chance 
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from mergeflow.zoo.tasks import (
     ARITH_OPS,
     COMPARATIVES,
     NAMES,
+    NEGATION_RATE,
     OBJECTS,
     PLACES,
     TASKS,
@@ -120,8 +122,8 @@ TOPIC_CANON = {"sports": "league", "politics": "parliament", "science": "laborat
 SAME = ("the same", "not the same")
 
 
-def _latent_sentiment(rng: random.Random) -> tuple[str, str]:
-    text, polarity = review_text(rng)
+def _latent_sentiment(rng: random.Random, negation: float = NEGATION_RATE) -> tuple[str, str]:
+    text, polarity = review_text(rng, negation)
     return f"{text} . so it was", "good" if polarity > 0 else "bad"
 
 
@@ -168,13 +170,21 @@ def latent_document(rng: random.Random, tasks: Sequence[str], weights: Sequence[
     return f"{context} {answer} ."
 
 
+# Negation in the tuning's reviews, against the task's 0.4: a review's verdict is then mostly its adjectives' polarity,
+# a first-order signal the base learns at once, and negation is learned on top. With the task's rate the verdict is
+# an XOR of polarity and negation that gradient descent finds only after a plateau whose length varies by seed
+# (measured: the base's latent sentiment at 48 % on seed 0 and 95 % on seed 1 after the same 1500 steps).
+TUNING_NEGATION_RATE = 0.15
+
+
 def latent_tuning_examples(n: int, weights: dict[str, float], seed: int) -> list[tuple[str, str]]:
     """``n`` (context, answer) pairs for the SFT-regime base's answer-only tuning (like a chat model's instruction
     tuning, on the latent forms only: no task template is ever seen by the base)."""
     rng = random.Random(f"mergeflow-zoo/{seed}/latent-tuning")
+    forms = {**LATENT, "sentiment": functools.partial(_latent_sentiment, negation=TUNING_NEGATION_RATE)}
     tasks = tuple(t for t in LATENT if weights.get(t, 0.0) > 0)
     w = tuple(weights[t] for t in tasks)
-    return [latent_example(rng, tasks, w) for _ in range(n)]
+    return [forms[rng.choices(tasks, weights=w)[0]](rng) for _ in range(n)]
 
 
 def labelled_document(rng: random.Random, tasks: Sequence[str], noise: float) -> str:

@@ -95,12 +95,16 @@ def _the(rng: random.Random, noun: str, adjectives: tuple[str, ...] = (), p_adj:
     return f"the {noun}"
 
 
-def polar_clause(rng: random.Random, noun: str) -> tuple[str, int]:
-    """``the noun was [not] [really] superb`` and its polarity (+1 / -1) after negation."""
+NEGATION_RATE = 0.4  # of a review's polar clauses
+
+
+def polar_clause(rng: random.Random, noun: str, negation: float = NEGATION_RATE) -> tuple[str, int]:
+    """``the noun was [not] [really] superb`` and its polarity (+1 / -1) after negation (with probability
+    ``negation``; the same random draws whatever its value)."""
     polarity = rng.choice((1, -1))
     adjective = rng.choice(POSITIVE if polarity > 0 else NEGATIVE)
     words = ["the", noun, rng.choice(("is", "was"))]
-    if rng.random() < 0.4:
+    if rng.random() < negation:
         words.append(rng.choice(NEGATIONS))
         polarity = -polarity
     if rng.random() < 0.4:
@@ -128,13 +132,13 @@ def _all_topic_nouns() -> tuple[str, ...]:
     return tuple(n for nouns in TOPIC_NOUNS.values() for n in nouns)
 
 
-def review_text(rng: random.Random) -> tuple[str, int]:
+def review_text(rng: random.Random, negation: float = NEGATION_RATE) -> tuple[str, int]:
     """Review clauses about topic nouns and their majority polarity (+1 / -1).
 
     One or three polar clauses decide (so there is always a strict majority); zero to two neutral clauses are noise.
     """
     nouns = _all_topic_nouns()
-    polar = [polar_clause(rng, rng.choice(nouns)) for _ in range(rng.choice((1, 3)))]
+    polar = [polar_clause(rng, rng.choice(nouns), negation) for _ in range(rng.choice((1, 3)))]
     clauses = [text for text, _ in polar] + [neutral_clause(rng, rng.choice(nouns)) for _ in range(rng.randint(0, 2))]
     rng.shuffle(clauses)
     return join_clauses(rng, clauses), 1 if sum(p for _, p in polar) > 0 else -1
