@@ -290,7 +290,7 @@ class RegisterNode(Node):
         return _recipe(self.recipe, self.recipe_dir)
 
     def run(self, inputs: Sequence[Any], ctx: RunContext) -> Registration:
-        from mergeflow import tracking
+        from mergeflow import tracking  # MLflow: the optional [pipeline] extra
 
         bound = self.bind(inputs)
         tracking.configure(ctx.tracking_uri)
@@ -308,7 +308,7 @@ class PromoteNode(Node):
     candidates: tuple[RegisterNode, ...]
 
     def run(self, inputs: Sequence[Any], ctx: RunContext) -> Promotion:
-        from mergeflow import tracking
+        from mergeflow import tracking  # MLflow: the optional [pipeline] extra
 
         tracking.configure(ctx.tracking_uri)
         return pipeline.promote_best(list(inputs))

@@ -10,6 +10,8 @@ stage graph (:mod:`mergeflow.graph`) decides which stages a run needs and in whi
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import statistics
 import tempfile
@@ -21,9 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from mergeflow.architecture import Architecture
 from mergeflow.cache import Cache, cache_key
+from mergeflow.checkpoints import resolve
+from mergeflow.coefficients import Coefficients, plot_coefficients
 from mergeflow.devices import pick_device
 from mergeflow.errors import RecipeError
+from mergeflow.importance.base import ModelRef
+from mergeflow.importance.recipes import coefficients_for_importance, measure_for_importance, shards_for_importance
 from mergeflow.manifests import (
     CoefficientsRef,
     Evaluation,
@@ -34,7 +43,18 @@ from mergeflow.manifests import (
     ResolvedModel,
     TaskVectors,
 )
-from mergeflow.recipe import EvaluationSpec, Recipe, RegistrySpec, load_recipe, parse_recipe, resolve_relative
+from mergeflow.recipe import (
+    EvaluationSpec,
+    ImportanceSpec,
+    Recipe,
+    RegistrySpec,
+    load_recipe,
+    parse_recipe,
+    resolve_relative,
+)
+from mergeflow.streaming import Input, MergeInputs, MergeOptions, layer_fraction, merge
+from mergeflow.task_vectors import task_vector_manifest
+from mergeflow.tensors import CheckpointReader
 
 MERGED_KIND = "merged_model"
 EVAL_KIND = "evaluation"
@@ -79,8 +99,6 @@ def _slug(text: str | None) -> str | None:
 def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow_pickle: bool = False,
                   trust_remote_code: bool = False) -> ResolvedModel:
     """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot."""
-    from mergeflow.checkpoints import resolve
-
     snap = resolve(resolve_relative(reference, recipe_dir), allow_pickle=allow_pickle,
                    trust_remote_code=trust_remote_code)
     return ResolvedModel(reference=reference, path=str(snap.path), content_hash=snap.content_hash,
@@ -110,10 +128,6 @@ def trim_settings(recipe: Recipe, index: int) -> dict[str, Any] | None:
 def trim_densities(recipe: Recipe, base: ResolvedModel, index: int) -> list[float]:
     """The densities expert ``index`` is trimmed at globally (TIES-style methods in paper mode), else none; read
     from the base's tensor names and the recipe, without reading tensor data."""
-    from mergeflow.architecture import Architecture
-    from mergeflow.streaming import layer_fraction
-    from mergeflow.tensors import CheckpointReader
-
     if trim_settings(recipe, index) is None:
         return []
     reader = CheckpointReader(Path(base.path), tuple(base.weight_files), allow_pickle=recipe.allow_pickle)
@@ -136,12 +150,6 @@ def task_vectors_stage(base: ResolvedModel, expert: ResolvedModel, densities: Se
                        *, allow_pickle: bool = False) -> TaskVectors:
     """The task vector ``expert − base`` summarised (norms, and the exact global trim threshold at each density),
     streamed per tensor and cached by the two content hashes; the merge reuses it from the cache."""
-    from mergeflow.architecture import Architecture
-    from mergeflow.checkpoints import resolve
-    from mergeflow.streaming import Input
-    from mergeflow.task_vectors import task_vector_manifest
-    from mergeflow.tensors import CheckpointReader
-
     def open_input(role: str, m: ResolvedModel) -> Input:
         snap = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False)
         if snap.content_hash != m.content_hash:
@@ -192,9 +200,6 @@ class ImportanceJob:
 
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The importance library's arguments: the validated entry, the tasks, ModelRefs, the reference rule."""
-        from mergeflow.importance.base import ModelRef
-        from mergeflow.recipe import ImportanceSpec
-
         def ref(m: ResolvedModel) -> ModelRef:
             return ModelRef(m.reference, Path(m.path), m.content_hash)
 
@@ -210,16 +215,12 @@ class ImportanceJob:
         """The measurement shards workers can measure side by side (``{"part", "experts", "key"}``; see
         :func:`mergeflow.importance.base.shards_for_importance`); empty when the estimator measures all experts in
         one go. Cheap: it reads the task data, no model."""
-        from mergeflow.importance.recipes import shards_for_importance
-
         args, kwargs = self._args()
         return shards_for_importance(*args, **kwargs)
 
     def measure(self, part: str, shard: Sequence[int], device: str = "cpu") -> Measurement:
         """One shard of the entry's measurements, measured into the cache (or found there); :meth:`coefficients`
         then finalizes from the cached shards without a model pass of its own."""
-        from mergeflow.importance.recipes import measure_for_importance
-
         dev = pick_device(device)
         args, kwargs = self._args()
         out = measure_for_importance(*args, part=part, shard=shard, device=dev, **kwargs)
@@ -230,8 +231,6 @@ class ImportanceJob:
     def coefficients(self, device: str = "cpu") -> CoefficientsRef:
         """The entry's Coefficients, computed or fetched by content (shards measured ahead are taken from the
         cache)."""
-        from mergeflow.importance.recipes import coefficients_for_importance
-
         start = time.perf_counter()
         args, kwargs = self._args()
         coeffs = coefficients_for_importance(*args, device=pick_device(device), **kwargs)
@@ -249,8 +248,6 @@ class ImportanceJob:
 @contextmanager
 def peak_rss() -> Iterator[dict[str, float]]:
     """Sample this process's resident memory every 20 ms; ``out["peak_mb"]`` is the peak seen inside the block."""
-    import psutil
-
     proc = psutil.Process()
     out = {"peak_mb": proc.memory_info().rss / 2**20}
     stop = threading.Event()
@@ -272,9 +269,6 @@ def peak_rss() -> Iterator[dict[str, float]]:
 def merge_inputs(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[ResolvedModel]) -> Any:
     """The engine's :class:`~mergeflow.streaming.MergeInputs` from the resolve stage's manifests (plus the
     tokenizer's source when the recipe names one that is not among them, resolved here)."""
-    from mergeflow.checkpoints import resolve
-    from mergeflow.streaming import MergeInputs
-
     tokenizer = None
     tok = recipe.tokenizer_source
     if tok and tok != "base" and tok not in [m.reference for m in ([base] if base else []) + list(experts)]:
@@ -285,8 +279,6 @@ def merge_inputs(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[R
 def load_coefficients(recipe: Recipe, coefficients: Sequence[CoefficientsRef]) -> list[Any]:
     """The Coefficients a merge of ``recipe`` consumes, in order: its ``coefficients`` files, then the importance
     stage's artifacts (one per ``importance`` entry, in the recipe's order)."""
-    from mergeflow.coefficients import Coefficients
-
     if len(coefficients) != len(recipe.importance):
         raise RecipeError(f"importance: the recipe has {len(recipe.importance)} entries but the merge was given "
                           f"{len(coefficients)} coefficient artifacts")
@@ -297,8 +289,6 @@ def load_coefficients(recipe: Recipe, coefficients: Sequence[CoefficientsRef]) -
 def check_unchanged(models: Sequence[ResolvedModel], allow_pickle: bool = False) -> None:
     """Refuse checkpoints whose content changed since they were resolved (hashes are memoised by size and mtime,
     so this reads no file that did not change)."""
-    from mergeflow.checkpoints import resolve
-
     for m in models:
         now = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False).content_hash
         if now != m.content_hash:
@@ -322,9 +312,6 @@ def merge_stage(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[Re
     recipe's ``importance`` order. A recipe whose importance entries have no coefficients here is refused. The
     engine merges exactly these snapshots; the model card and provenance name the references the recipe wrote.
     """
-    from mergeflow.checkpoints import resolve
-    from mergeflow.streaming import MergeOptions, merge
-
     loaded = load_coefficients(recipe, coefficients)
     inputs = ([base] if base else []) + list(experts)
     key = merge_key(recipe, inputs, [c.key for c in loaded])
@@ -372,7 +359,7 @@ def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, 
                    cache: Cache | None = None) -> Evaluation:
     """lm-eval accuracy of a model folder on ``spec.tasks`` (``split``/``limit`` override the spec's: the
     selection metric runs on validation), cached by the model's content hash, the task data and the settings."""
-    from mergeflow.devices import pick_device
+    # transformers and the zoo (~2.5 s): not on the path of `mergeflow merge`/`check`, which import this module
     from mergeflow.evaluation import evaluate_path, resolve_zoo, split_task_names
 
     device = str(pick_device(device))  # "auto": CUDA when there is one
@@ -459,8 +446,7 @@ def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[Resolve
                    flow_run_id: str | None = None) -> Registration:
     """Log the merge as an MLflow run and register its folder as a model version; with ``promote``, move the
     alias to it if it beats the current holder (a sweep promotes only its best merge, see :func:`promote_best`)."""
-    from mergeflow import tracking
-    from mergeflow.coefficients import Coefficients, plot_coefficients
+    from mergeflow import tracking  # MLflow: the optional [pipeline] extra
 
     spec = registry_spec(recipe, registered_name)
     sel = evaluation_spec(recipe).selection
@@ -500,7 +486,7 @@ def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[Resolve
 def promote_best(candidates: Sequence[Registration]) -> Promotion:
     """For each registered model among ``candidates``, move its alias to the best candidate on the selection metric
     if that beats the current holder; one move per model, whatever the candidates' order."""
-    from mergeflow import tracking
+    from mergeflow import tracking  # MLflow: the optional [pipeline] extra
 
     groups: dict[tuple[str, str], list[Registration]] = {}
     for c in candidates:
@@ -531,9 +517,6 @@ def expand_grid(recipe: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) ->
     """Every combination of ``grid`` applied to ``recipe``: keys are dotted paths into the recipe
     (``parameters.lambda``, ``merge_method``, ``importance.0.parameters.p``; ``models.*.parameters.density`` sets
     every model), values the lists to try. Returns (label, recipe) pairs; each recipe is validated."""
-    import copy
-    import itertools
-
     if not grid:
         return [(str(recipe.get("name") or recipe.get("merge_method") or "recipe"), dict(recipe))]
     keys = list(grid)

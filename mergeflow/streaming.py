@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mergeflow import __version__
 from mergeflow.architecture import Architecture
@@ -33,6 +34,7 @@ from mergeflow.devices import compute_threads, pick_device
 from mergeflow.errors import IncompatibleModelsError, RecipeError
 from mergeflow.methods.base import KernelInput, MergeMethod
 from mergeflow.recipe import Recipe
+from mergeflow.task_vectors import task_vector_manifest
 from mergeflow.tensors import (
     CheckpointReader,
     ShardedWriter,
@@ -274,8 +276,6 @@ def _estimate(reference: Input, experts: list[Input], specs: list[TensorSpec],
 
 def _global_thresholds(plan: MergePlan) -> list[float]:
     """Per-expert exact |Δ| thresholds over the whole task vector (global TIES trim), cached by content."""
-    from mergeflow.task_vectors import task_vector_manifest
-
     thresholds = []
     for i, expert in enumerate(plan.experts):
         densities = {plan.params[n][0]["density"][i] for n in plan.params}
@@ -398,8 +398,6 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
         shard_size = parse_size(options.shard_size)
         progress = None
         if options.progress:
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=sum(s.nbytes for s in plan.specs), unit="B", unit_scale=True,
                             desc=f"merge {recipe.merge_method}", dynamic_ncols=True)
         with atomic_directory(out, overwrite=options.overwrite) as tmp, compute_threads(options.threads):
