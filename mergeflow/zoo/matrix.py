@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from mergeflow import graph
 from mergeflow.cache import Cache
+from mergeflow.cli import user_errors
 from mergeflow.recipe import EvaluationSpec
+from mergeflow.transformers_io import load_causal_lm
 from mergeflow.zoo.build import Zoo
 
 
@@ -131,10 +136,6 @@ class Matrix:
     def _load_base(self) -> tuple[Any, Any]:
         """The zoo's base model and tokenizer in memory (for callers that score a state dict themselves)."""
         if self._model is None:
-            from transformers import AutoTokenizer
-
-            from mergeflow.transformers_io import load_causal_lm
-
             self._model = load_causal_lm(self.zoo.base)
             self._tokenizer = AutoTokenizer.from_pretrained(self.zoo.base)
         return self._model, self._tokenizer
@@ -232,11 +233,10 @@ def format_table(matrix: Mapping[str, Any]) -> str:
 
 def save_png(matrix: Mapping[str, Any], path: Path, title: str = "") -> Path:
     """A heatmap picture of the same table."""
-    import matplotlib
+    import matplotlib  # the optional [eval] extra, and seconds of import time nothing else here needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     ind, ood = matrix["tasks"]["in_domain"], matrix["tasks"]["ood"]
     rows = table_rows(matrix)
@@ -288,8 +288,6 @@ def matrix_command(
     zoo_dir: Path, json_out: Path | None, png: Path | None, split: str, limit: int | None, no_progress: bool
 ) -> None:
     """Evaluate base, every expert and the data-free merges of ZOO_DIR on every task; print the matrix."""
-    from mergeflow.cli import user_errors
-
     user_errors(run_matrix)(zoo_dir, json_out, png, split, limit, not no_progress)
 
 
@@ -301,8 +299,6 @@ def run_matrix(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     zoo = Zoo.load(zoo_dir)
     bar = tqdm(total=1 + len(zoo.in_domain) + len(DATA_FREE_MERGES), unit="model", disable=not progress)
 
