@@ -5,6 +5,7 @@ Every error a user can cause prints one line (``error: ...``) and exits with cod
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -66,20 +67,39 @@ class LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, tuple[str, str]]] = {"zoo": ("mergeflow.zoo.commands", "zoo"), "eval": ("mergeflow.zoo.commands", "eval_command"),
             "demo": ("mergeflow.demo", "demo_command")}
+    # their one-line help, so that `mergeflow --help` lists them without importing them (torch and transformers
+    # take seconds); a test checks each against the command's own docstring
+    lazy_help: ClassVar[dict[str, str]] = {
+        "zoo": "The offline model zoo: a small Llama base, one expert per task, lm-eval task files.",
+        "eval": "Evaluate the model folder MODEL with lm-eval and print accuracy per task.",
+        "demo": "Build the zoo, merge its experts with the data-free and data-aware methods, evaluate, print the table.",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy and name not in self.commands:
-            import importlib
-
             module, attr = self.lazy[name]
             try:
                 return getattr(importlib.import_module(module), attr)
             except (ImportError, AttributeError) as exc:
                 raise click.UsageError(f"'{name}' is unavailable: {exc}") from None
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                cmd = self.commands[name]
+                if not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(limit)))
+            else:
+                rows.append((name, click.Command(name, help=self.lazy_help[name]).get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -107,6 +127,7 @@ def main(debug: bool) -> None:
 def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | None, overwrite: bool, device: str,
           shard_size: str, threads: int | None, no_progress: bool) -> None:
     """Merge the models of RECIPE (a mergeflow or mergekit YAML) into the folder OUT."""
+    # torch-heavy: imported when the command runs, so `mergeflow --help` and the other commands start fast
     from mergeflow.engine import MergeOptions
     from mergeflow.engine import merge as run_merge
     from mergeflow.recipe import load_recipe
@@ -131,6 +152,7 @@ def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | Non
 @user_errors
 def check(recipe: Path, as_json: bool) -> None:
     """Check that the models of RECIPE can be merged: architectures, tensors, vocabularies, dtypes, memory."""
+    # torch-heavy: imported when the command runs, so `mergeflow --help` and the other commands start fast
     from mergeflow.engine import plan_merge
     from mergeflow.recipe import load_recipe
 
@@ -151,7 +173,7 @@ def check(recipe: Path, as_json: bool) -> None:
 def _add_svd_workspace(plan) -> None:
     """SVD-based methods (tsv, iso_c, iso_cts) and wudi need working memory several times their largest matrix
     beyond the engine's streaming estimate: add it to the peak and say which tensor needs it."""
-    import torch
+    import torch  # only `check` gets here, after the engine: --help must not pay for torch
 
     from mergeflow.methods.spectral import workspace_estimate
 
