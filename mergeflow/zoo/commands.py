@@ -9,7 +9,10 @@ import click
 
 from mergeflow.cli import user_errors
 from mergeflow.errors import OutputPathError
-from mergeflow.zoo.build import REGIMES, SIZES
+from mergeflow.evaluation import evaluate_path
+from mergeflow.zoo.build import REGIMES, SIZES, Zoo, build_zoo
+from mergeflow.zoo.diagnose import diagnose, format_report, public_report
+from mergeflow.zoo.matrix import matrix_command
 
 
 @click.group("zoo")
@@ -49,8 +52,6 @@ def zoo() -> None:
 def build(out: Path | None, size: str, regime: str, seed: int, force: bool, jobs: int | None,
           no_progress: bool) -> None:
     """Build the zoo into OUT (default: MERGEFLOW_HOME/zoo/[REGIME-]SIZE-seedSEED); instant if it is already there."""
-    from mergeflow.zoo.build import build_zoo
-
     z = build_zoo(out, size=size, seed=seed, regime=regime, force=force, jobs=jobs, progress=not no_progress)
     m = z.manifest
     click.echo(f"zoo {z.size} ({z.regime} regime) seed {z.seed} at {z.root} "
@@ -99,8 +100,6 @@ def build(out: Path | None, size: str, regime: str, seed: int, force: bool, jobs
 def eval_command(model: Path, tasks: str, split: str, limit: int | None, batch_size: int, device: str,
                  num_fewshot: int | None, zoo_dir: Path | None, json_out: Path | None) -> None:  # fmt: skip
     """Evaluate the model folder MODEL with lm-eval and print accuracy per task."""
-    from mergeflow.evaluation import evaluate_path
-
     result = evaluate_path(model, tasks, zoo=zoo_dir, split=split, limit=limit, batch_size=batch_size,
                            device=device, num_fewshot=num_fewshot)  # fmt: skip
     width = max(len(name) for name in [*result.scores, *result.groups, "task"])
@@ -127,9 +126,6 @@ def eval_command(model: Path, tasks: str, split: str, limit: int | None, batch_s
 def diagnose_command(zoo_ref: str, json_out: Path | None, limit: int | None, seed: int) -> None:
     """Which merging regime the zoo ZOO (a folder or zoo:[REGIME-]SIZE[@SEED]) is in: its experts, how much of each
     survives DARE alone, how much task arithmetic keeps, its task vectors' geometry (test split)."""
-    from mergeflow.zoo.build import Zoo
-    from mergeflow.zoo.diagnose import diagnose, format_report, public_report
-
     z = Zoo.load(zoo_ref)
     report = diagnose(z, limit=limit, seed=seed, progress=lambda msg: click.echo(f"  scoring {msg}", err=True))
     click.echo(format_report(report))
@@ -142,8 +138,6 @@ def diagnose_command(zoo_ref: str, json_out: Path | None, limit: int | None, see
 
 
 def _add_matrix() -> None:
-    from mergeflow.zoo.matrix import matrix_command
-
     zoo.add_command(matrix_command)
 
 
