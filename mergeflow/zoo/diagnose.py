@@ -24,7 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+from mergeflow.checkpoints import resolve
 from mergeflow.engine import merge_state_dict
 from mergeflow.evaluation import evaluate
 from mergeflow.recipe import parse_recipe
@@ -42,10 +45,6 @@ SFT_PREMISES = {"expert_gain": 20.0, "expert_floor": 90.0, "experts_at_floor": 5
 
 
 def _state(path: Any) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from mergeflow.checkpoints import resolve
-
     snap = resolve(path, scan_finite=False)
     state: dict[str, torch.Tensor] = {}
     for f in snap.weight_files:
@@ -57,8 +56,6 @@ class _Scorer:
     """One model object whose weights are swapped per evaluation (the zoo's models are small)."""
 
     def __init__(self, zoo: Zoo, split: str, limit: int | None) -> None:
-        from transformers import AutoTokenizer
-
         self.zoo, self.split, self.limit = zoo, split, limit
         self.model = load_causal_lm(zoo.base)
         self.tokenizer = AutoTokenizer.from_pretrained(zoo.base)
