@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,11 +33,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+import torch
+import transformers
+import transformers.utils.logging as hf_logging
 import yaml
+from transformers import LlamaForCausalLM
 
+import mergeflow
 from mergeflow.errors import ZooError
+from mergeflow.paths import mergeflow_home
+from mergeflow.transformers_io import load_causal_lm
+from mergeflow.zoo.corpus import latent_tuning_examples, pretraining_blocks
 from mergeflow.zoo.tasks import SPLITS, TASKS, Row, generate_task
-from mergeflow.zoo.train import ModelShape, Schedule
+from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, build_tokenizer, check_coverage, zoo_vocab
+from mergeflow.zoo.train import ModelShape, Schedule, deterministic, encode_example, finetune, model_config, pretrain
 
 MANIFEST = "zoo.json"
 FORMAT_VERSION = 1
@@ -340,8 +351,6 @@ def variant_name(size: str, regime: str = "hard") -> str:
 
 
 def default_zoo_dir(size: str = "full", seed: int = 0, regime: str = "hard") -> Path:
-    from mergeflow.paths import mergeflow_home
-
     return mergeflow_home() / "zoo" / f"{variant_name(size, regime)}-seed{seed}"
 
 
@@ -394,8 +403,6 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_task_data(tasks_dir: Path, size: ZooSize, seed: int, vocab: dict[str, int]) -> dict[str, Any]:
-    from mergeflow.zoo.tokenizer import check_coverage
-
     info: dict[str, Any] = {}
     for task in size.in_domain + size.ood:
         data = generate_task(task, size.split_sizes(task), seed)
@@ -451,10 +458,6 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
 
 def _pretrain_base(root: Path, size: ZooSize, seed: int, progress: bool,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from mergeflow.zoo.corpus import latent_tuning_examples, pretraining_blocks
-    from mergeflow.zoo.tokenizer import BOS_ID, EOS_ID, build_tokenizer, zoo_vocab
-    from mergeflow.zoo.train import deterministic, encode_example, finetune, model_config, pretrain
-
     vocab = zoo_vocab()
     t0 = time.perf_counter()
     sched = size.pretrain
@@ -522,7 +525,6 @@ def _milestones(log: Callable[[str], None], what: str, steps: int) -> Callable[[
 @contextlib.contextmanager
 def _no_hf_progress_bars() -> Iterator[None]:
     # "Loading weights" / "Writing model shards" bars for a 5 MB model only clutter the build's own progress.
-    import transformers.utils.logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -535,12 +537,6 @@ def _no_hf_progress_bars() -> Iterator[None]:
 
 def finetune_expert(root: str, task: str, size: ZooSize | str, progress: bool = False) -> dict[str, Any]:
     """Fine-tune the expert of ``task`` from ``root/base`` into ``root/experts/task`` (a worker-process entry point)."""
-    from transformers import LlamaForCausalLM
-
-    from mergeflow.transformers_io import load_causal_lm
-    from mergeflow.zoo.tokenizer import build_tokenizer, zoo_vocab
-    from mergeflow.zoo.train import deterministic, encode_example, finetune
-
     size = SIZES[size] if isinstance(size, str) else size
     folder = Path(root)
     t0 = time.perf_counter()
@@ -578,10 +574,6 @@ def _finetune_in_workers(root: Path, size: ZooSize, jobs: int, log: Callable[[st
     Plain subprocesses rather than multiprocessing: its spawn start method re-runs the caller's ``__main__``,
     which rebuilds the whole zoo in every worker when a user script has no ``if __name__ == "__main__"`` guard.
     """
-    import subprocess
-
-    import mergeflow
-
     spec = root / ".size.json"
     spec.write_text(json.dumps(size.to_json()))
     env = dict(os.environ)
@@ -624,12 +616,6 @@ def _finetune_in_workers(root: Path, size: ZooSize, jobs: int, log: Callable[[st
 
 
 def _versions() -> dict[str, str]:
-    import tokenizers
-    import torch
-    import transformers
-
-    import mergeflow
-
     return {
         "mergeflow": mergeflow.__version__,
         "torch": torch.__version__,
@@ -709,8 +695,6 @@ def _build_zoo(target: Path, spec: ZooSize, size: str, seed: int, *, force: bool
     tmp.mkdir()
     t_start = time.perf_counter()
     try:
-        from mergeflow.zoo.tokenizer import build_tokenizer, zoo_vocab
-
         vocab = zoo_vocab()
         _save_tokenizer(build_tokenizer(), tmp / "tokenizer")
         t0 = time.perf_counter()
