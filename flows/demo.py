@@ -31,7 +31,11 @@ for _name, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows.common import accuracy_matrix, run_recipes  # noqa: E402
-from flows.runtime import project_dir, task_runner  # noqa: E402
+from flows.runtime import EPHEMERAL_API, project_dir, task_runner  # noqa: E402
+from mergeflow.errors import MergeflowError  # noqa: E402
+from mergeflow.paths import mergeflow_home  # noqa: E402
+from mergeflow.zoo.build import Zoo, build_zoo  # noqa: E402
+from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES, format_table, save_png  # noqa: E402
 from tasks.policies import CONTENT, results_path  # noqa: E402
 
 DEMO_MODEL = "mergeflow-demo"
@@ -41,8 +45,6 @@ DEMO_MODEL = "mergeflow-demo"
 def zoo(size: str, seed: int, home: str, regime: str = "hard") -> dict[str, Any]:
     """The offline model zoo (tokenizer, base, one expert per task, lm-eval task files), built deterministically
     once under MERGEFLOW_HOME (``home`` keys the cached result to it); its progress goes to the task's log."""
-    from mergeflow.zoo.build import build_zoo
-
     built = build_zoo(size=size, seed=seed, regime=regime, progress=get_run_logger().info)
     return {"root": str(built.root), "size": built.size, "seed": built.seed, "in_domain": list(built.in_domain),
             "ood": list(built.ood), "recipe": built.manifest.get("recipe_sha256")}
@@ -51,9 +53,6 @@ def zoo(size: str, seed: int, home: str, regime: str = "hard") -> dict[str, Any]
 def demo_recipes(zoo_info: dict[str, Any], *, data_aware: bool, limit: int | None,
                  selection_limit: int | None) -> list[tuple[str, dict[str, Any]]]:
     """One recipe per demo method, naming the zoo's models by reference (the same recipe on every machine)."""
-    from mergeflow.zoo.build import Zoo
-    from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES
-
     the_zoo = Zoo.load(zoo_info["root"])
     ref = f"zoo:{the_zoo.size}@{the_zoo.seed}"
     evaluation = {"tasks": ["zoo", "zoo-ood"], "zoo": ref, "split": "test", "limit": limit,
@@ -74,9 +73,6 @@ def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit:
               selection_limit: int | None = 200, out: str = "demo_results",
               tracking_uri: str | None = None, regime: str = "hard") -> dict[str, Any]:
     """Build the zoo, merge its experts with every demo method, evaluate, register, print the table."""
-    from mergeflow.paths import mergeflow_home
-    from mergeflow.zoo.matrix import format_table, save_png
-
     start = time.perf_counter()
     info = zoo(size, seed, str(mergeflow_home()), regime)
     print(f"zoo {info['size']} seed {seed}: {info['root']} (in-domain {', '.join(info['in_domain'])}; out-of-domain "
@@ -96,7 +92,7 @@ def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit:
     promotion = result["promotion"].to_json() if result.get("promotion") else {}
     print("\n" + table)
     print(f"\nwrote {folder / 'accuracy_matrix.json'}, {folder / 'accuracy_table.txt'} and {png}")
-    from mergeflow import tracking
+    from mergeflow import tracking  # MLflow (~1-3 s to import): not in the Dask workers that unpickle the zoo task
 
     holder = tracking.champion(DEMO_MODEL)  # the registry's word (this run's promote may be a cached result)
     label = next((lbl for lbl, e in result["models"].items()
@@ -113,12 +109,11 @@ def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit:
 
 def ui_commands(tracking_uri: str | None = None) -> str:
     """How to look at the run: the Prefect UI over the same database, and the MLflow UI over the same store."""
-    from mergeflow import tracking
+    from mergeflow import tracking  # MLflow (~1-3 s to import): not in the Dask workers that unpickle the zoo task
 
     uri = tracking_uri or tracking.tracking_uri()
     mlflow_ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
                  if uri.startswith("sqlite:") else f"open {uri} (the MLflow server the runs went to)")
-    from flows.runtime import EPHEMERAL_API
 
     server = os.environ.get("PREFECT_API_URL")
     if not server or EPHEMERAL_API.get("url") == server:  # this run's temporary server is gone when it ends
@@ -143,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-free-only", action="store_true")
     parser.add_argument("--out", default="demo_results")
     args = parser.parse_args(argv)
-    from mergeflow.errors import MergeflowError
 
     try:
         demo_flow(size=args.size, seed=args.seed, regime=args.regime, data_aware=not args.data_free_only, limit=args.limit,
