@@ -113,9 +113,10 @@ def prompt_document(rng: random.Random, tasks: Sequence[str]) -> str:
 # The SFT regime's base learns the in-domain tasks' skills from text that states them in surface forms of their own:
 # never a task's template, and answered with other words than the task's verbalizer (good/bad for positive/negative,
 # a topic's canonical noun for its name, "the same"/"not the same" for yes/no, the place of an activity for nli's
-# yes/maybe/no, "a plus b makes c" for "compute : a plus b mod 10 equals c"). An expert then only has to tie its
-# template to a skill the base already has, which takes a small task vector. `complete` has no latent form of its
-# own: its skill (the activity of the place named last) is the base's generic place -> activity knowledge itself.
+# yes/maybe/no, "a plus b makes c" for "compute : a plus b mod 10 equals c", the activity that follows a place for
+# complete's story). An expert then only has to tie its template to a skill the base already has, which takes a
+# small task vector. complete's form is the task's own skill with the story left out (the activity of the place just
+# named), so the base does much of the task from it: the SFT zoo states it less often than the others.
 
 # A topic is named by one of its nouns in latent text, so that the base knows topics without the task's answer words.
 TOPIC_CANON = {"sports": "league", "politics": "parliament", "science": "laboratory", "business": "economy"}
@@ -144,6 +145,11 @@ def _latent_nli(rng: random.Random) -> tuple[str, str]:
     return f"{rng.choice(NAMES)} {rng.choice(PLACES[place])} in the", place
 
 
+def _latent_complete(rng: random.Random) -> tuple[str, str]:
+    place, name = rng.choice(tuple(PLACES)), rng.choice(NAMES)
+    return f"{name} was in the {place} . {name}", rng.choice(PLACES[place])
+
+
 def _latent_arith(rng: random.Random) -> tuple[str, str]:
     # the task's operands (b <= 4) in the clock form of generic text
     a, b = rng.randrange(10), rng.randint(1, 4)
@@ -157,6 +163,7 @@ LATENT = {
     "paraphrase": _latent_paraphrase,
     "nli": _latent_nli,
     "arith": _latent_arith,
+    "complete": _latent_complete,
 }
 
 
@@ -211,13 +218,16 @@ def pretraining_blocks(
     """``[n_blocks, block_len]`` token ids: documents ``<s> … </s>`` packed back to back and cut into blocks.
 
     ``mix`` gives the probability of each document kind: ``generic``, ``prompt``, ``labelled`` and ``latent`` (the
-    skills of ``labelled_tasks`` in their own surface forms, ``LATENT``, drawn by ``latent_weights``, equal by
-    default).
+    skills of ``labelled_tasks`` in their own surface forms, ``LATENT``, drawn by ``latent_weights``, equal
+    without them).
     """
     rng = random.Random(f"mergeflow-zoo/{seed}/pretraining")
     kinds = tuple(k for k in ("generic", "prompt", "labelled", "latent") if mix.get(k, 0.0) > 0)
-    latent_tasks = tuple(t for t in labelled_tasks if t in LATENT and (latent_weights or {}).get(t, 1.0) > 0)
-    latent_w = tuple((latent_weights or {}).get(t, 1.0) for t in latent_tasks)
+    def weight(task: str) -> float:  # equal shares without weights; with weights, a task not named has none
+        return 1.0 if latent_weights is None else latent_weights.get(task, 0.0)
+
+    latent_tasks = tuple(t for t in labelled_tasks if t in LATENT and weight(t) > 0)
+    latent_w = tuple(weight(t) for t in latent_tasks)
     weights = tuple(mix[k] for k in kinds)
     need = n_blocks * block_len
     stream: list[int] = []
