@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture, as_completed
 
 from mergeflow import graph
@@ -54,8 +55,6 @@ def run_remote(deployment: str, nodes: Sequence[graph.Node], done: Mapping[graph
                device: str) -> dict[graph.Node, Any]:
     """Run ``nodes`` as one flow run of ``deployment`` (a flow that calls :func:`run_jobs`, on its own work pool)
     and wait for their manifests."""
-    from prefect.deployments import run_deployment
-
     jobs = [{"node": n.to_json(), "inputs": [_value(done[d]).to_json() for d in n.inputs()]} for n in nodes]
     flow_run = run_deployment(deployment, parameters={"jobs": jobs, "device": device}, timeout=None,
                               as_subflow=True)
@@ -120,7 +119,7 @@ def run_recipes(recipes: Sequence[tuple[str, Any]], *, recipe_dir: str | None,
     only resolved and evaluated (the base and the experts, as rows of the table)."""
     log = get_run_logger()
     if register:
-        from mergeflow import tracking
+        from mergeflow import tracking  # MLflow (~1-3 s to import): only when a run registers, not in every worker
 
         # create (and migrate) a new store once, here, before parallel workers touch it at the same moment
         tracking.ensure_store(tracking_uri)

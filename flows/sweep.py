@@ -19,6 +19,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import yaml
 from prefect import flow
 
 from flows.common import run_recipes
@@ -32,8 +33,6 @@ def sweep_parameter(recipe: str | dict[str, Any], grid: dict[str, list[Any]] | N
         list[tuple[str, Recipe]], str]:
     """The grid points of a sweep, validated: a recipe file (or mapping) whose optional ``grid:`` section lists the
     values to try; a ``grid`` parameter replaces that section."""
-    import yaml
-
     if isinstance(recipe, dict):
         data, folder = dict(recipe), project_dir()
     else:

@@ -98,7 +98,7 @@ class RegistryState(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        from mergeflow import tracking
+        from mergeflow import tracking  # MLflow (~1-3 s to import): only when a run registers, not in every worker
 
         uri = tracking.configure(inputs.get("tracking_uri"))
         node = inputs["node"]
@@ -117,7 +117,7 @@ class AliasState(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        from mergeflow import tracking
+        from mergeflow import tracking  # MLflow (~1-3 s to import): only when a run registers, not in every worker
 
         uri = tracking.configure(inputs.get("tracking_uri"))
         holders = {}

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
+from prefect.runtime import flow_run, task_run
 
 from mergeflow import graph
 from mergeflow.manifests import Measurement
@@ -24,14 +25,10 @@ TASKS: dict[type[graph.Node], Task] = {}
 
 
 def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
     return str(flow_run.id) if flow_run.id else None
 
 
 def _run_name() -> str:
-    from prefect.runtime import task_run
-
     return task_run.parameters["node"].label()
 
 
@@ -76,8 +73,6 @@ promote = stage_task(graph.PromoteNode, cache_policy=PROMOTE, named=False)
 
 
 def _measure_name() -> str:
-    from prefect.runtime import task_run
-
     p = task_run.parameters
     return f"importance_measure {p['node'].estimator} {p['part']} experts {list(p['shard'])}"
 
