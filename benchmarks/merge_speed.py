@@ -32,18 +32,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORK = HERE / "_work"
@@ -133,6 +138,7 @@ def build_models(root: Path, spec: ModelSpec) -> None:
     folders = [root / name for name in model_names(spec)]
     wanted = json.dumps(asdict(spec), sort_keys=True)
 
+    # a --build-child process: the measuring parent must not import torch before the timed runs (see measure)
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -305,8 +311,6 @@ def _maxrss_bytes(ru_maxrss: int) -> int:
 
 
 def own_peak_rss() -> int:
-    import resource
-
     return _maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
@@ -389,7 +393,6 @@ def io_floor(models: list[Path], out: Path) -> dict[str, float]:
     start and torch import that the merge tools pay."""
     t0 = time.perf_counter()
     import torch  # noqa: F401  (safetensors.torch needs it; its import is part of every merge's cost too)
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     t_import = time.perf_counter() - t0
@@ -431,8 +434,6 @@ def io_floor(models: list[Path], out: Path) -> dict[str, float]:
 
 
 def _open_checkpoint(folder: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     handles = {}
     for path in weight_files(folder):
         h = safe_open(str(path), framework="pt")
@@ -445,7 +446,7 @@ def compare(ours: Path, theirs: Path, watch: list[str], only_watched: bool = Fal
     """Tensor by tensor (all of them, or only ``watch``): same names/shapes/dtypes, all finite, max |diff|, max diff in
     ulps of the output dtype (at the tensor's rms scale or above), the fraction of elements that differ, and max |diff|
     of each tensor in ``watch``."""
-    import torch
+    import torch  # verification runs after the timed runs: the parent stays torch-free until then (see measure)
 
     a, b = _open_checkpoint(ours), _open_checkpoint(theirs)
     result: dict[str, Any] = {"tensors": "watched" if only_watched else "all",
@@ -609,8 +610,6 @@ def child_env(work: Path, mergeflow_home: Path) -> dict[str, str]:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
     for package in ("torch", "safetensors", "mergekit", "mergeflow"):
         try:
@@ -621,8 +620,6 @@ def versions() -> dict[str, str]:
 
 
 def mergeflow_package() -> Path | None:
-    import importlib.util
-
     spec = importlib.util.find_spec("mergeflow")  # locates the package without importing it (and torch)
     return None if spec is None or spec.origin is None else Path(spec.origin).parent
 

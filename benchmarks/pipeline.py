@@ -24,30 +24,34 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mergeflow.graph import run_pipeline  # noqa: E402
+from mergeflow.pipeline import as_recipe, expand_grid  # noqa: E402
+from mergeflow.zoo.build import build_zoo, parse_zoo_reference  # noqa: E402
+
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    from mergeflow.pipeline import expand_grid
-
     (_, point), = expand_grid(data, {dotted: [value]})
     data.clear()
     data.update(point)
 
 
 def _recipe(path: Path, knob: str | None) -> dict[str, Any]:
-    import yaml
-
     data = yaml.safe_load(path.read_text())
     data.pop("grid", None)
     if knob:
@@ -60,12 +64,10 @@ def _child(mode: str, recipe_file: Path) -> int:
     """Run inside a fresh process: the library alone, or the flow."""
     recipe = json.loads(recipe_file.read_text())
     if mode == "library":
-        from mergeflow.graph import run_pipeline
-
         out = run_pipeline(recipe, register=False, device="auto")
         print(json.dumps({"in_domain_avg": out["evaluation"].in_domain_avg}))
     else:
-        from flows.merge_pipeline import merge_pipeline
+        from flows.merge_pipeline import merge_pipeline  # Prefect: the library child must not pay its import
 
         out = merge_pipeline(recipe)
         print(json.dumps({"in_domain_avg": out["in_domain_avg"]}))
@@ -104,9 +106,6 @@ def _timed(mode: str, recipe: dict[str, Any], home: Path, project: Path, log: Pa
 @contextlib.contextmanager
 def prefect_server(work: Path) -> Iterator[str]:
     """A real ``prefect server`` on 127.0.0.1 (private PREFECT_HOME), stopped with its process group at the end."""
-    import socket
-    import urllib.request
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -145,7 +144,7 @@ def prefect_server(work: Path) -> Iterator[str]:
 
 def _existing_store(project: Path) -> None:
     """Create the project's MLflow store now (a running team has one; its creation is not a pipeline cost)."""
-    from mergeflow import tracking
+    from mergeflow import tracking  # MLflow: the library child (register=False) must not pay its import
 
     project.mkdir(parents=True, exist_ok=True)
     tracking.ensure_store(f"sqlite:///{project / 'mlflow.db'}")
@@ -160,9 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.child[0], Path(args.child[1]))
-
-    from mergeflow.pipeline import as_recipe
-    from mergeflow.zoo.build import build_zoo, parse_zoo_reference
 
     base = _recipe(args.recipe, None)
     changed = _recipe(args.recipe, args.knob)

@@ -28,6 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from mergeflow.cache import cache_key  # noqa: E402
+from mergeflow.checkpoints import resolve  # noqa: E402
+from mergeflow.engine import compute_threads, merge_state_dict, plan_merge  # noqa: E402
+from mergeflow.errors import MergeflowError  # noqa: E402
+from mergeflow.evaluation import evaluate  # noqa: E402
+from mergeflow.importance import ModelRef, compute_coefficients, load_task_data  # noqa: E402
+from mergeflow.importance.scoring import encode, lm_loss  # noqa: E402
+from mergeflow.recipe import parse_recipe  # noqa: E402
+from mergeflow.zoo.build import Zoo, build_zoo  # noqa: E402
+from mergeflow.zoo.matrix import Matrix, MergeSpec, experts_row  # noqa: E402
+
 BUDGET = 4  # configurations per method, baselines and data-aware alike
 
 
@@ -44,8 +58,6 @@ class Method:
 
 def _spec(label: str, method: str, parameters: Mapping[str, Any], per_model: Mapping[str, Any] | None = None,
           importance: Sequence[Mapping[str, Any]] = ()) -> Any:
-    from mergeflow.zoo.matrix import MergeSpec
-
     return MergeSpec(label, method, dict(parameters), dict(per_model) if per_model else None,
                      tuple(dict(i) for i in importance))
 
@@ -148,8 +160,6 @@ class Runner:
     _matrices: dict[str, Any] = field(default_factory=dict)
 
     def matrix(self, split: str) -> Any:
-        from mergeflow.zoo.matrix import Matrix
-
         if split not in self._matrices:
             self._matrices[split] = Matrix(self.zoo, split=split, limit=self.limit)
         return self._matrices[split]
@@ -221,11 +231,6 @@ def format_table(result: Mapping[str, Any], zoo: Any) -> str:
 
 def _own_task_accuracy(runner: Runner, spec: Any, task: str, expert: Path, seed: int = 0) -> float:
     """A single expert pruned (no merge), scored on its own task's test split; cached by content."""
-    from mergeflow.cache import cache_key
-    from mergeflow.engine import merge_state_dict, plan_merge
-    from mergeflow.evaluation import evaluate
-    from mergeflow.recipe import parse_recipe
-
     zoo = runner.zoo
     recipe_dict = spec.recipe(zoo, seed)
     recipe_dict["models"] = [{"model": str(expert), "parameters": dict(spec.per_model or {}), **(
@@ -276,8 +281,6 @@ def pruning_ablation(runner: Runner, ratios: Sequence[float] = (0.5, 0.9, 0.99))
 
 def shots_ablation(runner: Runner, chosen: Any) -> dict[str, Any]:
     """APL Fig. 5: the number of few-shot examples (0 = plain DARE with the same p and weights)."""
-    from mergeflow.zoo.matrix import MergeSpec
-
     out = {}
     for n in (0, 1, 5, 10):
         if n == 0:
@@ -297,13 +300,10 @@ def shots_ablation(runner: Runner, chosen: Any) -> dict[str, Any]:
 
 def importance_heatmaps(runner: Runner, out_dir: Path) -> list[str]:
     """Per-layer importance per task: APL causal layer scores and Sens layer sensitivities (PNG)."""
-    import matplotlib
+    import matplotlib  # the optional [eval] extra, and its import time
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mergeflow.engine import plan_merge
-    from mergeflow.recipe import parse_recipe
 
     paths = []
     specs = {
@@ -340,12 +340,6 @@ def estimator_costs(runner: Runner, repeats: int = 3) -> dict[str, Any]:
     """Wall time and passes of every estimator on the zoo (uncached), and APL's cost targets against plain passes
     measured in the same process: layer causal ≤ 1.5 × (L + 2) forwards over the few-shot set; the gradient
     approximation ≤ 1.5 × one forward + backward of the base."""
-    import torch
-
-    from mergeflow.checkpoints import resolve
-    from mergeflow.importance import ModelRef, compute_coefficients, load_task_data
-    from mergeflow.importance.scoring import encode, lm_loss
-
     zoo = runner.zoo
 
     def ref(path: Path) -> ModelRef:
@@ -385,11 +379,9 @@ def estimator_costs(runner: Runner, repeats: int = 3) -> dict[str, Any]:
         runner.log(f"  cost {label}: {seconds:.1f} s, passes {out[label]['passes']}")
 
     # reference passes, same process: plain forwards over each expert's few-shot set, and the base's fwd+bwd
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(zoo.base))
     n_layers = AutoModelForCausalLM.from_pretrained(str(zoo.base)).config.num_hidden_layers
-    from mergeflow.engine import compute_threads
 
     base_model = AutoModelForCausalLM.from_pretrained(str(zoo.base), dtype=torch.float32).eval()
     experts_in_memory = {task: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -441,9 +433,6 @@ def estimator_costs(runner: Runner, repeats: int = 3) -> dict[str, Any]:
 def run(zoo_dir: Path | None, seeds: int, limit: int | None, ablations: bool, out_dir: Path,
         only: Sequence[str] = (), partial: Path | None = None) -> dict[str, Any]:
     """The benchmark; ``partial`` is rewritten after every method so a long run's progress is never lost."""
-    from mergeflow.zoo.build import Zoo, build_zoo
-    from mergeflow.zoo.matrix import experts_row
-
     zoo = Zoo.load(zoo_dir) if zoo_dir else build_zoo(size="full", seed=0)
     runner = Runner(zoo, limit, seeds)
     start = time.perf_counter()
@@ -522,11 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "them into the --json file (replacing its costs)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "_work" / "quality")
     args = parser.parse_args(argv)
-    from mergeflow.errors import MergeflowError
 
     if args.costs_only:
-        from mergeflow.zoo.build import Zoo, build_zoo
-
         zoo = Zoo.load(args.zoo) if args.zoo else build_zoo(size="full", seed=0)
         costs = estimator_costs(Runner(zoo, args.limit, args.seeds))
         print(json.dumps(costs, indent=1))
@@ -540,7 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from mergeflow.zoo.build import Zoo
 
     zoo = Zoo.load(result["zoo"]["root"])
     print(format_table(result, zoo))
