@@ -64,6 +64,7 @@ def test_latent_documents_use_the_zoo_vocabulary_and_never_a_task_template() -> 
                  "topic :", "same meaning", "does it follow", "mod 10 equals")
     verbalizers = {"sentiment": {"positive", "negative"}, "topic": set(TOPICS), "paraphrase": {"yes", "no"},
                    "nli": {"yes", "maybe", "no"}}
+    assert set(LATENT) == {"sentiment", "topic", "paraphrase", "nli", "arith", "complete"}
     for task, make in LATENT.items():
         for _ in range(200):
             context, answer = make(rng)
@@ -77,6 +78,11 @@ def test_latent_documents_use_the_zoo_vocabulary_and_never_a_task_template() -> 
     vocab = {i: w for w, i in zoo_vocab().items()}
     text = " ".join(vocab[int(i)] for i in blocks.flatten())
     assert "makes" in text and "so it was on" not in text  # weights choose which skills are stated
+    # with weights, a task they do not name gets no latent documents (complete's form is never drawn here)
+    blocks = pretraining_blocks(zoo_vocab(), n_blocks=8, block_len=32, mix={"latent": 1.0}, prompt_tasks=(),
+                                labelled_tasks=("complete", "arith"), label_noise=0.0, seed=0, bos_id=BOS_ID,
+                                eos_id=EOS_ID, latent_weights={"arith": 1.0})
+    assert " was in the " not in " ".join(vocab[int(i)] for i in blocks.flatten())
     tuning = latent_tuning_examples(50, {"arith": 1.0, "nli": 0.0}, seed=0)
     assert len(tuning) == 50 and all(c.endswith("makes") and a.isdigit() for c, a in tuning)
     assert tuning == latent_tuning_examples(50, {"arith": 1.0}, seed=0) != latent_tuning_examples(50, {"arith": 1.0}, 1)
