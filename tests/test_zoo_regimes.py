@@ -133,11 +133,11 @@ def test_diagnose_report_schema_and_values(sft_zoo: Zoo, tmp_path: Path) -> None
     assert 0.0 < out["ta_normalized"] <= 1.5 and -1.0 <= out["task_vector_cosine_mean"] <= 1.0
     assert 0.0 < out["task_vector_rel_norm"] < 1.0
     # the retention is the mean of each expert's (pruned - base) / (expert - base), from the measured accuracies
-    dare = report["_details"]["dare"]
+    dare = report["details"]["dare"]
     ratios = [(dare[t]["0.9"] - out["base"][t]) / (out["experts_own"][t] - out["base"][t])
               for t in out["tasks"] if out["experts_own"][t] > out["base"][t]]
     assert out["dare_retention"]["0.9"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-3)
-    ta = report["_details"]["ta"]
+    ta = report["details"]["ta"]
     best = max(ta.values())
     assert ta[str(out["ta_best_lambda"])] == best
     assert out["ta_normalized"] == pytest.approx(best / (sum(out["experts_own"].values()) / 3), abs=1e-3)

@@ -146,7 +146,7 @@ def diagnose(zoo: Zoo, *, split: str = "test", limit: int | None = None, seed: i
         "ta_best_lambda": best_lambda,
         "task_vector_cosine_mean": round(cosine, 4),
         "task_vector_rel_norm": round(rel_norm, 5),
-        "_details": {"dare": dare, "ta": {str(lam): round(v, 2) for lam, v in ta.items()}},
+        "details": {"dare": dare, "ta": {str(lam): round(v, 2) for lam, v in ta.items()}},
     }
 
 
@@ -173,7 +173,7 @@ def check_premises(report: Mapping[str, Any]) -> list[tuple[str, bool, str]]:
 def format_report(report: Mapping[str, Any]) -> str:
     tasks = report["tasks"]
     width = max(len(t) for t in [*tasks, "task"])
-    details = report.get("_details", {})
+    details = report.get("details", {})
     drops = [str(p) for p in DARE_DROPS]
     lines = [f"regime {report['regime']} — test-split accuracy %, DARE: the expert alone pruned at drop p",
              f"{'task':<{width}}  {'base':>6}  {'expert':>6}  " + "  ".join(f"{'dare ' + p:>9}" for p in drops)]
