@@ -198,15 +198,16 @@ SIZES: dict[str, ZooSize] = {
     ),
 }
 # The SFT regime (REGIMES): the hard zoo's model, tasks and splits. The base is pre-trained for as long as the hard
-# zoo's, on generic text (40 %, which states the place -> activity facts) and the latent forms of the skills generic
-# text does not state (60 %, corpus.LATENT: sentiment and arith, which the base learns last, twice as often), then
-# tuned for 1000 steps on all latent forms' answers (sentiment 4, arith 2, complete 0.25, the others 1: complete's
-# form, the facts in the task's own direction, let the base solve complete outright on some seeds at a larger share:
-# 54 % / 92 % on seeds 0 / 1 at half share in pre-training and tuning, 89 % / 49 % at half share in the tuning only). Experts are short, small-step full fine-tunings: 200 steps at 3e-4, against
-# 400-800 at 5e-4-1e-3 in the hard zoo; sentiment and nli, whose templates are furthest from their latent forms,
-# 400. The shares were set by the regime's premises (the base near chance on the templates, every expert at least
-# 20 points above it, DARE at p = 0.9 lossless, task arithmetic keeping 65-88 %; `mergeflow zoo diagnose`), never by
-# how a merge method scores.
+# zoo's, on generic text (40 %, which states the place -> activity facts) and the latent forms of the other skills
+# (60 %, corpus.LATENT; sentiment and arith, which the base learns last, twice as often), then tuned for 1000 steps
+# on all latent forms' answers (sentiment 4, arith 2, complete 0.25, the others 1). complete's form, the facts in the
+# task's own direction, lets the base solve complete outright on some seeds at a larger share (54 % / 92 % on seeds
+# 0 / 1 at half share in pre-training and tuning, 89 % / 49 % at half share in the tuning only), which leaves its
+# expert nothing to learn. Experts are short, small-step full fine-tunings: 200 steps at 3e-4, against 400-800 at
+# 5e-4-1e-3 in the hard zoo; sentiment and nli, whose templates are furthest from their latent forms, 400. The
+# shares were set by the regime's premises (the base near chance on the templates, every expert at least 20 points
+# above it, DARE at p = 0.9 lossless, task arithmetic keeping 65-88 %; `mergeflow zoo diagnose`), never by how a
+# merge method scores.
 SIZES.update({
     "sft-full": replace(
         SIZES["full"],
