@@ -159,7 +159,6 @@ def check(recipe: Path, as_json: bool) -> None:
     plan = plan_merge(load_recipe(recipe), strict=False)
     plan.close()
     report = plan.report
-    _add_svd_workspace(plan)
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": report.warnings,
                                "estimate": report.estimate,
@@ -168,21 +167,6 @@ def check(recipe: Path, as_json: bool) -> None:
         click.echo(report.render())
     if not report.ok:
         sys.exit(EXIT_USER_ERROR)
-
-
-def _add_svd_workspace(plan) -> None:
-    """SVD-based methods (tsv, iso_c, iso_cts) and wudi need working memory several times their largest matrix
-    beyond the engine's streaming estimate: add it to the peak and say which tensor needs it."""
-    import torch  # only `check` gets here, after the engine: --help must not pay for torch
-
-    from mergeflow.methods.spectral import workspace_estimate
-
-    shapes = [tuple(s.shape) for s in plan.specs if s.dtype.is_floating_point]
-    itemsize = 8 if plan.compute_dtype == torch.float64 else 4
-    extra = workspace_estimate(plan.method.name, shapes, len(plan.experts), itemsize)
-    if extra and plan.report.estimate:
-        plan.report.estimate.update(extra)
-        plan.report.estimate["peak_bytes"] += extra["workspace_bytes"]
 
 
 @main.command()

@@ -212,7 +212,7 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
             per_model, shared = recipe.tensor_params(name, layer_fraction(reference.arch, name))
             _check_tensor_params(method, name, per_model, shared, recipe.mergekit_compat)
             params[name] = (per_model, shared)
-    report.estimate = _estimate(reference, experts, specs, compute_dtype)
+    report.estimate = _estimate(method, reference, experts, specs, compute_dtype)
     if out is not None:
         check_output_path(out, [i.snapshot.path for i in [*([base] if base else []), *experts]],
                           overwrite=options.overwrite)
@@ -263,7 +263,7 @@ def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, li
                 spec.check(value, f"models[{i}].parameters.{pname} (tensor {name})")
 
 
-def _estimate(reference: Input, experts: list[Input], specs: list[TensorSpec],
+def _estimate(method: MergeMethod, reference: Input, experts: list[Input], specs: list[TensorSpec],
               compute_dtype: torch.dtype | None) -> dict[str, int]:
     largest = max((s.numel for s in specs), default=0)
     k = len(experts) + (1 if reference not in experts else 0)
@@ -271,7 +271,14 @@ def _estimate(reference: Input, experts: list[Input], specs: list[TensorSpec],
     in_item = max((s.nbytes // max(s.numel, 1) for s in reference.reader.specs.values()), default=4)
     # raw prefetched inputs (current + next) + compute copies + a stacked K-way buffer + the output being written
     peak = 2 * k * largest * in_item + (2 * k + 2) * largest * item + largest * 4
-    return {"peak_bytes": int(peak), "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
+    estimate = {"peak_bytes": int(peak), "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
+    # the method's own working memory (SVD factors, optimiser state) on the tensor that needs the most of it
+    need, shape = max(((method.workspace_elements(tuple(s.shape), len(experts)), tuple(s.shape)) for s in specs
+                       if s.dtype.is_floating_point), default=(0, ()))
+    if need > 0:
+        estimate.update({"workspace_bytes": need * item, "workspace_rows": shape[0], "workspace_cols": shape[1]})
+        estimate["peak_bytes"] += need * item
+    return estimate
 
 
 def _global_thresholds(plan: MergePlan) -> list[float]:

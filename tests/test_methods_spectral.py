@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mergeflow.methods import KernelInput, get_method
-from mergeflow.methods.spectral import iso_cts_split, workspace_estimate
+from mergeflow.methods.spectral import iso_cts_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -244,15 +244,17 @@ def test_engine_merges_are_bit_identical_in_any_expert_order(families) -> None:
     assert torch.equal(plain[other], excluded[other])
 
 
-def test_workspace_estimate_names_the_svd_of_the_largest_matrix() -> None:
-    """A 7B's 32000×4096 embedding: the SVD workspace is several times the tensor, whatever K."""
+def test_workspace_of_a_7b_embedding_is_several_times_the_tensor() -> None:
+    """A 7B's 32000×4096 embedding: the SVD workspace is several times the tensor, whatever K, and it is the
+    largest of the model's matrices; methods without a workspace need none and vectors never do."""
     shapes = [(32000, 4096), (4096, 4096), (11008, 4096), (4096,)]
     tensor = 32000 * 4096 * 4
     for method in ("tsv", "iso_c", "iso_cts", "wudi"):
-        est = workspace_estimate(method, shapes, k=4)
-        assert (est["workspace_rows"], est["workspace_cols"]) == (32000, 4096)
-        assert 2 * tensor < est["workspace_bytes"] < 8 * tensor, (method, est)
-    assert workspace_estimate("ties", shapes, k=4) == {}
+        need = {shape: get_method(method).workspace_elements(shape, 4) * 4 for shape in shapes}
+        assert max(need, key=need.get) == (32000, 4096)
+        assert 2 * tensor < need[32000, 4096] < 8 * tensor, (method, need)
+        assert need[(4096,)] == 0
+    assert all(get_method("ties").workspace_elements(shape, 4) == 0 for shape in shapes)
 
 
 def test_check_prints_the_svd_workspace(families, tmp_path) -> None:

@@ -128,6 +128,9 @@ class MergeMethod:
     partition_params: tuple[str, ...] = ()
     # the estimator whose coefficients the method cannot run without (RegMean's Gram matrices), or None
     requires_estimator: str | None = None
+    # elements of working memory one tensor of this shape needs with K experts beyond the engine's streaming estimate
+    # (SVD factors, optimiser state); the engine adds the largest over the tensors to its peak-memory estimate
+    workspace_elements: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, k: 0)
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)

@@ -30,6 +30,8 @@ See :mod:`mergeflow.methods.spectral` for dtype, device, ``exclude`` and the ord
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from mergeflow.methods import spectral
@@ -90,6 +92,7 @@ ISO_C = register(MergeMethod(
             "(σ̄·UVᵀ); other tensors: mean task vector; θ_b + λ·update",
     paper=ISO_PAPER,
     min_models=1,
+    workspace_elements=partial(spectral.workspace_elements, "iso_c"),
 ))
 
 ISO_CTS = register(MergeMethod(
@@ -106,4 +109,5 @@ ISO_CTS = register(MergeMethod(
             "orthogonalized, with isotropic singular values; other tensors: mean task vector; θ_b + λ·update",
     paper=ISO_PAPER,
     min_models=1,
+    workspace_elements=partial(spectral.workspace_elements, "iso_cts"),
 ))

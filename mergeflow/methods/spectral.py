@@ -118,18 +118,6 @@ def workspace_elements(method: str, shape: tuple[int, ...], k: int) -> int:
     return 7 * m * n + n * n  # wudi
 
 
-def workspace_estimate(method: str, shapes: list[tuple[int, ...]], k: int, itemsize: int = 4) -> dict[str, int]:
-    """The largest per-tensor workspace over ``shapes`` (bytes) and the shape that needs it; {} if none needs any."""
-    best, best_shape = 0, None
-    for shape in shapes:
-        need = workspace_elements(method, tuple(shape), k)
-        if need > best:
-            best, best_shape = need, tuple(shape)
-    if best_shape is None:
-        return {}
-    return {"workspace_bytes": best * itemsize, "workspace_rows": best_shape[0], "workspace_cols": best_shape[1]}
-
-
 def rank_share(shape: tuple[int, int], k: int) -> int:
     """TSV's singular triplets per task: ⌊min(m, n)/K⌋ as in FusionBench, but at least 1 (FusionBench keeps none
     when min(m, n) < K, i.e. leaves such a tensor at the base)."""

@@ -25,6 +25,8 @@ Choices where the paper and FusionBench (``compute_and_sum_svd_mem_reduction``, 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from mergeflow.methods import spectral
@@ -65,4 +67,5 @@ TSV = register(MergeMethod(
     paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 "
           "(arXiv:2412.00081)",
     min_models=1,
+    workspace_elements=partial(spectral.workspace_elements, "tsv"),
 ))

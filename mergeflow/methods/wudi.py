@@ -39,6 +39,8 @@ silent:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from mergeflow.methods import spectral
@@ -88,4 +90,5 @@ WUDI = register(MergeMethod(
     paper="Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task "
           "Vectors, ICML 2025 (arXiv:2503.08099)",
     min_models=1,
+    workspace_elements=partial(spectral.workspace_elements, "wudi"),
 ))
