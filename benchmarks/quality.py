@@ -91,6 +91,15 @@ def method_table() -> list[Method]:
         Method("consensus (TALL)", False, [s(f"consensus λ={lam} tall={tl}", "consensus", {"lambda": lam, "k": 2},
                                              {"tall_lambda": tl}) for lam in (0.5, 1.0) for tl in (0.4, 0.8)]),
         Method("model_stock", False, [s("model_stock", "model_stock", {})]),
+        # the per-layer spectral methods (issue 12): TSV-Merge and Iso-C/Iso-CTS sweep their scaling as the papers do
+        # (TSV's orthogonalised update sums the tasks' top subspaces, so λ is on task arithmetic's scale; Iso's
+        # flattened spectrum has the summed update's mean singular value, tuned around 1); WUDI is the paper's
+        # coefficient-free solve (no λ), so its one configuration is the paper's (300 Adam steps, lr 1e-5)
+        Method("tsv", False, [s(f"tsv λ={lam}", "tsv", {"lambda": lam}) for lam in (0.3, 0.5, 0.7, 1.0)]),
+        Method("iso_c", False, [s(f"iso_c λ={lam}", "iso_c", {"lambda": lam}) for lam in (0.5, 1.0, 1.5, 2.0)]),
+        Method("iso_cts", False, [s(f"iso_cts λ={lam}", "iso_cts", {"lambda": lam, "common_space_fraction": 0.8})
+                                  for lam in (0.5, 1.0, 1.5, 2.0)]),
+        Method("wudi", False, [s("wudi", "wudi", {})]),
         Method("lm_cocktail", True, [s(f"cocktail T={t}", "task_arithmetic", {},
                                        importance=[{"estimator": "cocktail", "parameters": {"temperature": t}}])
                                      for t in (0.5, 1.0, 5.0, 10.0)]),

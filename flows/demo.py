@@ -42,7 +42,7 @@ DEMO_MODEL = "mergeflow-demo"
 
 
 @task(name="zoo", cache_policy=CONTENT, persist_result=True, result_storage=results_path())
-def zoo(size: str, seed: int, home: str, regime: str = "hard") -> dict[str, Any]:
+def zoo(size: str, seed: int, home: str, regime: str = "sft") -> dict[str, Any]:
     """The offline model zoo (tokenizer, base, one expert per task, lm-eval task files), built deterministically
     once under MERGEFLOW_HOME (``home`` keys the cached result to it); its progress goes to the task's log."""
     built = build_zoo(size=size, seed=seed, regime=regime, progress=get_run_logger().info)
@@ -71,7 +71,7 @@ def demo_recipes(zoo_info: dict[str, Any], *, data_aware: bool, limit: int | Non
 @flow(name="mergeflow-demo", task_runner=task_runner(), log_prints=True)
 def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit: int | None = None,
               selection_limit: int | None = 200, out: str = "demo_results",
-              tracking_uri: str | None = None, regime: str = "hard") -> dict[str, Any]:
+              tracking_uri: str | None = None, regime: str = "sft") -> dict[str, Any]:
     """Build the zoo, merge its experts with every demo method, evaluate, register, print the table."""
     start = time.perf_counter()
     info = zoo(size, seed, str(mergeflow_home()), regime)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "test"], default="full")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--regime", choices=["hard", "sft"], default="hard",
+    parser.add_argument("--regime", choices=["hard", "sft"], default="sft",
                         help="the zoo's merging regime (README: two regimes)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N test examples of each task")
     parser.add_argument("--selection-limit", type=int, default=200,

@@ -20,7 +20,7 @@ from mergeflow.zoo.matrix import DATA_AWARE_MERGES, DATA_FREE_MERGES, Matrix, fo
 
 def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results"), limit: int | None = None,
              progress: bool = True, zoo_dir: Path | None = None, data_aware: bool = True,
-             regime: str = "hard") -> dict[str, Any]:
+             regime: str = "sft") -> dict[str, Any]:
     start = time.perf_counter()
     click.echo(f"== 1/3 zoo ({size}, {regime} regime, seed {seed}): built once, then served from MERGEFLOW_HOME")
     zoo = build_zoo(zoo_dir, size=size, seed=seed, regime=regime, progress=progress)
@@ -61,7 +61,7 @@ def run_demo(size: str = "full", seed: int = 0, out: Path = Path("demo_results")
 @click.option("--size", type=click.Choice(["full", "test"]), default="full", show_default=True,
               help="Zoo size: full (the benchmark zoo) or test (seconds to build).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Zoo seed (data, initialisation, DARE masks).")
-@click.option("--regime", type=click.Choice(["hard", "sft"]), default="hard", show_default=True,
+@click.option("--regime", type=click.Choice(["hard", "sft"]), default="sft", show_default=True,
               help="The zoo's merging regime (README: two regimes).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_results"), show_default=True,
               help="Folder for the table (txt, json, png).")

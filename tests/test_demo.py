@@ -17,10 +17,11 @@ def test_demo_end_to_end_and_warm_rerun(test_zoo: Zoo, tmp_path: Path, monkeypat
     from mergeflow import evaluation
     from mergeflow.demo import run_demo
 
-    matrix = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo", limit=40, progress=False)
+    matrix = run_demo(size="test", regime="hard", zoo_dir=test_zoo.root, out=tmp_path / "demo", limit=40, progress=False)
     printed = capsys.readouterr().out
     labels = [m.label for m in DATA_FREE_MERGES + DATA_AWARE_MERGES]
-    assert {"lm_cocktail", "fisher", "regmean", "ta+sens", "mi-ta+apl@0.9", "slta(attn_mlp)"} <= set(labels)
+    assert {"lm_cocktail", "fisher", "regmean", "ta+sens", "mi-ta+apl@0.9", "slta(attn_mlp)", "tsv", "iso_c", "iso_cts",
+            "wudi"} <= set(labels)
     assert list(matrix["models"]) == ["base", *(f"expert:{t}" for t in test_zoo.in_domain), *labels]
     assert matrix["tasks"] == {"in_domain": list(test_zoo.in_domain), "ood": list(test_zoo.ood)}
     for label in ["base", "experts (own task)", *labels]:
@@ -46,7 +47,7 @@ def test_demo_end_to_end_and_warm_rerun(test_zoo: Zoo, tmp_path: Path, monkeypat
 
     monkeypatch.setattr(evaluation, "evaluate", no_eval)
     monkeypatch.setattr(ImportanceRun, "load_model", no_eval)
-    again = run_demo(size="test", zoo_dir=test_zoo.root, out=tmp_path / "demo2", limit=40, progress=False)
+    again = run_demo(size="test", regime="hard", zoo_dir=test_zoo.root, out=tmp_path / "demo2", limit=40, progress=False)
     assert again["models"] == matrix["models"]
 
 

@@ -185,7 +185,7 @@ def test_demo_flow_on_the_test_zoo(harness, test_zoo, tmp_path):  # noqa: F811
     from flows.demo import DEMO_MODEL, demo_flow
 
     out = tmp_path / "demo"
-    state = demo_flow(size="test", seed=0, limit=20, selection_limit=10, out=str(out), return_state=True)
+    state = demo_flow(size="test", regime="hard", seed=0, limit=20, selection_limit=10, out=str(out), return_state=True)
     assert state.is_completed(), state
     # APL, Fisher, RegMean and the Sens sensitivities are measured expert by expert, each shard once although two
     # entries of APL (TA and MI-TA) and of Sens (TA and TIES) differ only in what finalize does with the same scores

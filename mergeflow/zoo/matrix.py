@@ -87,6 +87,11 @@ DATA_FREE_MERGES: tuple[MergeSpec, ...] = (
     MergeSpec("della@0.7", "della", {"lambda": 1.0}, {"density": 0.7, "epsilon": 0.15}),
     MergeSpec("consensus", "consensus", {"lambda": 0.5, "k": 2}, {"tall_lambda": 0.4}),
     MergeSpec("model_stock", "model_stock", {}),
+    # the per-layer spectral methods at their papers' defaults (FusionBench's configs: λ = 1; WUDI has no λ)
+    MergeSpec("tsv", "tsv", {"lambda": 1.0}),
+    MergeSpec("iso_c", "iso_c", {"lambda": 1.0}),
+    MergeSpec("iso_cts", "iso_cts", {"lambda": 1.0, "common_space_fraction": 0.8}),
+    MergeSpec("wudi", "wudi", {}),
 )
 
 
