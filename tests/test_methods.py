@@ -61,6 +61,28 @@ def test_ties_per_tensor_matches_official_algorithm() -> None:
     np.testing.assert_allclose(_np(out), official_ties(_np(base), [_np(e) for e in experts], 0.3, 1.2), atol=1e-6)
 
 
+def test_ties_weights_scale_the_disjoint_mean_but_do_not_vote() -> None:
+    """Paper mode (D-15, PEFT's ties): the sign is elected on the unweighted trimmed deltas and each expert's weight
+    multiplies its share of the disjoint mean (count of agreeing experts below). Voting on weighted deltas
+    (mergekit's order) would let a large weight (Sens's c) overturn the majority."""
+    base = torch.zeros(2)
+    experts = [torch.tensor([1.0, 0.3]), torch.tensor([-0.8, 0.5])]
+    out = _run("ties", base, experts, {"density": [1.0, 1.0], "weight": [0.2, 2.0]}, {"trim_scope": "tensor"})
+    # entry 0: the vote 1.0 - 0.8 > 0 elects +, only expert 0 agrees: 0.2·1.0 / 1 (weighted vote: -1.6)
+    # entry 1: both agree on +: (0.2·0.3 + 2.0·0.5) / 2
+    torch.testing.assert_close(out, torch.tensor([0.2, (0.06 + 1.0) / 2]))
+    base, experts = _inputs(shape=(30, 20), seed=3)
+    w = [0.3, 1.7, 0.9]
+    out = _run("ties", base, experts, {"density": [0.4] * 3, "weight": w}, {"trim_scope": "tensor"})
+    tvs = [(_np(e) - _np(base)).reshape(-1) for e in experts]
+    trimmed = np.stack([np.where(np.abs(tv) >= np.sort(np.abs(tv))[len(tv) - int(len(tv) * 0.4) - 1], tv, 0.0)
+                        for tv in tvs])
+    sign = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(trimmed) == sign) & (trimmed != 0)
+    merged = (trimmed * agree * np.array(w)[:, None]).sum(0) / np.maximum(agree.sum(0), 1)
+    np.testing.assert_allclose(_np(out), _np(base) + merged.reshape(base.shape), atol=1e-6)
+
+
 def test_ties_global_threshold_is_used() -> None:
     base, experts = _inputs(k=2)
     thr = [0.05, 0.12]

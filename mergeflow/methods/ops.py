@@ -7,6 +7,8 @@ papers and are written for speed (exact thresholds by radix selection instead of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 _HI_BINS = 1 << 15  # sign bit is 0 for |x|, so the high 16 bits of a non-negative float32 are < 2**15
@@ -172,23 +174,29 @@ def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torc
 
 # --- sign election and disjoint merge (TIES family) ---
 
-def elect_and_merge(stacked: torch.Tensor, election: str, divisor: str) -> torch.Tensor:
-    """TIES sign election and disjoint merge of a [K, ...] stack of (weighted) deltas, consuming the stack.
+def elect_and_merge(stacked: torch.Tensor, election: str, divisor: str,
+                    weights: Sequence[torch.Tensor | float] | None = None) -> torch.Tensor:
+    """TIES sign election and disjoint merge of a [K, ...] stack of trimmed deltas, consuming the stack.
 
-    The elected sign is that of the sum (``sum``, TIES "mass") or of the sign count (``count``); ties go to +1
-    (mergekit and PEFT). Entries agreeing with it (zeros never agree) are summed and divided by their count
-    (``count``, the official disjoint mean) or not at all (``none``). One model at a time and in place, so the
-    temporaries are the size of one tensor, not K.
+    The elected sign is that of the sum (``sum``, TIES "mass") or of the sign count (``count``) of the stack as
+    given; ties go to +1 (mergekit and PEFT). Entries agreeing with it (zeros never agree) are summed, each times its
+    ``weights[i]`` when given (a float or a tensor broadcastable to the entry), and divided by their count
+    (``count``, the official disjoint mean) or not at all (``none``). With ``weights`` the vote is on the unweighted
+    deltas, as in PEFT's ``ties`` and docs/methods.md D-15 (mergekit weights the stack first and passes no
+    ``weights``). One model at a time and in place, so the temporaries are the size of one tensor, not K.
     """
     vote = stacked.sum(dim=0) if election == "sum" else stacked.sign().sum(dim=0)
     sign = (vote >= 0).to(vote.dtype).mul_(2.0).sub_(1.0)  # ties of the vote go to +1
     mixed = torch.zeros_like(vote)
     count = torch.zeros_like(vote) if divisor == "count" else None
-    for d in stacked:
+    for i, d in enumerate(stacked):
         agree = (d * sign) > 0  # same sign as elected; zeros never agree
-        mixed.add_(d.mul_(agree))
         if count is not None:
             count.add_(agree)
+        d.mul_(agree)
+        if weights is not None:
+            d.mul_(weights[i])
+        mixed.add_(d)
     if count is not None:
         mixed.div_(count.clamp_(min=1.0))
     elif divisor != "none":

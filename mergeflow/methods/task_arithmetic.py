@@ -167,8 +167,10 @@ def paper_kernel(x: KernelInput, comp: Composition) -> torch.Tensor:
                 delta = torch.sub(rows[i][r0:r1], b, out=stacked[i])
                 if comp.sparsify:
                     stacked[i] = _sparsify_block(delta, x, i, comp, thresholds[i], shape, r0, r1)
-                stacked[i].mul_(weights[i])
-            acc = ops.elect_and_merge(stacked, x.shared.get("election", "sum"), "count" if normalize else "none")
+            # elect on the unweighted trimmed deltas, weight in the disjoint mean (D-15, PEFT's ties): a weight
+            # (Sens's c, MI-TA's, a user's) scales an expert's contribution but does not buy it the sign vote
+            acc = ops.elect_and_merge(stacked, x.shared.get("election", "sum"), "count" if normalize else "none",
+                                      weights=weights)
         if lam != 1.0:
             acc.mul_(lam)
         out[r0:r1] = acc.add_(b)
