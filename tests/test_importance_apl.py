@@ -280,11 +280,15 @@ def test_drop_ratio_mapping():
     # linear mapping: the median gets p, the ends p ± ε_lin
     lin = linear_mapping(torch.tensor([0.2, -0.1, 0.7, 0.0, 0.3]), 0.9, 0.3)
     eps = linear_window(0.9, 0.3)
-    assert eps == pytest.approx(0.1 - 1e-6)
+    assert eps == pytest.approx(0.999 - 0.9)  # the p_max clip bounds the window (D-5)
     assert float(lin.median()) == pytest.approx(0.9)
     assert float(lin[2]) == pytest.approx(0.9 - eps) and float(lin[1]) == pytest.approx(0.9 + eps)
     assert float(lin.mean()) == pytest.approx(0.9)
-    assert linear_window(0.3, 0.5) == 0.3 and linear_window(0.995, 0.3) == pytest.approx(0.005 - 1e-6)
+    assert linear_window(0.3, 0.5) == 0.3 and linear_window(0.995, 0.3, p_max=1.0) == pytest.approx(0.005 - 1e-6)
+    # at the default p_max = 0.999 the window stops there: no ratio is clipped and the mean is exactly p (budget)
+    assert linear_window(0.995, 0.3) == pytest.approx(0.004)
+    deep, info = drop_ratios(torch.linspace(-1, 1, 32), None, dataclasses.replace(cfg, mapping="linear", p=0.995))
+    assert info["clipped"] == 0 and float(deep.max()) <= 0.999 and float(deep.mean()) == pytest.approx(0.995, abs=1e-12)
     ties = linear_mapping(torch.tensor([0.0, 0.0, 1.0]), 0.5, 0.2)  # ties: the lower index ranks lower
     assert ties.tolist() == pytest.approx([0.7, 0.5, 0.3])
 

@@ -48,7 +48,7 @@ Drop ratio (Eq. 11, stripped from every reachable copy of the paper and **recons
   the calibrated partitions (uncalibrated tensors are at p, or 0 with keep_unpruned, by construction);
 * ``mapping: linear`` is the rank-based variant of the paper's pruning comparison (Fig. 3): r = 0 least important …
   P−1 most important (ties: the lower partition index ranks lower, D-5), ``p̂ = p + ε_lin (1 − 2r/(P−1))`` with
-  ``ε_lin = min(ε, p, 1 − p − 1e-6)`` (D-5).
+  ``ε_lin = min(ε, p, 1 − p − 1e-6, p_max − p)`` (D-5).
 
 MI-TA weights (Eq. 12, reconstructed, §2.7, D-8): ``w = softmax(s^M / T_m)`` over the experts (raw model scores by
 default, ``mi_normalize: zscore`` optional), times ``lambda_mi`` and times K when ``scale_by_k``; written as a
@@ -190,12 +190,14 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def linear_window(p: float, epsilon: float) -> float:
-    """ε_lin = min(ε, p, 1 − p − 1e-6) (D-5): the rank-based window never leaves [0, 1)."""
-    return max(0.0, min(epsilon, p, 1.0 - p - 1e-6))
+def linear_window(p: float, epsilon: float, p_max: float = 0.999) -> float:
+    """ε_lin = min(ε, p, 1 − p − 1e-6, p_max − p) (D-5): the rank-based window never leaves [0, p_max], so the
+    clip to p_max never cuts it and the mean drop ratio stays exactly p (the spec's window alone reaches 1 − 1e-6,
+    which the p_max clip would cut: 1.3 % of the kept parameters at p = 0.995)."""
+    return max(0.0, min(epsilon, p, 1.0 - p - 1e-6, p_max - p))
 
 
-def linear_mapping(scores: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
+def linear_mapping(scores: torch.Tensor, p: float, epsilon: float, p_max: float = 0.999) -> torch.Tensor:
     """Rank-based p̂ (paper Fig. 3): least important → p + ε_lin, median → p, most important → p − ε_lin."""
     n = scores.numel()
     if n == 1:
@@ -203,7 +205,7 @@ def linear_mapping(scores: torch.Tensor, p: float, epsilon: float) -> torch.Tens
     order = torch.argsort(scores.to(torch.float64), stable=True)  # ties: lower partition index ranks lower (D-5)
     rank = torch.empty(n, dtype=torch.float64)
     rank[order] = torch.arange(n, dtype=torch.float64)
-    return p + linear_window(p, epsilon) * (1 - 2 * rank / (n - 1))
+    return p + linear_window(p, epsilon, p_max) * (1 - 2 * rank / (n - 1))
 
 
 def _mean_preserving_shift(q: torch.Tensor, sizes: torch.Tensor, p: float, p_max: float) -> float:
@@ -250,7 +252,7 @@ def drop_ratios(scores: torch.Tensor, sizes: torch.Tensor | None, cfg: DropRatio
     if s.numel() == 0 or bool((s == s[0]).all()):
         return torch.full_like(s, cfg.p), info  # D-7: no information → plain DARE
     if cfg.mapping == "linear":
-        q = linear_mapping(s, cfg.p, cfg.epsilon)
+        q = linear_mapping(s, cfg.p, cfg.epsilon, cfg.p_max)
     else:
         q = cfg.p - cfg.epsilon * activation(normalize_scores(s, cfg.normalize) / cfg.temperature, cfg.activation)
     if cfg.preserve_mean_drop:
@@ -971,7 +973,7 @@ def _artifact(run: ImportanceRun, prm: dict[str, Any], arch: Architecture, parti
         table = torch.stack(rows) if rows else torch.zeros(k, 0, dtype=torch.float64)
         weighted = (table * sizes).sum(1) / sizes.sum() if len(scored) else torch.full((k,), p)
         stats.update(clipped=clipped, shift=shifts, mean_drop_ratio=weighted.tolist(),
-                     epsilon_lin=linear_window(p, cfg.epsilon) if cfg.mapping == "linear" else None)
+                     epsilon_lin=linear_window(p, cfg.epsilon, cfg.p_max) if cfg.mapping == "linear" else None)
         columns = list(scored)
         default = [p] * k
         if policy == "keep_unpruned":
