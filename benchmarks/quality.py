@@ -289,6 +289,33 @@ def pruning_ablation(runner: Runner, ratios: Sequence[float] = (0.5, 0.9, 0.95, 
     return out
 
 
+def ood_ablation(runner: Runner, p: float = 0.9) -> dict[str, Any]:
+    """APL's out-of-domain claim (§2.7, D-10): for each out-of-domain task, LM-Cocktail's weights from that task's
+    few-shot examples, alone, with the task vectors DARE-pruned at ``p``, and pruned at APL's drop ratios (layer,
+    causal, every expert scored on the same target examples, mean drop ``p``); the target task's test accuracy, mean ±
+    std over seeds. One fixed configuration for all three (the papers' defaults: T = 5, p = 0.9), nothing selected."""
+    out: dict[str, Any] = {}
+    for target in runner.zoo.ood:
+        cocktail = {"estimator": "cocktail", "data": {"target": target}}
+        apl = {**_apl("layer", "causal", "none", p=p), "data": {"target": target}}
+        variants = {
+            "lm_cocktail": _spec("cocktail", "task_arithmetic", {}, importance=[cocktail]),
+            "lm_cocktail+dare": _spec(f"cocktail+dare p={p}", "dare_linear", {}, {"density": round(1 - p, 10)},
+                                      importance=[cocktail]),
+            "lm_cocktail+apl": _spec(f"cocktail+apl p={p}", "dare_linear", {}, importance=[cocktail, apl]),
+        }
+        row = {}
+        for name, spec in variants.items():
+            accs = [runner.matrix("test").merge(spec, seed=seed)[target] for seed in range(runner.seeds)]
+            row[name] = {"acc": round(statistics.fmean(accs), 2),
+                         "std": round(statistics.pstdev(accs), 2) if len(accs) > 1 else 0.0}
+            runner.log(f"  ood {target} {name}: {row[name]['acc']:.1f} ± {row[name]['std']:.1f}")
+        out[target] = row
+    out["mean"] = {name: round(statistics.fmean(out[t][name]["acc"] for t in runner.zoo.ood), 2)
+                   for name in ("lm_cocktail", "lm_cocktail+dare", "lm_cocktail+apl")}
+    return out
+
+
 def shots_ablation(runner: Runner, chosen: Any) -> dict[str, Any]:
     """APL Fig. 5: the number of few-shot examples (0 = plain DARE with the same p and weights)."""
     out = {}
@@ -478,7 +505,7 @@ def run(zoo_dir: Path | None, seeds: int, limit: int | None, ablations: bool, ou
             partial.write_text(json.dumps({**result, "targets": targets(result), "partial": True}, indent=1) + "\n")
     result["targets"] = targets(result)
     if ablations:
-        result["ablations"] = {"pruning": pruning_ablation(runner)}
+        result["ablations"] = {"pruning": pruning_ablation(runner), "ood": ood_ablation(runner)}
         best_apl = chosen.get("mi-ta+apl (layer, causal)")
         if best_apl is not None:
             result["ablations"]["shots"] = shots_ablation(runner, best_apl)
@@ -517,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--ood-only", action="store_true", help="run the out-of-domain LM-Cocktail ablation only "
+                        "and write it into the --json file's ablations")
     parser.add_argument("--skip-costs", action="store_true", help="do not time the estimators (timings need an "
                         "idle machine; measure them apart with --costs-only)")
     parser.add_argument("--only", action="append", default=[], help="only methods whose label contains this")
@@ -525,6 +554,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "_work" / "quality")
     args = parser.parse_args(argv)
 
+    if args.ood_only:  # the out-of-domain ablation alone, written into the --json file's ablations
+        zoo = Zoo.load(args.zoo) if args.zoo else build_zoo(size="full", seed=0)
+        ood = ood_ablation(Runner(zoo, args.limit, args.seeds))
+        print(json.dumps(ood, indent=1))
+        if args.json:
+            previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+            previous.setdefault("ablations", {})["ood"] = ood
+            args.json.write_text(json.dumps(previous, indent=1) + "\n")
+        return 0
     if args.costs_only:
         zoo = Zoo.load(args.zoo) if args.zoo else build_zoo(size="full", seed=0)
         costs = estimator_costs(Runner(zoo, args.limit, args.seeds))
