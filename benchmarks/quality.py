@@ -316,6 +316,27 @@ def ood_ablation(runner: Runner, p: float = 0.9) -> dict[str, Any]:
     return out
 
 
+def slta_nonlinearity(runner: Runner, n: int = 30) -> dict[str, Any]:
+    """SLTA's premise (Def. 2 / Eq. 19, docs/methods.md §4.5): the non-linearity score of each attention and MLP
+    submodule along the path θ_0 → θ_t is lower than that of the whole model (logits as output). Each expert on
+    ``n`` calibration examples of its own task; the table's value is the mean over experts (and over the submodules
+    of a kind)."""
+    from mergeflow.importance.linearity import nonlinearity_score  # the analysis metric, not an estimator
+
+    zoo = runner.zoo
+    per_kind: dict[str, list[float]] = {"model": [], "attn": [], "mlp": []}
+    for task, expert in zoo.experts.items():
+        examples = load_task_data(task, "calib", n, 0, zoo=zoo).examples
+        whole = nonlinearity_score(zoo.base, expert, examples, level="model")
+        per_kind["model"] += [r.mean for r in whole.values()]
+        for pid, r in nonlinearity_score(zoo.base, expert, examples, level="attn_mlp").items():
+            kind = "attn" if "attn" in pid else "mlp" if "mlp" in pid else None
+            if kind is not None and r.mean == r.mean:  # NaN: the module never moved its output
+                per_kind[kind].append(r.mean)
+        runner.log(f"  non-linearity {task}: model {per_kind['model'][-1]:.4f}")
+    return {kind: round(statistics.fmean(vals), 5) for kind, vals in per_kind.items() if vals}
+
+
 def shots_ablation(runner: Runner, chosen: Any) -> dict[str, Any]:
     """APL Fig. 5: the number of few-shot examples (0 = plain DARE with the same p and weights)."""
     out = {}
@@ -505,7 +526,8 @@ def run(zoo_dir: Path | None, seeds: int, limit: int | None, ablations: bool, ou
             partial.write_text(json.dumps({**result, "targets": targets(result), "partial": True}, indent=1) + "\n")
     result["targets"] = targets(result)
     if ablations:
-        result["ablations"] = {"pruning": pruning_ablation(runner), "ood": ood_ablation(runner)}
+        result["ablations"] = {"pruning": pruning_ablation(runner), "ood": ood_ablation(runner),
+                               "slta_nonlinearity": slta_nonlinearity(runner)}
         best_apl = chosen.get("mi-ta+apl (layer, causal)")
         if best_apl is not None:
             result["ablations"]["shots"] = shots_ablation(runner, best_apl)
@@ -544,8 +566,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--skip-ablations", action="store_true")
-    parser.add_argument("--ood-only", action="store_true", help="run the out-of-domain LM-Cocktail ablation only "
-                        "and write it into the --json file's ablations")
+    parser.add_argument("--ood-only", action="store_true", help="run only the ablations added after the main "
+                        "table (out-of-domain LM-Cocktail, SLTA's non-linearity scores) and write them into the --json "
+                        "file's ablations")
     parser.add_argument("--skip-costs", action="store_true", help="do not time the estimators (timings need an "
                         "idle machine; measure them apart with --costs-only)")
     parser.add_argument("--only", action="append", default=[], help="only methods whose label contains this")
@@ -554,13 +577,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "_work" / "quality")
     args = parser.parse_args(argv)
 
-    if args.ood_only:  # the out-of-domain ablation alone, written into the --json file's ablations
+    if args.ood_only:  # the later ablations alone, written into the --json file's ablations
         zoo = Zoo.load(args.zoo) if args.zoo else build_zoo(size="full", seed=0)
-        ood = ood_ablation(Runner(zoo, args.limit, args.seeds))
-        print(json.dumps(ood, indent=1))
+        runner = Runner(zoo, args.limit, args.seeds)
+        extra = {"ood": ood_ablation(runner), "slta_nonlinearity": slta_nonlinearity(runner)}
+        print(json.dumps(extra, indent=1))
         if args.json:
             previous = json.loads(args.json.read_text()) if args.json.exists() else {}
-            previous.setdefault("ablations", {})["ood"] = ood
+            previous.setdefault("ablations", {}).update(extra)
             args.json.write_text(json.dumps(previous, indent=1) + "\n")
         return 0
     if args.costs_only:
