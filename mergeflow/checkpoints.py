@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mergeflow.errors import CheckpointError, NonFiniteTensorError
+from mergeflow.errors import CheckpointError, NonFiniteTensorError, UnsafePathError
 from mergeflow.paths import mergeflow_home
 from mergeflow.resolvers import locate
 from mergeflow.tensors import (
@@ -76,17 +76,24 @@ def resolve(
     base_dir: Path | None = None,
     scan_finite: bool = True,
     trust_remote_code: bool = False,
+    confine: bool = False,
 ) -> Snapshot:
     """Resolve ``reference`` to a local snapshot, check it and hash it.
 
     ``revision`` applies to hub ids only (same as ``org/name@revision``). ``trust_remote_code`` only lets a hub
-    download include the repository's ``*.py`` files; nothing here executes them.
+    download include the repository's ``*.py`` files; nothing here executes them. ``confine`` (a recipe's
+    ``confine_paths``) refuses weight files, indexes and configs that are symlinks leading outside the checkpoint
+    folder, before any of them is read.
     """
     text = str(reference)
     folder, resolved_revision = locate(reference, revision=revision, base_dir=base_dir,
                                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if confine:
+        check_contained(folder, [CONFIG, SAFETENSORS_INDEX, PICKLE_INDEX], "file")
     _check_folder(folder, text)
     weight_files, fmt = find_weight_files(folder, allow_pickle=allow_pickle)
+    if confine:
+        check_contained(folder, weight_files, "weight file")
     inspect_weights(folder, weight_files)
     digest = content_hash(folder, weight_files)
     if scan_finite:
@@ -116,6 +123,37 @@ def _check_folder(folder: Path, reference: str) -> None:
         raise CheckpointError(f"{config} is not valid JSON: {e}") from e
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{config} is not a JSON object")
+
+
+def checkpoint_root(folder: Path) -> Path:
+    """The real folder a checkpoint's files may lead into: the checkpoint folder itself, or for a Hugging Face cache
+    snapshot (``snapshots/<commit>/``, whose files are links to ``../../blobs/``) its repository folder."""
+    real = Path(os.path.realpath(folder))
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return real
+
+
+def contained_file(folder: Path, name: str, what: str = "file") -> Path | None:
+    """The real path of the file ``folder/name`` (None if there is no such file), refusing with
+    :class:`UnsafePathError` one that is a symlink leading outside the checkpoint (see :func:`checkpoint_root`): a
+    ``tokenizer.json`` linked to ``/etc/passwd`` must not end up in a merge's output."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    real = Path(os.path.realpath(path))
+    root = checkpoint_root(folder)
+    if not real.is_relative_to(root):
+        raise UnsafePathError(f"{what} {path} is a symlink to {real}, outside the checkpoint folder {root}; refused "
+                              f"(copy the file into the checkpoint instead)")
+    return real
+
+
+def check_contained(folder: Path, names: Iterable[str], what: str = "file") -> None:
+    """:func:`contained_file` for each of ``names`` (missing files are left to the checks that need them)."""
+    for name in names:
+        contained_file(folder, name, what)
 
 
 def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[tuple[str, ...], str]:
@@ -365,6 +403,9 @@ def scan_finite(folder: Path, weight_files: Iterable[str]) -> None:
     if updates:
         _memo_update(updates)
 
+
+# the merge checks its output tensors with the same chunked count
+count_non_finite = _count_non_finite
 
 # resolve() has a keyword argument of the same name; keep a private alias it can call.
 _scan_finite = scan_finite

@@ -24,6 +24,15 @@ class NonFiniteTensorError(CheckpointError):
     """An input tensor holds NaN or Inf values."""
 
 
+class UnsafePathError(CheckpointError):
+    """A checkpoint file (weight shard, config, tokenizer file) is a symlink that leads outside its checkpoint
+    folder: refused rather than read or copied into a merge."""
+
+
+class NonFiniteResultError(MergeflowError):
+    """A merged tensor holds NaN or Inf values (nothing is written)."""
+
+
 class ArchitectureError(MergeflowError):
     """The architecture of a checkpoint cannot be inferred from its config and tensor names."""
 

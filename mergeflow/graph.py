@@ -149,13 +149,14 @@ class ResolveNode(Node):
     recipe_dir: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    confine_paths: bool = False  # the recipe's: weight files linked outside the checkpoint folder are refused
 
     def label(self) -> str:
         return f"resolve {self.reference}"
 
     def run(self, inputs: Sequence[Any], ctx: RunContext) -> ResolvedModel:
         return pipeline.resolve_stage(self.reference, recipe_dir=self.recipe_dir, allow_pickle=self.allow_pickle,
-                                      trust_remote_code=self.trust_remote_code)
+                                      trust_remote_code=self.trust_remote_code, confine_paths=self.confine_paths)
 
 
 class TaskVectorsNode(Node):
@@ -385,7 +386,7 @@ def resolve_nodes(recipe: Recipe) -> tuple[ResolveNode | None, tuple[ResolveNode
     def node(ref: str) -> ResolveNode:
         recipe.resolve_reference(ref)  # refuses a path outside a confined recipe's folder before anything runs
         return ResolveNode(reference=ref, recipe_dir=folder, allow_pickle=recipe.allow_pickle,
-                           trust_remote_code=recipe.trust_remote_code)
+                           trust_remote_code=recipe.trust_remote_code, confine_paths=recipe.confine_paths)
 
     base_ref, expert_refs = pipeline.references(recipe)
     return (node(base_ref) if base_ref else None), tuple(node(r) for r in expert_refs)

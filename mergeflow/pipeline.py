@@ -97,10 +97,14 @@ def _slug(text: str | None) -> str | None:
 
 
 def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False) -> ResolvedModel:
-    """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot."""
+                  trust_remote_code: bool = False, confine_paths: bool = False) -> ResolvedModel:
+    """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot.
+
+    A relative path is read against ``recipe_dir``, never the working directory, when there is one;
+    ``confine_paths`` refuses weight files that are symlinks leading outside the checkpoint folder."""
     snap = resolve(resolve_relative(reference, recipe_dir), allow_pickle=allow_pickle,
-                   trust_remote_code=trust_remote_code)
+                   trust_remote_code=trust_remote_code, confine=confine_paths,
+                   base_dir=Path(recipe_dir) if recipe_dir else None)
     return ResolvedModel(reference=reference, path=str(snap.path), content_hash=snap.content_hash,
                          revision=snap.revision, format=snap.format, weight_files=tuple(snap.weight_files))
 
@@ -272,7 +276,8 @@ def merge_inputs(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[R
     tokenizer = None
     tok = recipe.tokenizer_source
     if tok and tok != "base" and tok not in [m.reference for m in ([base] if base else []) + list(experts)]:
-        tokenizer = resolve(recipe.resolve_reference(tok), scan_finite=False)
+        tokenizer = resolve(recipe.resolve_reference(tok), scan_finite=False, confine=recipe.confine_paths,
+                            base_dir=recipe.recipe_dir)
     return MergeInputs(base.snapshot() if base else None, tuple(e.snapshot() for e in experts), tokenizer)
 
 

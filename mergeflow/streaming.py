@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from mergeflow import __version__
 from mergeflow.architecture import Architecture
-from mergeflow.checkpoints import Snapshot
+from mergeflow.checkpoints import Snapshot, contained_file, count_non_finite
 from mergeflow.coefficients import Coefficients, CoefficientSource
 from mergeflow.compatibility import CompatibilityReport, compare, summarize
 from mergeflow.devices import compute_threads, pick_device
-from mergeflow.errors import IncompatibleModelsError, RecipeError
+from mergeflow.errors import IncompatibleModelsError, NonFiniteResultError, RecipeError
 from mergeflow.methods.base import KernelInput, MergeMethod
 from mergeflow.recipe import Recipe
 from mergeflow.task_vectors import task_vector_manifest
@@ -218,6 +218,8 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
                           overwrite=options.overwrite)
     plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report,
                      tokenizer=inputs.tokenizer)
+    if out is not None and not problems:
+        _support_files(plan)  # a config or tokenizer file linked outside its checkpoint: refused before any work
     if problems:  # only reachable with strict=False (a report for `mergeflow check`): read no tensor data
         return plan
     expected = len(recipe.coefficients) + len(recipe.importance)
@@ -416,6 +418,7 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
             try:
                 in_flight: list[Future] = []
                 for name, tensor in iter_merged(plan, progress):
+                    _check_merged_finite(name, tensor)
                     in_flight.append(write_pool.submit(writer.write, name, tensor))
                     if len(in_flight) > 2:  # bound memory held by queued writes
                         in_flight.pop(0).result()
@@ -438,22 +441,16 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
         plan.close()
 
 
-def _copy_support_files(plan: MergePlan, dest: Path) -> None:
+def _support_files(plan: MergePlan) -> list[tuple[str, Path]]:
+    """The (name, real source path) of each file copied beside the weights: the reference's configs and the
+    tokenizer source's files. A file that is a symlink leading outside its checkpoint is refused
+    (:class:`~mergeflow.errors.UnsafePathError`), so nothing outside the inputs reaches the output."""
     src = plan.reference.snapshot.path
+    out = []
     for name in _COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
-    config_path = dest / "config.json"
-    config = json.loads(config_path.read_text())
-    float_dtypes = {s.dtype for s in plan.specs if s.dtype.is_floating_point}
-    if len(float_dtypes) == 1:
-        out = dtype_name(next(iter(float_dtypes)))
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = out
-        if "torch_dtype" not in config and "dtype" not in config:
-            config["dtype"] = out
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        real = contained_file(src, name, "checkpoint file")
+        if real is not None:
+            out.append((name, real))
     tok_ref = plan.recipe.tokenizer_source
     tok_src = src
     if tok_ref and tok_ref != "base":
@@ -466,8 +463,38 @@ def _copy_support_files(plan: MergePlan, dest: Path) -> None:
         else:
             raise RecipeError(f"tokenizer_source: {tok_ref!r} is not among the merge's inputs and was not resolved")
     for name in TOKENIZER_FILES:
-        if (tok_src / name).is_file():
-            shutil.copy2(tok_src / name, dest / name)
+        real = contained_file(tok_src, name, "tokenizer file")
+        if real is not None:
+            out.append((name, real))
+    return out
+
+
+def _check_merged_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a merged tensor holding NaN or Inf (an overflow, or a method's degenerate case): raised inside the
+    output's temporary folder, so nothing is renamed into place and a previous output stays as it was."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return
+    nan, inf = count_non_finite(tensor)
+    if nan or inf:
+        raise NonFiniteResultError(f"the merged tensor {name!r} has {nan + inf} non-finite values ({nan} NaN, {inf} "
+                                   f"Inf) of {tensor.numel()}; nothing was written (check the recipe's weights and "
+                                   "scales, and the out_dtype's range)")
+
+
+def _copy_support_files(plan: MergePlan, dest: Path) -> None:
+    for name, real in _support_files(plan):
+        shutil.copy2(real, dest / name)  # the checked real path: the copy is a plain file, never a link
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    float_dtypes = {s.dtype for s in plan.specs if s.dtype.is_floating_point}
+    if len(float_dtypes) == 1:
+        out = dtype_name(next(iter(float_dtypes)))
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = out
+        if "torch_dtype" not in config and "dtype" not in config:
+            config["dtype"] = out
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def provenance_of(plan: MergePlan) -> dict[str, Any]:
