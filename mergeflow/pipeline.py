@@ -50,7 +50,9 @@ from mergeflow.recipe import (
     RegistrySpec,
     load_recipe,
     parse_recipe,
+    resolve_path,
     resolve_relative,
+    resolve_task,
 )
 from mergeflow.streaming import Input, MergeInputs, MergeOptions, layer_fraction, merge
 from mergeflow.task_vectors import task_vector_manifest
@@ -212,8 +214,14 @@ class ImportanceJob:
         except ValueError as e:
             raise RecipeError(f"importance[{self.index}]: {e}") from None
         folder = self.recipe_dir
-        return ((entry, list(self.expert_tasks), ref(self.base) if self.base else None,
-                 [ref(e) for e in self.experts]), {"resolve_reference": lambda r: resolve_relative(r, folder)})
+        # task files and zoo folders are read against the recipe's folder, as model paths are (never the working
+        # directory); the recipe's confine_paths was checked on them when it was validated
+        if entry.data.target is not None:
+            entry = entry.model_copy(update={"data": entry.data.model_copy(
+                update={"target": resolve_task(entry.data.target, folder)})})
+        tasks = [resolve_task(t, folder) if t else t for t in self.expert_tasks]
+        return ((entry, tasks, ref(self.base) if self.base else None,
+                 [ref(e) for e in self.experts]), {"resolve_reference": lambda r: resolve_path(r, folder)})
 
     def shards(self) -> list[dict[str, Any]]:
         """The measurement shards workers can measure side by side (``{"part", "experts", "key"}``; see
@@ -287,7 +295,7 @@ def load_coefficients(recipe: Recipe, coefficients: Sequence[CoefficientsRef]) -
     if len(coefficients) != len(recipe.importance):
         raise RecipeError(f"importance: the recipe has {len(recipe.importance)} entries but the merge was given "
                           f"{len(coefficients)} coefficient artifacts")
-    return ([Coefficients.load(recipe.resolve_reference(p)) for p in recipe.coefficients]
+    return ([Coefficients.load(recipe.local_path(p, "coefficients folder")) for p in recipe.coefficients]
             + [Coefficients.load(c.path) for c in coefficients])
 
 
@@ -371,7 +379,7 @@ def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, 
     split = split or spec.split
     limit = limit if limit is not None else spec.limit
     names = split_task_names(spec.tasks)
-    zoo = resolve_zoo(resolve_relative(spec.zoo, recipe_dir) if spec.zoo else None, names)
+    zoo = resolve_zoo(resolve_path(spec.zoo, recipe_dir) if spec.zoo else None, names)
     key = cache_key(EVAL_KIND, model=model.content_hash, tasks=names, zoo=_zoo_identity(zoo), split=split,
                     limit=limit, num_fewshot=spec.num_fewshot)
     store = cache or Cache()

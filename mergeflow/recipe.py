@@ -8,8 +8,10 @@ checkpoint is opened.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -204,13 +206,46 @@ PIPELINE_SECTIONS = ("evaluation", "registry")
 
 
 def resolve_relative(ref: str, recipe_dir: str | Path | None) -> str:
-    """How a recipe in ``recipe_dir`` names local things: an existing (or ``./``/``/``-prefixed) path relative to
-    the recipe's folder becomes absolute; anything else (hub id, a reference with a registered scheme such as a
-    ``models:/`` URI or a ``zoo:`` name) stays as written."""
-    if recipe_dir is None or scheme_of(ref) is not None:
+    """How a recipe in ``recipe_dir`` names local things: an existing (or ``./``/``/``/``~``-prefixed) path relative
+    to the recipe's folder becomes absolute, ``~`` expanded and symlinks resolved; anything else (hub id, a reference
+    with a registered scheme such as a ``models:/`` URI or a ``zoo:`` name) stays as written."""
+    if scheme_of(ref) is not None:
+        return ref
+    if ref.startswith("~"):
+        return str(Path(ref).expanduser().resolve())
+    if recipe_dir is None:
         return ref
     candidate = Path(ref) if Path(ref).is_absolute() else Path(recipe_dir) / ref
     return str(candidate.resolve()) if ref.startswith((".", "/")) or candidate.exists() else ref
+
+
+def resolve_path(ref: str, recipe_dir: str | Path | None) -> str:
+    """A local file or folder a recipe names (a task file, a coefficients folder, a zoo folder): ``~`` expanded,
+    relative to the recipe's folder (never the working directory, when the recipe has a folder), symlinks
+    resolved. A reference with a registered scheme (``zoo:full@0``) stays as written, as does a relative path of a
+    recipe without a folder."""
+    if scheme_of(ref) is not None:
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        if recipe_dir is None:
+            return ref
+        path = Path(recipe_dir) / path
+    return os.path.realpath(path)
+
+
+def is_task_file(task: str, recipe_dir: str | Path | None) -> bool:
+    """Whether a ``task`` names a data file (``.jsonl``/``.json``, a path, or a file beside the recipe) rather than
+    a zoo or lm-eval task name."""
+    if task.endswith((".jsonl", ".json")) or task.startswith((".", "/", "~")):
+        return True
+    return recipe_dir is not None and (Path(recipe_dir) / task).is_file()
+
+
+def resolve_task(task: str, recipe_dir: str | Path | None) -> str:
+    """A model's ``task`` as the importance stage reads it: a data file resolved like :func:`resolve_path`
+    (relative to the recipe's folder), a task name unchanged."""
+    return resolve_path(task, recipe_dir) if is_task_file(task, recipe_dir) else task
 
 
 class Recipe(BaseModel):
@@ -308,16 +343,32 @@ class Recipe(BaseModel):
                              f"got {len(experts)}")
         _check_params(method, self)
         _check_importance(method, self)
-        if self.confine_paths and self.recipe_dir is not None:
-            refs = [("base_model", self.base_model), ("tokenizer_source", self.tokenizer_source)]
-            refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
-            for where, ref in refs:
-                if ref and ref != "base":
-                    try:
-                        self.resolve_reference(ref)
-                    except RecipeError as exc:
-                        raise ValueError(f"{where}: {exc}") from None
+        if self.confine_paths:
+            self._check_confined()
         return self
+
+    def _check_confined(self) -> None:
+        """Every local path the recipe names lies inside its folder (``confine_paths``), compared as real paths."""
+        refs = [("base_model", self.base_model), ("tokenizer_source", self.tokenizer_source)]
+        refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
+        paths = [(f"coefficients[{i}]", "coefficients folder", c) for i, c in enumerate(self.coefficients)]
+        paths += [(f"models[{i}].task", "task file", m.task) for i, m in enumerate(self.models)
+                  if m.task and is_task_file(m.task, self.recipe_dir)]
+        for i, spec in enumerate(self.importance):
+            if spec.data.zoo:
+                paths.append((f"importance[{i}].data.zoo", "zoo", spec.data.zoo))
+            if spec.data.target and is_task_file(spec.data.target, self.recipe_dir):
+                paths.append((f"importance[{i}].data.target", "task file", spec.data.target))
+        if self.evaluation is not None and self.evaluation.zoo:
+            paths.append(("evaluation.zoo", "zoo", self.evaluation.zoo))
+        checks: list[tuple[str, Callable[[str], str], str]] = [
+            (where, self.resolve_reference, ref) for where, ref in refs if ref and ref != "base"]
+        checks += [(where, functools.partial(self.local_path, what=what), ref) for where, what, ref in paths]
+        for where, check, ref in checks:
+            try:
+                check(ref)
+            except RecipeError as exc:
+                raise ValueError(f"{where}: {exc}") from None
 
     # --- derived views ---
 
@@ -331,13 +382,38 @@ class Recipe(BaseModel):
         return [m for m in self.models if m.model != self.base_model]
 
     def resolve_reference(self, ref: str) -> str:
-        """A model reference with relative local paths resolved against the recipe's folder."""
+        """A model reference with relative local paths resolved against the recipe's folder (``~`` expanded,
+        symlinks resolved); with ``confine_paths`` a local path outside the folder is refused."""
         resolved = resolve_relative(ref, self.recipe_dir)
-        local = resolved != ref or ref.startswith("/")  # a path, not a hub id / URI / zoo name
-        if (self.confine_paths and self.recipe_dir is not None and local
-                and not Path(resolved).is_relative_to(self.recipe_dir.resolve())):
-            raise RecipeError(f"model {ref!r} lies outside the recipe folder {self.recipe_dir} (confine_paths: true)")
+        if self.confine_paths:
+            # a path, not a hub id / URI / zoo name (without a folder: anything that exists where it would be read)
+            local = resolved != ref or Path(ref).is_absolute() or (
+                self.recipe_dir is None and scheme_of(ref) is None and Path(ref).exists())
+            if local:
+                self._confine(resolved if resolved != ref else os.path.realpath(ref), ref, "model")
         return resolved
+
+    def local_path(self, ref: str, what: str = "path") -> str:
+        """A local file or folder the recipe names (coefficients folder, task file, zoo folder), resolved as
+        :func:`resolve_path` does; with ``confine_paths`` one outside the recipe's folder is refused."""
+        resolved = resolve_path(ref, self.recipe_dir)
+        if self.confine_paths and scheme_of(ref) is None:
+            self._confine(resolved if Path(resolved).is_absolute() else os.path.realpath(ref), ref, what)
+        return resolved
+
+    def resolve_task(self, task: str) -> str:
+        """A model's (or an importance target's) task: a data file resolved against the recipe's folder (and
+        confined with ``confine_paths``), a task name unchanged."""
+        return self.local_path(task, "task file") if is_task_file(task, self.recipe_dir) else task
+
+    def _confine(self, real: str, ref: str, what: str) -> None:
+        if self.recipe_dir is None:
+            raise RecipeError(f"{what} {ref!r} is a local path, but the recipe has no folder to confine it to "
+                              "(confine_paths: true; load the recipe from a file)")
+        folder = os.path.realpath(self.recipe_dir)
+        if not Path(real).is_relative_to(folder):
+            raise RecipeError(f"{what} {ref!r} lies outside the recipe folder {folder} (it resolves to {real}; "
+                              "confine_paths: true)")
 
     def default(self, spec: ParamSpec) -> Any:
         return spec.default_for(self.mergekit_compat)

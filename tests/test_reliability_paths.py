@@ -14,6 +14,7 @@ Every refusal is checked as the user sees it: exit code 2, one ``error:`` line, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -24,12 +25,19 @@ from click.testing import CliRunner
 from mergeflow.checkpoints import contained_file, resolve
 from mergeflow.cli import main
 from mergeflow.engine import MergeOptions, merge
-from mergeflow.errors import NonFiniteResultError, UnsafePathError
-from mergeflow.recipe import load_recipe
+from mergeflow.errors import NonFiniteResultError, RecipeError, UnsafePathError
+from mergeflow.recipe import load_recipe, parse_recipe
+from tests.tiny_models import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUIET = MergeOptions(progress=False)
+ROWS = [
+    ("the quick brown fox", "jumps over the lazy dog"),
+    ("alice went to the kitchen and", "cooked the soup"),
+    ("nine plus three mod ten", "equals two"),
+    ("merging fine tuned language", "models with task vectors"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +159,81 @@ def test_hub_snapshot_links_into_its_blobs_are_inside_the_checkpoint(tmp_path: P
         contained_file(snapshot, "special_tokens_map.json")
 
 
+# ------------------------------------------------------------------------------------- 2. confine_paths escapes
+
+
+def test_confine_paths_expands_home_before_comparing(families, tmp_path: Path, monkeypatch) -> None:
+    folder, base, _ = _workspace(families, tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(base, tmp_path / "elsewhere" / "base")
+    monkeypatch.setenv("HOME", str(home))
+    recipe = _recipe(folder, confine=True, base="~/../elsewhere/base")
+    with pytest.raises(RecipeError, match=r"base_model: model '~/\.\./elsewhere/base' lies outside the recipe folder"):
+        load_recipe(recipe)
+    out = tmp_path / "out"
+    _refused(_cli("merge", str(recipe), str(out), "--no-progress"), "base_model:", "outside the recipe folder")
+    _no_output(out)
+
+
+def test_relative_model_path_is_never_read_from_the_working_directory(families, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    folder, base, _ = _workspace(families, tmp_path)
+    cwd = tmp_path / "cwd"
+    shutil.copytree(base, cwd / "models" / "base")  # exists only under the working directory
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    for confine in (True, False):
+        recipe = _recipe(folder, confine=confine, base="models/base", name=f"r{confine}.yaml")
+        _refused(_cli("merge", str(recipe), str(out), "--no-progress"), "'models/base'")
+        _no_output(out)
+
+
+def test_confine_paths_resolves_symlinked_model_folders(families, tmp_path: Path) -> None:
+    folder, base, _ = _workspace(families, tmp_path)
+    shutil.move(base, tmp_path / "elsewhere")
+    (folder / "base").symlink_to(tmp_path / "elsewhere")
+    recipe = _recipe(folder, confine=True)
+    with pytest.raises(RecipeError, match=r"base_model: model '\./base' lies outside the recipe folder"):
+        load_recipe(recipe)
+    out = tmp_path / "out"
+    _refused(_cli("merge", str(recipe), str(out), "--no-progress"), "outside the recipe folder")
+    _no_output(out)
+
+
+def test_confine_paths_covers_coefficients_task_files_and_zoo_folders(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "recipes"
+    (folder / "inside").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (folder / "link").symlink_to(tmp_path / "outside")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = {"merge_method": "linear", "confine_paths": True,
+            "models": [{"model": "org/a", "task": "./inside/a.jsonl"}, {"model": "org/b", "task": "./inside/b.jsonl"}],
+            "importance": {"estimator": "fisher"}}
+
+    def refused(change: dict, where: str) -> None:
+        with pytest.raises(RecipeError, match=rf"{where}: .*lies outside the recipe folder") as info:
+            parse_recipe({**data, **change}, recipe_dir=folder)
+        assert "\n" not in str(info.value)
+
+    parse_recipe(data, recipe_dir=folder)  # everything inside: accepted
+    refused({"coefficients": ["../outside"]}, r"coefficients\[0\]")
+    refused({"coefficients": ["./link"]}, r"coefficients\[0\]")
+    refused({"models": [{"model": "org/a", "task": "../a.jsonl"}, data["models"][1]]}, r"models\[0\]\.task")
+    refused({"models": [data["models"][0], {"model": "org/b", "task": "./link/b.jsonl"}]}, r"models\[1\]\.task")
+    refused({"importance": {"estimator": "fisher", "data": {"zoo": "~/zoo"}}}, r"importance\[0\]\.data\.zoo")
+    refused({"base_model": "org/base", "importance": {"estimator": "cocktail", "data": {"target": "/t.jsonl"}}},
+            r"importance\[0\]\.data\.target")
+    refused({"evaluation": {"zoo": "../zoo"}}, r"evaluation\.zoo")
+    # zoo references by scheme and task names are not paths
+    parse_recipe({**data, "evaluation": {"zoo": "zoo:test"},
+                  "models": [{"model": "org/a", "task": "arith"}, {"model": "org/b", "task": "lmeval_copy"}]},
+                 recipe_dir=folder)
+    # without a recipe folder there is nothing to confine a local path to
+    with pytest.raises(RecipeError, match="no folder to confine it to"):
+        parse_recipe({**data, "coefficients": ["/c"]})
+
+
 # ------------------------------------------------------------------------------------------ 3. non-finite values
 
 
@@ -169,3 +252,44 @@ def test_merged_tensor_overflow_is_refused_and_the_previous_output_kept(families
     fresh = tmp_path / "fresh"
     _refused(_cli("merge", str(bad), str(fresh), "--no-progress"), "non-finite values", "nothing was written")
     _no_output(fresh)
+
+
+# ------------------------------------------------------------------------------------------ 7. task files
+
+
+def _task_recipe(folder: Path, tasks: tuple[str, str], *, confine: bool = False) -> Path:
+    path = folder / "aware.yaml"
+    path.write_text("merge_method: linear\n" + ("confine_paths: true\n" if confine else "") + "models:\n"
+                    + "".join(f"  - model: ./expert{i}\n    task: {t}\n" for i, t in enumerate(tasks))
+                    + "importance:\n  estimator: fisher\n  parameters: {fisher: empirical, batch_size: 2}\n"
+                    + "  data: {n: 3}\n")
+    return path
+
+
+def test_task_files_are_read_against_the_recipe_folder(families, tmp_path: Path, monkeypatch) -> None:
+    folder, _, _ = _workspace(families, tmp_path)
+    for i in range(2):
+        write_jsonl(folder / f"t{i}.jsonl", (ROWS[i:] + ROWS[:i])[:3])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for i in range(2):  # same names in the working directory, unreadable as task data
+        (cwd / f"t{i}.jsonl").write_text("not json\n")
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    result = _cli("merge", str(_task_recipe(folder, ("./t0.jsonl", "t1.jsonl"))), str(out), "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    provenance = json.loads((out / "mergeflow.json").read_text())
+    assert provenance["coefficients"][0]["estimator"] == "fisher"
+    read = json.dumps(provenance["coefficients"][0]["stats"])
+    assert str((folder / "t0.jsonl").resolve()) in read and str((folder / "t1.jsonl").resolve()) in read
+
+
+def test_task_files_outside_the_recipe_folder_are_refused_under_confine_paths(families, tmp_path: Path) -> None:
+    folder, _, _ = _workspace(families, tmp_path)
+    write_jsonl(tmp_path / "t.jsonl", ROWS[:3])
+    write_jsonl(folder / "t.jsonl", ROWS[:3])
+    out = tmp_path / "out"
+    result = _cli("merge", str(_task_recipe(folder, ("./t.jsonl", "../t.jsonl"), confine=True)), str(out),
+                  "--no-progress")
+    _refused(result, "models[1].task: task file '../t.jsonl' lies outside the recipe folder")
+    _no_output(out)
