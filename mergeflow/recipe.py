@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -453,6 +454,31 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.canonical(), sort_keys=False)
 
 
+# Parameters scale float32 tensors: a value beyond float32's range (1e300) overflows to Inf like .inf itself does.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse a numeric parameter that is infinite, NaN or beyond float32's range (the merge would be Inf/NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{where}: {value!r} is not a finite number within float32 range (|value| <= 3.4e38); "
+                         "the merged tensors would overflow to Inf/NaN")
+
+
+def _check_finite_tree(value: Any, where: str) -> None:
+    """:func:`_check_finite` over every number of a nested mapping / list (estimator parameters)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite_tree(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_finite_tree(v, f"{where}[{i}]")
+    else:
+        _check_finite(value, where)
+
+
 def _check_params(method: MergeMethod, recipe: Recipe) -> None:
     known = {p.name: p for p in method.params}
 
@@ -467,9 +493,10 @@ def _check_params(method: MergeMethod, recipe: Recipe) -> None:
                                  "`parameters`")
             for value in _scalars(setting):
                 try:
-                    spec.check(value, f"{where}.{name}")
+                    checked = spec.check(value, f"{where}.{name}")
                 except RecipeError as exc:
                     raise ValueError(str(exc)) from None
+                _check_finite(checked, f"{where}.{name}")
 
     check(recipe.parameters, "parameters", allow_shared=True)
     for i, entry in enumerate(recipe.models):
@@ -506,6 +533,7 @@ def _check_importance(method: MergeMethod, recipe: Recipe) -> None:
     from mergeflow.importance.base import get_estimator
 
     for i, spec in enumerate(recipe.importance):
+        _check_finite_tree(spec.parameters, f"importance[{i}].parameters")
         try:
             est = get_estimator(spec.estimator)
             est.resolve_params(spec.parameters)

@@ -237,6 +237,30 @@ def test_confine_paths_covers_coefficients_task_files_and_zoo_folders(tmp_path: 
 # ------------------------------------------------------------------------------------------ 3. non-finite values
 
 
+@pytest.mark.parametrize(("setting", "where"), [
+    ("  - model: ./expert0\n    parameters: {weight: .inf}\n", r"models\[0\]\.parameters\.weight: inf"),
+    ("  - model: ./expert0\n    parameters: {weight: 1e300}\n", r"models\[0\]\.parameters\.weight: 1e\+300"),
+    ("  - model: ./expert0\n    parameters: {weight: [1.0, -.inf]}\n", r"models\[0\]\.parameters\.weight: -inf"),
+    ("  - model: ./expert0\nparameters: {lambda: 1.0e39}\n", r"parameters\.lambda: 1e\+39"),
+])
+def test_non_finite_parameters_are_refused_when_the_recipe_loads(tmp_path: Path, setting: str, where: str) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: task_arithmetic\nbase_model: ./base\nmodels:\n" + setting)
+    with pytest.raises(RecipeError, match=rf"{where} is not a finite number within float32 range") as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+    out = tmp_path / "out"
+    _refused(_cli("merge", str(path), str(out)), "not a finite number")
+    _no_output(out)
+
+
+def test_non_finite_estimator_parameters_are_refused() -> None:
+    with pytest.raises(RecipeError, match=r"importance\[0\]\.parameters\.minimal_fisher_weight: inf is not a finite"):
+        parse_recipe({"merge_method": "linear", "models": [{"model": "org/a", "task": "a.jsonl"},
+                                                           {"model": "org/b", "task": "b.jsonl"}],
+                      "importance": {"estimator": "fisher", "parameters": {"minimal_fisher_weight": float("inf")}}})
+
+
 def test_merged_tensor_overflow_is_refused_and_the_previous_output_kept(families, tmp_path: Path) -> None:
     folder, _, _ = _workspace(families, tmp_path)
     out = tmp_path / "out"
