@@ -151,6 +151,12 @@ class ResolveNode(Node):
     trust_remote_code: bool = False
     confine_paths: bool = False  # the recipe's: weight files linked outside the checkpoint folder are refused
 
+    def parameters(self) -> dict[str, Any]:
+        out = super().parameters()
+        if not self.confine_paths:  # keys of unconfined resolves (and the caches keyed by them) stay as they were
+            out.pop("confine_paths")
+        return out
+
     def label(self) -> str:
         return f"resolve {self.reference}"
 

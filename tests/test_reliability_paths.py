@@ -317,3 +317,11 @@ def test_task_files_outside_the_recipe_folder_are_refused_under_confine_paths(fa
                   "--no-progress")
     _refused(result, "models[1].task: task file '../t.jsonl' lies outside the recipe folder")
     _no_output(out)
+
+
+def test_confined_resolves_are_distinct_nodes_and_unconfined_keys_unchanged() -> None:
+    from mergeflow import graph
+
+    free, confined = graph.ResolveNode(reference="./m"), graph.ResolveNode(reference="./m", confine_paths=True)
+    assert free.key != confined.key
+    assert "confine_paths" not in free.parameters() and confined.parameters()["confine_paths"] is True
