@@ -418,8 +418,9 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
             try:
                 in_flight: list[Future] = []
                 for name, tensor in iter_merged(plan, progress):
-                    _check_merged_finite(name, tensor)
-                    in_flight.append(write_pool.submit(writer.write, name, tensor))
+                    # checked on the writer thread, overlapping the next tensor's compute; a refusal surfaces at
+                    # .result() below, still inside the temporary folder
+                    in_flight.append(write_pool.submit(_write_finite, writer, name, tensor))
                     if len(in_flight) > 2:  # bound memory held by queued writes
                         in_flight.pop(0).result()
                 for f in in_flight:
@@ -479,6 +480,11 @@ def _check_merged_finite(name: str, tensor: torch.Tensor) -> None:
         raise NonFiniteResultError(f"the merged tensor {name!r} has {nan + inf} non-finite values ({nan} NaN, {inf} "
                                    f"Inf) of {tensor.numel()}; nothing was written (check the recipe's weights and "
                                    "scales, and the out_dtype's range)")
+
+
+def _write_finite(writer: ShardedWriter, name: str, tensor: torch.Tensor) -> None:
+    _check_merged_finite(name, tensor)
+    writer.write(name, tensor)
 
 
 def _copy_support_files(plan: MergePlan, dest: Path) -> None:
