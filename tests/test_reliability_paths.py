@@ -159,6 +159,18 @@ def test_hub_snapshot_links_into_its_blobs_are_inside_the_checkpoint(tmp_path: P
         contained_file(snapshot, "special_tokens_map.json")
 
 
+def test_hub_snapshot_base_merges_under_confine_paths(families, tmp_path: Path, monkeypatch) -> None:
+    from tests.test_checkpoints import populate_hub_cache
+
+    folder, base, _ = _workspace(families, tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    snapshot = populate_hub_cache(tmp_path / "hf_cache", "org/tiny", base)
+    out = tmp_path / "out"
+    merge(load_recipe(_recipe(folder, base="org/tiny", confine=True)), out, options=QUIET)
+    assert (snapshot / "tokenizer.json").is_symlink() and not (out / "tokenizer.json").is_symlink()
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+
 # ------------------------------------------------------------------------------------- 2. confine_paths escapes
 
 
