@@ -371,9 +371,10 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
                     g = torch.Generator(device=plan.device)
                     g.manual_seed(_rng_seed(recipe.seed, name, plan.experts[i].rng_id))
                     generators.append(g)
+            role = plan.reference.arch.tensors.get(name)
             x = KernelInput(name=name, base=base, models=models, params=per_model, shared=shared,
                             generators=generators, thresholds=thresholds, compat=recipe.mergekit_compat,
-                            dtype=dtype, out_dtype=out_dtypes[name])
+                            dtype=dtype, out_dtype=out_dtypes[name], conv1d=bool(role and role.conv1d))
             with torch.no_grad():
                 merged = method.kernel(x)
             del base, models, x

@@ -244,6 +244,41 @@ def test_engine_merges_are_bit_identical_in_any_expert_order(families) -> None:
     assert torch.equal(plain[other], excluded[other])
 
 
+def test_wudi_solves_conv1d_weights_in_the_linear_orientation(families) -> None:
+    """GPT-2's Conv1D stores a weight [in, out]: WUDI's objective is not symmetric in the two sides, so the kernel
+    solves the transposed problem and stores the result back, giving the transpose of the nn.Linear solution; the
+    engine tells the kernel which tensors are stored that way."""
+    base, experts = _inputs(3, (24, 40), seed=5, dtype=torch.float32)  # [out, in]
+    m = get_method("wudi")
+
+    def kernel(b, es, conv1d, iterations=50):
+        shared = {p.name: p.default for p in m.shared_params} | {"iterations": iterations, "lr": 1e-3}
+        return m.kernel(KernelInput("t", b, es, {}, shared, conv1d=conv1d))
+
+    linear = kernel(base, experts, False)
+    stored = kernel(base.T.contiguous(), [e.T.contiguous() for e in experts], True)
+    torch.testing.assert_close(stored, linear.T, atol=1e-6, rtol=0)
+    as_if_linear = kernel(base.T.contiguous(), [e.T.contiguous() for e in experts], False)
+    assert not torch.allclose(as_if_linear, linear.T, atol=1e-4)
+
+    from mergeflow.engine import merge_state_dict
+    from mergeflow.recipe import parse_recipe
+
+    gbase, gexperts = families("gpt2")
+    recipe = {"merge_method": "wudi", "base_model": str(gbase), "parameters": {"iterations": 30, "lr": 1e-3},
+              "models": [{"model": str(e)} for e in gexperts]}
+    merged = merge_state_dict(parse_recipe(recipe), threads=1)
+    from safetensors.torch import load_file
+
+    b = load_file(gbase / "model.safetensors")
+    es = [load_file(e / "model.safetensors") for e in gexperts]
+    name = next(n for n in b if n.endswith("attn.c_attn.weight"))
+    want = kernel(b[name].float(), [e[name].float() for e in es], True, iterations=30)
+    torch.testing.assert_close(merged[name].float(), want, atol=1e-5, rtol=0)  # the engine's order: rounding only
+    as_if_linear = kernel(b[name].float(), [e[name].float() for e in es], False, iterations=30)
+    assert not torch.allclose(merged[name].float(), as_if_linear, atol=1e-3)
+
+
 def test_workspace_of_a_7b_embedding_is_several_times_the_tensor() -> None:
     """A 7B's 32000×4096 embedding: the SVD workspace is several times the tensor, whatever K, and it is the
     largest of the model's matrices; methods without a workspace need none and vectors never do."""

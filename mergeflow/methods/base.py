@@ -94,6 +94,7 @@ class KernelInput:
     compat: bool = False  # reproduce mergekit 0.1.x semantics
     dtype: torch.dtype = torch.float32  # compute dtype; raw inputs (streams_raw_inputs) are converted block by block
     out_dtype: torch.dtype | None = None  # a kernel may return this dtype directly (else the engine casts)
+    conv1d: bool = False  # a 2-D weight stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]
 
     def deltas(self) -> list[torch.Tensor]:
         assert self.base is not None

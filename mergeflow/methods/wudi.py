@@ -25,9 +25,11 @@ silent:
   4 layers, K = 3): 0.04–0.38 s per tensor, 3.3 s for every 2-D tensor of the model (TSV 0.35 s, Iso-CTS 0.41 s,
   Iso-C 0.09 s on the same tensors). On a 7B model the cost is 300 × 2·out·in² flops per linear layer (1–3·10¹⁴
   for a 7B MLP matrix): a GPU job (``--device cuda``).
-- **Which tensors.** Every 2-D tensor, embeddings and LM head included, in its stored orientation, as FusionBench
-  (``exclude`` per tensor sends one to the mean). GPT-2's Conv1D stores [in, out]: WUDI then measures interference
-  on the output side; exclude those tensors or accept it.
+- **Which tensors.** Every 2-D tensor, embeddings and LM head included, as FusionBench (``exclude`` per tensor
+  sends one to the mean). A weight that GPT-2's Conv1D stores [in, out] is solved transposed (the engine says so in
+  ``KernelInput.conv1d``), so the interference is measured on its inputs' side as for nn.Linear; FusionBench,
+  written for nn.Linear models, would measure it on the outputs'. The embeddings ([vocab, hidden], an index lookup
+  rather than a product) are taken as stored, as FusionBench does.
 - **Variants seen elsewhere.** Some published copies of the authors' ViT script weight each task by 1/‖Δ_t‖ (not
   squared), restrict WUDI to the blocks' attention and MLP matrices and sweep a scaling coefficient afterwards; we
   follow FusionBench (squared norm, every 2-D tensor, no coefficient), which matches the paper's objective.
@@ -51,6 +53,17 @@ def wudi_kernel(x: KernelInput) -> torch.Tensor:
     deltas = spectral.task_vectors(x)
     if not spectral.is_matrix(x) or deltas[0].numel() == 0:
         return spectral.finish(x, spectral.mean(deltas))
+    if not x.conv1d:
+        return spectral.finish(x, _wudi_update(x, deltas))
+    # stored [in, out] (GPT-2's Conv1D): solve in nn.Linear's [out, in], so the interference is measured on the
+    # layer's inputs as the paper does, and store the result back (one transposed copy alive at a time)
+    for i in range(len(deltas)):
+        deltas[i] = deltas[i].T.contiguous()
+    return spectral.finish(x, _wudi_update(x, deltas).T.contiguous())
+
+
+def _wudi_update(x: KernelInput, deltas: list[torch.Tensor]) -> torch.Tensor:
+    """τ for [out, in] task vectors; empties ``deltas`` (the caller's list) once they are no longer needed."""
     start = spectral.total(deltas)
     n = start.shape[1]
     h = start.new_zeros(n, n)
@@ -63,7 +76,8 @@ def wudi_kernel(x: KernelInput) -> torch.Tensor:
         h.add_(gram, alpha=1.0 / norm2)
         g0.add_((start - delta) @ gram, alpha=1.0 / norm2)
         del gram
-    del deltas
+    del delta
+    deltas.clear()
     tau = start
     iterations = int(x.shared.get("iterations", 300))
     if iterations > 0:
@@ -74,7 +88,7 @@ def wudi_kernel(x: KernelInput) -> torch.Tensor:
             param.grad = torch.addmm(g0, param.detach() - start, h).mul_(2.0)
             opt.step()
         tau = param.detach()
-    return spectral.finish(x, tau)
+    return tau
 
 
 WUDI = register(MergeMethod(
