@@ -26,6 +26,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from mergeflow import __version__
+from mergeflow.errors import StorageError, storage_error
 from mergeflow.paths import mergeflow_home
 
 # Bump when the layout or meaning of any cached artifact changes, so old entries are never reused by new code.
@@ -118,15 +119,28 @@ class Cache:
         entry meanwhile, theirs is kept and ours discarded.
         """
         final = self.path(kind, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
         # A sibling of the final folder, so the rename stays on one filesystem and is atomic.
         tmp = final.parent / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise storage_error(exc, "write the cache entry", final) from exc
         try:
             yield tmp
             marker = {"kind": kind, "key": key, "code": CODE_VERSION, "created": time.time()}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, sort_keys=True), encoding="utf-8")
             self._publish(tmp, final)
+        except StorageError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except OSError as exc:  # disk full or read-only MERGEFLOW_HOME: one line naming the entry and the cause
+            shutil.rmtree(tmp, ignore_errors=True)
+            at = exc.filename
+            if isinstance(at, str) and Path(at).is_relative_to(tmp):
+                at = str(final / Path(at).relative_to(tmp))
+            raise storage_error(exc, "write the cache entry", final,
+                                at=None if at in (None, str(final)) else at) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

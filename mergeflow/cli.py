@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import click
 
 from mergeflow import __version__
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import ENVIRONMENT_ERRNOS, MergeflowError, storage_error
 
 EXIT_USER_ERROR = 2
 
@@ -43,7 +43,8 @@ def _sigterm_as_interrupt() -> None:
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print MergeflowError as one line and exit 2 (traceback only with --debug)."""
+    """Print MergeflowError (and an OSError the environment caused) as one line and exit 2 (traceback only with
+    --debug)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,6 +55,14 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as exc:
+            # disk full, permission denied, too many open files... that no layer below named: still one line
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {storage_error(exc, 'access')}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)

@@ -7,6 +7,10 @@ line and exits with code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno as _errno
+import os
+from pathlib import Path
+
 
 class MergeflowError(Exception):
     """Base class of every error mergeflow raises on purpose."""
@@ -31,6 +35,55 @@ class UnsafePathError(CheckpointError):
 
 class NonFiniteResultError(MergeflowError):
     """A merged tensor holds NaN or Inf values (nothing is written)."""
+
+
+class StorageError(MergeflowError, OSError):
+    """The operating system refused a read or write: disk full, permission denied, a parent that is a file, too many
+    open files. The message names the path and the cause (``[ENOSPC]``...); nothing half-written is left in place.
+    Still an ``OSError`` (with the original ``errno``), so callers that catch those keep working."""
+
+
+# What to do about the errors a user's environment causes (the message's last part).
+_HINTS = {
+    _errno.ENOSPC: "free space on that filesystem or write elsewhere",
+    _errno.EDQUOT: "free space within your quota or write elsewhere",
+    _errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    _errno.ENFILE: "the system's open-file table is full; close other programs or raise fs.file-max",
+    _errno.EACCES: "check the permissions of the folder",
+    _errno.EPERM: "check the permissions of the folder",
+    _errno.EROFS: "the filesystem is read-only; write elsewhere",
+    _errno.ENOTDIR: "a part of the path is a file, not a folder",
+    _errno.EEXIST: "a file of that name is in the way",
+}
+
+# OSErrors a user's environment causes, never a bug: the CLI prints them on one line too
+ENVIRONMENT_ERRNOS = frozenset({*_HINTS, _errno.EIO, _errno.ENOENT, _errno.EISDIR, _errno.ENAMETOOLONG,
+                                _errno.ELOOP, _errno.EFBIG, _errno.ENOTEMPTY, _errno.EXDEV, _errno.EBUSY})
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``No space left on device [ENOSPC]; free space ...``: the cause of ``exc`` on one line, with a hint."""
+    code = _errno.errorcode.get(exc.errno or 0, "")
+    cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc)) or type(exc).__name__
+    text = f"{cause} [{code}]" if code else cause
+    hint = _HINTS.get(exc.errno or 0)
+    return f"{text}; {hint}" if hint else text
+
+
+def storage_error(exc: OSError, doing: str, path: str | os.PathLike[str] | None = None, *,
+                  at: str | os.PathLike[str] | None = None) -> StorageError:
+    """A one-line :class:`StorageError` for ``exc``: "cannot {doing} {path} (at {file}): {cause}; {hint}". ``path``
+    defaults to the file the error names; ``at`` (default: that file, when it is not ``path``) says where inside."""
+    named = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else None
+    where = path if path is not None else named
+    if at is None and named is not None and path is not None and Path(named) != Path(path):
+        at = named
+    subject = f"{doing} {where}" if where is not None else doing
+    if at is not None:
+        subject += f" (at {at})"
+    error = StorageError(f"cannot {subject}: {describe_os_error(exc)}")
+    error.errno = exc.errno
+    return error
 
 
 class ArchitectureError(MergeflowError):

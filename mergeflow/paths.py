@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mergeflow.errors import storage_error
+
 ENV_HOME = "MERGEFLOW_HOME"
 DEFAULT_HOME = Path("~/.cache/mergeflow")
 
@@ -21,5 +23,8 @@ def mergeflow_home() -> Path:
     raw = os.environ.get(ENV_HOME, "").strip()
     home = Path(raw).expanduser() if raw else DEFAULT_HOME.expanduser()
     home = home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, f"create {ENV_HOME}", home) from exc
     return home

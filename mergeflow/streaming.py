@@ -11,8 +11,10 @@ read, so every recipe or input problem surfaces in well under a second with noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import struct
 import time
@@ -31,7 +33,15 @@ from mergeflow.checkpoints import Snapshot, contained_file, count_non_finite
 from mergeflow.coefficients import Coefficients, CoefficientSource
 from mergeflow.compatibility import CompatibilityReport, compare, summarize
 from mergeflow.devices import compute_threads, pick_device
-from mergeflow.errors import IncompatibleModelsError, NonFiniteResultError, RecipeError
+from mergeflow.errors import (
+    CheckpointError,
+    IncompatibleModelsError,
+    NonFiniteResultError,
+    RecipeError,
+    StorageError,
+    describe_os_error,
+    storage_error,
+)
 from mergeflow.methods.base import KernelInput, MergeMethod
 from mergeflow.recipe import Recipe
 from mergeflow.task_vectors import task_vector_manifest
@@ -43,7 +53,9 @@ from mergeflow.tensors import (
     check_output_path,
     dtype_from_name,
     dtype_name,
+    ensure_open_files,
     parse_size,
+    plan_shards,
 )
 
 DEFAULT_SHARD_SIZE = "1GB"
@@ -144,8 +156,11 @@ def layer_fraction(arch: Architecture, name: str) -> float:
 
 
 def _open(snap: Snapshot, recipe: Recipe) -> tuple[Snapshot, CheckpointReader, Architecture]:
+    try:
+        config = json.loads((snap.path / "config.json").read_text())
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {snap.path / 'config.json'}: {describe_os_error(exc)}") from exc
     reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=recipe.allow_pickle)
-    config = json.loads((snap.path / "config.json").read_text())
     arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
     return snap, reader, arch
 
@@ -173,6 +188,8 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
           opened: list[Input], coefficients: list[Coefficients] | None, require_coefficients: bool) -> MergePlan:
     method = recipe.method
     device = pick_device(options.device)
+    snapshots = ([inputs.base] if inputs.base is not None else []) + list(inputs.experts)
+    ensure_open_files(sum(len(s.weight_files) for s in snapshots), f"the {len(snapshots)} models of the merge")
     base: Input | None = None
     if inputs.base is not None:
         snap, reader, arch = _open(inputs.base, recipe)
@@ -327,6 +344,22 @@ def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.T
     return base, models, coeffs
 
 
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _promotable(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` for type promotion: torch refuses to promote the float8 types, which compute in float32."""
+    return torch.float32 if _is_float8(dtype) else dtype
+
+
+def _to_compute(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, raw: bool) -> torch.Tensor:
+    """An input on ``device``: in ``dtype``, or as stored for a kernel that streams raw inputs (float8 excepted)."""
+    if raw and not _is_float8(tensor.dtype):
+        return tensor.to(device)
+    return tensor.to(device, dtype)
+
+
 def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor in the output dtype, on CPU)`` for every output tensor, streaming."""
     recipe, method = plan.recipe, plan.method
@@ -345,13 +378,15 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
                 continue
             dtype = plan.compute_dtype or (torch.float64 if reference_raw.dtype == torch.float64 else torch.float32)
             if plan.compute_dtype is None and recipe.mergekit_compat:
-                dtype = reference_raw.dtype
+                dtype = _promotable(reference_raw.dtype)
                 for t in models_raw:
-                    dtype = torch.promote_types(dtype, t.dtype)
-            # kernels that stream convert block by block; the others get whole tensors in the compute dtype
-            convert = None if (method.streams_raw_inputs and not recipe.mergekit_compat) else dtype
-            base = base_raw.to(plan.device, convert) if base_raw is not None else None
-            models = [t.to(plan.device, convert) for t in models_raw]
+                    dtype = torch.promote_types(dtype, _promotable(t.dtype))
+            # kernels that stream convert block by block; the others get whole tensors in the compute dtype. float8
+            # inputs have no type promotion in torch, so they are upcast to the compute dtype even for streaming
+            # kernels (they are a quarter of fp32's size: the copy is small)
+            raw = method.streams_raw_inputs and not recipe.mergekit_compat
+            base = _to_compute(base_raw, plan.device, dtype, raw) if base_raw is not None else None
+            models = [_to_compute(t, plan.device, dtype, raw) for t in models_raw]
             if recipe.vocab_policy == "base" and base is not None:
                 models = [_fit_vocab(t, base) for t in models]
             per_model, shared = plan.params[name]
@@ -410,7 +445,10 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
         if options.progress:
             progress = tqdm(total=sum(s.nbytes for s in plan.specs), unit="B", unit_scale=True,
                             desc=f"merge {recipe.merge_method}", dynamic_ncols=True)
-        with atomic_directory(out, overwrite=options.overwrite) as tmp, compute_threads(options.threads):
+        n_open = sum(len(i.snapshot.weight_files) for i in plan.inputs) + len(plan_shards(plan.specs, shard_size))
+        ensure_open_files(n_open, "the merge (its inputs' weight files and the output's shards)")
+        with _output_errors(out), atomic_directory(out, overwrite=options.overwrite) as tmp, \
+                compute_threads(options.threads):
             provenance = provenance_of(plan)
             writer = ShardedWriter(tmp, plan.specs, shard_size,
                                    metadata={"mergeflow_version": __version__,
@@ -441,6 +479,25 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
                            time.perf_counter() - start, plan.thresholds, provenance)
     finally:
         plan.close()
+
+
+@contextlib.contextmanager
+def _output_errors(out: Path) -> Iterator[None]:
+    """An OSError while the output is written (disk full, quota, I/O error) becomes one line naming the output and
+    the cause; a file of the temporary folder is named by its place in the output."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        named = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else None
+        at = None
+        if named is not None:
+            tmp_prefix = f".{out.name}.tmp-"
+            parts = Path(named).parts
+            inside = [i for i, part in enumerate(parts) if part.startswith(tmp_prefix)]
+            at = str(out.joinpath(*parts[inside[-1] + 1:])) if inside else named
+        raise storage_error(exc, "write the output", out, at=None if at == str(out) else at) from exc
 
 
 def _support_files(plan: MergePlan) -> list[tuple[str, Path]]:

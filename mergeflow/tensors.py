@@ -10,6 +10,7 @@ written in any order (for instance by a background writer thread).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mergeflow.errors import CheckpointError, OutputPathError
+from mergeflow.errors import CheckpointError, OutputPathError, StorageError, describe_os_error, storage_error
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -226,8 +227,11 @@ class CheckpointReader:
             path = self.folder / file
             if file.endswith(".safetensors"):
                 header = read_safetensors_header(path)  # validated: known dtypes, contiguous offsets, no truncation
-                with path.open("rb") as f:
-                    header_len = int.from_bytes(f.read(8), "little")
+                try:
+                    with path.open("rb") as f:
+                        header_len = int.from_bytes(f.read(8), "little")
+                except OSError as exc:
+                    raise CheckpointError(f"cannot read {path}: {describe_os_error(exc)}") from exc
                 for name, info in header.items():
                     if name == "__metadata__":
                         continue
@@ -240,7 +244,7 @@ class CheckpointReader:
                 try:
                     self._fds[file] = os.open(path, os.O_RDONLY)
                 except OSError as exc:
-                    raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+                    raise CheckpointError(f"cannot read {path}: {describe_os_error(exc)}") from exc
             elif allow_pickle:
                 state = load_pickle(path)
                 self._pickled[file] = state
@@ -280,7 +284,11 @@ class CheckpointReader:
         view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:
-            n = os.preadv(self._fds[file], [view[done:]], offset + done)
+            try:
+                n = os.preadv(self._fds[file], [view[done:]], offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read tensor {name!r} from {self.folder / file}: "
+                                      f"{describe_os_error(exc)}") from exc
             if n <= 0:
                 raise CheckpointError(f"{self.folder / file}: unexpected end of file reading tensor {name!r} "
                                       "(the file changed or was truncated after it was opened)")
@@ -401,9 +409,44 @@ def check_output_path(out: Path, inputs: Sequence[Path], *, overwrite: bool) -> 
         raise OutputPathError(f"output {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"output {out} exists and is not a folder")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise OutputPathError(f"cannot write into {parent}")
+    # the nearest folder that exists: the output's missing parents are created in it
+    parent = Path(os.path.abspath(out)).parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create the output {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create the output {out}: the folder {parent} is not writable "
+                              f"(permission denied)")
+
+
+def ensure_open_files(needed: int, what: str) -> None:
+    """Make room for ``needed`` more open files: raise the soft open-file limit up to the hard one when it is too
+    low (a merge of many experts keeps one descriptor per weight file), or refuse with one line naming the limit
+    before anything is opened, rather than fail with ``EMFILE`` half-way."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to check
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    want = needed + in_use + 16  # a margin for the files opened meanwhile (configs, the memo, a log)
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if want > soft:
+        error = StorageError(f"cannot open the {needed} files {what} needs: the open-file limit is {soft} (hard "
+                             f"limit {hard}) and {in_use} are in use [EMFILE]; raise it (ulimit -n {want}) or "
+                             f"merge fewer models at a time")
+        error.errno = errno.EMFILE
+        raise error
 
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
@@ -438,11 +481,17 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     place, so at every instant ``out`` is either the complete old or the complete new output.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, "create the output", out) from exc
     _remove_stale_siblings(out)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise storage_error(exc, "create the output", out) from exc
     try:
         yield tmp
     except BaseException:

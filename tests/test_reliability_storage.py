@@ -1,0 +1,284 @@
+"""Issue 15, cases 5 and 6: what the operating system refuses ends in one line, and ``--overwrite`` never leaves a
+moment without a complete output.
+
+5. disk full (at the output or in ``MERGEFLOW_HOME``), an output whose parent is a file, a missing parent under a
+   read-only folder, too many open files: one ``error:`` line naming the path and the cause, exit code 2, no
+   traceback, nothing left behind and a previous output unchanged; an expert holding float8 tensors is merged (upcast
+   for compute) by ``merge`` as ``check`` promised;
+6. ``--overwrite`` swaps the new output in (one atomic exchange where the kernel has it, else a journal that the
+   next run completes): a run killed at any step leaves a complete output, old or new.
+
+A full disk cannot be made without root (a tiny tmpfs), so ENOSPC is simulated at the low-level write call; the
+other errors are real.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from mergeflow import streaming
+from mergeflow.cli import main
+from mergeflow.engine import MergeOptions, merge
+from mergeflow.errors import StorageError
+from mergeflow.recipe import load_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUIET = MergeOptions(progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigterm():
+    """The merge command turns SIGTERM into KeyboardInterrupt; in-process runs must not leave that to pytest."""
+    old = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _refused(result, *needles: str) -> str:
+    """The run failed as a user error: exit 2 and exactly one ``error:`` line on stderr holding ``needles``."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] if out.parent.is_dir() else []
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists() and not out.is_symlink()
+    assert not _leftovers(out)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _recipe(folder: Path, base: Path, experts: list[Path], *, method: str = "task_arithmetic", params: str = "",
+            name: str = "r.yaml", extra: str = "") -> Path:
+    text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+            + "".join(f"  - model: {e}\n" + (f"    parameters: {{{params}}}\n" if params else "") for e in experts)
+            + extra)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# ------------------------------------------------------------------------------------------ 5. disk full
+
+
+def test_disk_full_while_writing_shards_is_one_line_and_keeps_the_previous_output(families, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    base, experts = families("llama")
+    out = tmp_path / "out"
+    merge(load_recipe(_recipe(tmp_path, base, experts[:2])), out, options=QUIET)
+    before = _snapshot(out)
+    changed = _recipe(tmp_path, base, experts[:2], params="weight: 0.3", name="changed.yaml")
+    monkeypatch.setattr(os, "pwrite", _enospc)  # every tensor's bytes go to their shard with os.pwrite
+    _refused(_cli("merge", str(changed), str(out), "--overwrite", "--no-progress"),
+             f"cannot write the output {out}", "No space left on device [ENOSPC]", "free space")
+    assert _snapshot(out) == before
+    assert not _leftovers(out)
+    fresh = tmp_path / "fresh"
+    _refused(_cli("merge", str(changed), str(fresh), "--no-progress"), f"{fresh}", "[ENOSPC]")
+    _no_output(fresh)
+
+
+def test_disk_full_names_the_output_file_not_the_temporary_folder(families, tmp_path: Path, monkeypatch) -> None:
+    base, experts = families("llama")
+    out = tmp_path / "out"
+
+    def full_copy(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(streaming.shutil, "copy2", full_copy)  # the config and tokenizer copies
+    line = _refused(_cli("merge", str(_recipe(tmp_path, base, experts[:2])), str(out), "--no-progress"),
+                    f"cannot write the output {out} (at {out / 'config.json'})", "[ENOSPC]")
+    assert ".tmp-" not in line
+    _no_output(out)
+    # the library raises the same error, which is still an OSError carrying the errno
+    with pytest.raises(StorageError) as caught:
+        merge(load_recipe(tmp_path / "r.yaml"), out, options=QUIET)
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
+
+
+def test_disk_full_in_mergeflow_home_is_one_line_and_leaves_no_partial_entry(families, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    base, experts = families("llama")
+    home = tmp_path / "home"
+    monkeypatch.setenv("MERGEFLOW_HOME", str(home))
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.is_relative_to(home / "cache"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    # TIES trims globally by default: the experts' task-vector manifests are cached in MERGEFLOW_HOME first
+    recipe = _recipe(tmp_path, base, experts[:2], method="ties", params="weight: 0.5, density: 0.5")
+    out = tmp_path / "out"
+    _refused(_cli("merge", str(recipe), str(out), "--no-progress"),
+             f"cannot write the cache entry {home / 'cache' / 'task_vector'}", "[ENOSPC]")
+    _no_output(out)
+    assert not [p for p in (home / "cache" / "task_vector").iterdir()]  # no entry, no .tmp-* folder
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert _cli("merge", str(recipe), str(out), "--no-progress").exit_code == 0  # space freed: it merges
+
+
+def test_mergeflow_home_under_a_file_is_one_line(families, tmp_path: Path, monkeypatch) -> None:
+    base, experts = families("llama")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MERGEFLOW_HOME", str(blocker / "home"))
+    out = tmp_path / "out"
+    _refused(_cli("merge", str(_recipe(tmp_path, base, experts[:2])), str(out), "--no-progress"),
+             f"cannot create MERGEFLOW_HOME {blocker / 'home'}")
+    _no_output(out)
+
+
+# --------------------------------------------------------------------------------- 5. where the output goes
+
+
+@pytest.mark.parametrize("below", ["out", "a/b/out"])
+def test_output_under_a_file_is_one_line(families, tmp_path: Path, below: str) -> None:
+    base, experts = families("llama")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out = blocker / below
+    _refused(_cli("merge", str(_recipe(tmp_path, base, experts[:2])), str(out), "--no-progress"),
+             f"cannot create the output {out}", f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "r.yaml"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: the refusal cannot be observed "
+                                              "(test_mkdir_refused_by_the_os_is_one_line covers the OS error)")
+def test_missing_parent_under_a_read_only_folder_is_one_line(families, tmp_path: Path) -> None:
+    base, experts = families("llama")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        out = locked / "missing" / "out"
+        _refused(_cli("merge", str(_recipe(tmp_path, base, experts[:2])), str(out), "--no-progress"),
+                 f"cannot create the output {out}", f"the folder {locked} is not writable")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_mkdir_refused_by_the_os_is_one_line(families, tmp_path: Path, monkeypatch) -> None:
+    """The folder check passed (or the folder changed since): the OS refusal itself is still one line."""
+    base, experts = families("llama")
+    out = tmp_path / "locked" / "missing" / "out"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.is_relative_to(tmp_path / "locked"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    _refused(_cli("merge", str(_recipe(tmp_path, base, experts[:2])), str(out), "--no-progress"),
+             f"cannot create the output {out}", "Permission denied [EACCES]")
+    assert not (tmp_path / "locked").exists()
+
+
+# ------------------------------------------------------------------------------------------ 5. open files
+
+
+def _merge_with_file_limit(recipe: Path, out: Path, soft: int, hard: int) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return subprocess.run([sys.executable, "-m", "mergeflow.cli", "merge", str(recipe), str(out), "--no-progress"],
+                          preexec_fn=limit, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+
+
+def test_too_many_open_files_is_refused_up_front_or_the_soft_limit_raised(families, tmp_path: Path) -> None:
+    base, experts = families("llama")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip(f"the hard open-file limit ({hard}) is too low for this test")
+    # 100 experts keep 101 weight files open: more than a soft limit of 64
+    recipe = _recipe(tmp_path, base, [experts[i % 3] for i in range(100)])
+    out = tmp_path / "out"
+    refused = _merge_with_file_limit(recipe, out, 64, 64)
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot open the 101 files"), refused.stderr
+    assert "the open-file limit is 64 (hard limit 64)" in lines[0] and "[EMFILE]" in lines[0]
+    assert "ulimit -n" in lines[0]
+    _no_output(out)
+    # the same merge with room under the hard limit: the soft limit is raised and it merges
+    done = _merge_with_file_limit(recipe, out, 64, 256)
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------ 5. float8 inputs
+
+
+def _float8_expert(expert: Path, dest: Path, *, upcast: bool) -> tuple[Path, str]:
+    """A copy of ``expert`` whose first MLP weight is stored as float8 (or as the float32 upcast of that float8)."""
+    shutil.copytree(expert, dest)
+    weights = load_file(dest / "model.safetensors")
+    name = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
+    f8 = weights[name].to(torch.float8_e4m3fn)
+    weights[name] = f8.float() if upcast else f8
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest, name
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8 types")
+@pytest.mark.parametrize("method, params, compat", [
+    ("ties", "weight: 0.5, density: 0.5", False),  # a kernel that streams its raw inputs
+    ("ties", "weight: 0.5, density: 0.5", True),  # mergekit_compat promotes the inputs' dtypes
+    ("linear", "weight: 0.5", False),
+])
+def test_float8_expert_is_merged_as_its_float32_upcast(families, tmp_path: Path, method: str, params: str,
+                                                       compat: bool) -> None:
+    base, experts = families("llama")
+    f8, name = _float8_expert(experts[0], tmp_path / "f8", upcast=False)
+    up, _ = _float8_expert(experts[0], tmp_path / "up", upcast=True)
+    extra = "mergekit_compat: true\n" if compat else ""
+    recipe = _recipe(tmp_path, base, [f8, experts[1]], method=method, params=params, extra=extra)
+    checked = _cli("check", str(recipe))
+    assert checked.exit_code == 0 and "compatible" in checked.stdout, checked.output
+    out = tmp_path / "out"
+    done = _cli("merge", str(recipe), str(out), "--no-progress")
+    assert done.exit_code == 0, (done.output, done.exception)
+    reference = _recipe(tmp_path, base, [up, experts[1]], method=method, params=params, extra=extra, name="up.yaml")
+    merge(load_recipe(reference), tmp_path / "ref", options=QUIET)
+    got, want = load_file(out / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for key in got:
+        assert torch.equal(got[key], want[key]), key
+    assert got[name].dtype == torch.float32  # the base's dtype, as for any other input dtype
+    assert json.loads((out / "mergeflow.json").read_text())["method"] == method
