@@ -10,6 +10,7 @@ written in any order (for instance by a background writer thread).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import math
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -400,12 +402,14 @@ def _is_inside(path: Path, parent: Path) -> bool:
 def check_output_path(out: Path, inputs: Sequence[Path], *, overwrite: bool) -> None:
     """Refuse an output that exists (unless ``overwrite``), or that lies inside an input or contains one."""
     out = Path(out)
+    if out.parent.is_dir():
+        recover_output(out)  # a run killed while replacing out: complete it first, so "exists" tells the truth
     for src in inputs:
         if _is_inside(out, src):
             raise OutputPathError(f"output {out} lies inside the input {src}")
         if _is_inside(src, out):
             raise OutputPathError(f"output {out} contains the input {src}; it would be deleted")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise OutputPathError(f"output {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"output {out} exists and is not a folder")
@@ -449,43 +453,219 @@ def ensure_open_files(needed: int, what: str) -> None:
         raise error
 
 
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+# Siblings of an output ``out`` that merges make, named ``.out.<kind>-<pid>-<hex>``: ``tmp`` (the new output being
+# written; after the exchange, the old output being removed), ``old`` (the old output moved aside: journal fallback
+# only) and ``swap`` (the journal of that fallback's two renames).
+_SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|swap)-(?P<pid>\d+)-(?P<hex>[0-9a-f]+)$")
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 
-def _remove_stale_siblings(out: Path) -> None:
-    """Remove temp folders that a killed earlier run left beside ``out`` (their process is gone)."""
+def _load_renameat2() -> Any:
+    """libc's ``renameat2`` (Linux, glibc 2.28+), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``: True when done, False when the system or the filesystem lacks the call or the
+    flag (the caller falls back); any other failure raises OSError."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or a file or symlink (never what a symlink points to)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _journal_target(parent: Path, out: Path, name: Any, kind: str) -> Path | None:
+    """A sibling named in a journal, if it is one of this output's (a journal cannot point anywhere else)."""
+    m = _SIBLING_RE.match(name) if isinstance(name, str) else None
+    if m is None or m.group("name") != out.name or m.group("kind") != kind:
+        return None
+    return parent / name
+
+
+def recover_output(out: Path) -> None:
+    """Finish what killed runs left beside ``out`` (their process is gone), never losing a complete output.
+
+    A journalled swap is completed: the new output, complete when its journal was written, goes into place (or the
+    old one back, if the new is gone). An old output moved aside by a run killed before the new one was in place (an
+    older mergeflow's two renames) is restored. Then the leftovers are removed: unfinished new outputs, and old
+    copies once ``out`` is in place (an old copy is never removed while it may be the only one).
+    """
+    out = Path(out)
     parent = out.parent
-    if not parent.is_dir():
+    try:
+        entries = [(m.group("kind"), parent / m.group(0)) for m in map(_SIBLING_RE.match, os.listdir(parent))
+                   if m and m.group("name") == out.name and not _alive(int(m.group("pid")))]
+    except OSError:
         return
-    for entry in parent.iterdir():
-        m = _TMP_RE.match(entry.name)
-        if not m or m.group("name") != out.name:
-            continue
-        pid = int(m.group("pid"))
-        if pid == os.getpid():
+    for kind, journal in entries:
+        if kind != "swap":
             continue
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass
+            data = json.loads(journal.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None  # torn before the first rename: nothing was moved
+        if isinstance(data, dict) and not os.path.lexists(out):
+            for name, role in ((data.get("new"), "tmp"), (data.get("old"), "old")):
+                source = _journal_target(parent, out, name, role)
+                if source is not None and os.path.lexists(source):
+                    with contextlib.suppress(OSError):
+                        _move_into_place(source, out)
+                        break
+        with contextlib.suppress(OSError):
+            journal.unlink()
+    if not os.path.lexists(out):
+        for kind, old in entries:
+            if kind == "old" and os.path.lexists(old):
+                with contextlib.suppress(OSError):
+                    _move_into_place(old, out)
+                    break
+    for kind, entry in entries:
+        if (kind == "tmp" or (kind == "old" and os.path.lexists(out))) and os.path.lexists(entry):
+            _remove(entry)
+
+
+def _move_into_place(src: Path, out: Path) -> None:
+    """Rename ``src`` to ``out`` only if nothing is there (FileExistsError otherwise)."""
+    if _rename2(src, out, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(out):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
+    os.rename(src, out)
+
+
+def _swap_with_journal(tmp: Path, out: Path) -> bool:
+    """Replace ``out`` with ``tmp`` in two renames, journalled so that a run killed between them is completed by the
+    next (:func:`recover_output`) rather than leaving no output; for systems without ``RENAME_EXCHANGE``. False when
+    another run put its own output in place between the two renames (``out`` is then complete: try again)."""
+    tag = tmp.name.rsplit(".tmp-", 1)[1]
+    old = out.parent / f".{out.name}.old-{tag}"
+    journal = out.parent / f".{out.name}.swap-{tag}"
+    with open(journal, "w", encoding="utf-8") as f:
+        json.dump({"new": tmp.name, "old": old.name}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(out.parent)
+    try:
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and os.path.lexists(out):
+                _remove(old)  # another run's complete output took the place: ours replaces it next
+                return False
+            with contextlib.suppress(OSError):
+                os.rename(old, out)  # put the old output back
+            raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(old, out)
+            raise
+    finally:
+        if not os.path.lexists(old):
+            with contextlib.suppress(OSError):
+                journal.unlink()
+    _remove(old)
+    with contextlib.suppress(OSError):
+        journal.unlink()
+    return True
+
+
+def _publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Put the complete folder ``tmp`` at ``out`` so that ``out`` is at every instant absent, the complete old output
+    or the complete new one. Two runs landing on one output: with ``overwrite`` the last wins, without it the later
+    one is refused with one line; neither leaves anything behind."""
+    for _ in range(20):
+        if not os.path.lexists(out):
+            try:
+                _move_into_place(tmp, out)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # another run put its output there meanwhile
+        if not overwrite:
+            raise OutputPathError(f"output {out} appeared while merging (another run wrote it); not replacing it "
+                                  f"(pass --overwrite to replace it)")
+        if not out.is_symlink() and os.path.lexists(out) and not out.is_dir():
+            raise OutputPathError(f"output {out} exists and is not a folder")
+        try:
+            # one atomic step: out becomes the new folder, tmp the old one (or the old symlink), then removed
+            if _rename2(tmp, out, _RENAME_EXCHANGE):
+                _remove(tmp)
+                return
+            if _swap_with_journal(tmp, out):
+                return
+        except FileNotFoundError:
+            if not os.path.lexists(tmp):
+                raise
+            # out was removed meanwhile: put ours in place as a new output
+    raise OutputPathError(f"output {out} kept changing while it was being replaced (other runs writing it?)")
 
 
 @contextlib.contextmanager
 def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; rename it into place only when the block completes.
+    """Yield a temporary sibling of ``out``; put it in place only when the block completes.
 
     On any exception (or KeyboardInterrupt / SystemExit) the temporary folder is removed and an existing ``out`` is
-    left untouched. With ``overwrite`` the old folder is moved aside first and deleted only after the new one is in
-    place, so at every instant ``out`` is either the complete old or the complete new output.
+    left untouched. With ``overwrite`` the new folder and the old are exchanged in one atomic ``renameat2`` step (Linux)
+    and the old one removed after, so at every instant ``out`` is either the complete old or the complete new output;
+    where the exchange is unavailable, two journalled renames that the next run completes if this one is killed. An
+    output that is a symlink is replaced by the new folder; what it pointed to is left untouched.
     """
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise storage_error(exc, "create the output", out) from exc
-    _remove_stale_siblings(out)
+    recover_output(out)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     try:
@@ -494,16 +674,8 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise storage_error(exc, "create the output", out) from exc
     try:
         yield tmp
+        _publish(tmp, out, overwrite=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            _remove(tmp)
         raise
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputPathError(f"output {out} appeared while merging; not replacing it")
-        old = out.parent / f".{out.name}.old-{tag}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

@@ -29,7 +29,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mergeflow import streaming
+from mergeflow import streaming, tensors
 from mergeflow.cli import main
 from mergeflow.engine import MergeOptions, merge
 from mergeflow.errors import StorageError
@@ -282,3 +282,195 @@ def test_float8_expert_is_merged_as_its_float32_upcast(families, tmp_path: Path,
         assert torch.equal(got[key], want[key]), key
     assert got[name].dtype == torch.float32  # the base's dtype, as for any other input dtype
     assert json.loads((out / "mergeflow.json").read_text())["method"] == method
+
+
+# ------------------------------------------------------------------------------------------ 6. --overwrite
+
+
+@pytest.fixture(params=["exchange", "journal"])
+def swap(request, monkeypatch) -> str:
+    """Both ways of replacing an output: renameat2's RENAME_EXCHANGE, and the journalled two renames used where the
+    system or filesystem has no exchange."""
+    if request.param == "exchange" and tensors._renameat2 is None:
+        pytest.skip("this system has no renameat2")
+    if request.param == "journal":
+        monkeypatch.setattr(tensors, "_renameat2", None)
+    return request.param
+
+
+def _weights(folder: Path) -> dict[str, bytes]:
+    """What a merge's content is (mergeflow.json and the model card also record the run's duration)."""
+    return {name: (folder / name).read_bytes() for name in ("model.safetensors", "config.json")}
+
+
+def _two_outputs(families, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An old output at ``out`` and a recipe whose merge differs from it."""
+    base, experts = families("llama")
+    out = tmp_path / "out"
+    merge(load_recipe(_recipe(tmp_path, base, experts[:2], params="weight: 0.2", name="old.yaml")), out,
+          options=QUIET)
+    new = _recipe(tmp_path, base, experts[:2], params="weight: 0.7", name="new.yaml")
+    return out, tmp_path / "old.yaml", new
+
+
+# a merge --overwrite that SIGKILLs itself at one step of putting its output in place (the step: MF_KILL_AT)
+_KILLED_MERGE = """
+import os, signal, sys
+from pathlib import Path
+import mergeflow.tensors as t
+out, at = os.environ["MF_KILL_OUT"], os.environ["MF_KILL_AT"]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if at == "after_exchange":  # out is the new folder; the old one is still beside it
+    real_remove = t._remove
+    def remove(path):
+        if Path(path).name.startswith(".out.tmp-"):
+            die()
+        real_remove(path)
+    t._remove = remove
+else:  # between the journalled renames: out moved aside, the new folder not yet in place
+    t._renameat2 = None
+    real_rename = os.rename
+    def rename(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        if str(src) == out:
+            die()
+    os.rename = rename
+from mergeflow.cli import main
+sys.exit(main())
+"""
+
+
+def _killed_merge(recipe: Path, out: Path, at: str) -> None:
+    env = {**os.environ, "MF_KILL_OUT": str(out), "MF_KILL_AT": at}
+    done = subprocess.run([sys.executable, "-c", _KILLED_MERGE, "merge", str(recipe), str(out), "--overwrite",
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr)
+
+
+@pytest.mark.skipif(tensors._renameat2 is None, reason="this system has no renameat2")
+def test_overwrite_killed_after_the_exchange_leaves_the_new_output(families, tmp_path: Path) -> None:
+    out, _, new = _two_outputs(families, tmp_path)
+    expected = tmp_path / "expected"
+    merge(load_recipe(new), expected, options=QUIET)
+    _killed_merge(new, out, "after_exchange")
+    assert _weights(out) == _weights(expected)  # complete and new: the exchange was one step
+    assert _leftovers(out)  # the old copy the killed run did not get to remove...
+    _refused(_cli("merge", str(new), str(out), "--no-progress"), "already exists")
+    assert not _leftovers(out)  # ...is removed by the next run, which has the output to keep
+    assert _weights(out) == _weights(expected)
+
+
+def test_overwrite_killed_between_journalled_renames_is_completed_by_the_next_run(families, tmp_path: Path) -> None:
+    out, _, new = _two_outputs(families, tmp_path)
+    expected = tmp_path / "expected"
+    merge(load_recipe(new), expected, options=QUIET)
+    _killed_merge(new, out, "between_renames")
+    assert not out.exists()  # the moment the journal is for
+    kinds = sorted(p.name.split(".")[2].split("-")[0] for p in _leftovers(out))
+    assert kinds == ["old", "swap", "tmp"], kinds
+    # the next run completes the swap (the new output was complete) instead of deleting both copies
+    _refused(_cli("merge", str(new), str(out), "--no-progress"), "already exists")
+    assert _weights(out) == _weights(expected)
+    assert not _leftovers(out)
+
+
+def test_output_moved_aside_by_an_older_run_is_restored_not_deleted(families, tmp_path: Path) -> None:
+    out, old_recipe, _ = _two_outputs(families, tmp_path)
+    before = _snapshot(out)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has exited
+    os.rename(out, tmp_path / f".out.old-{dead}-0123abcd")  # what a run of the two plain renames killed left
+    (tmp_path / f".out.tmp-{dead}-0123abcd").mkdir()
+    ((tmp_path / f".out.tmp-{dead}-0123abcd") / "model.safetensors").write_bytes(b"partial")
+    _refused(_cli("merge", str(old_recipe), str(out), "--no-progress"), "already exists")
+    assert _snapshot(out) == before
+    assert not _leftovers(out)
+
+
+def test_symlinked_output_is_replaced_without_leftovers(families, tmp_path: Path, swap: str) -> None:
+    out, _, new = _two_outputs(families, tmp_path)
+    target = tmp_path / "target"
+    os.rename(out, target)
+    before = _snapshot(target)
+    out.symlink_to(target)
+    result = _cli("merge", str(new), str(out), "--overwrite", "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert out.is_dir() and not out.is_symlink()  # the link is replaced by the new folder...
+    assert _snapshot(target) == before  # ...and what it pointed to is left as it was
+    assert not _leftovers(out)
+
+
+@pytest.mark.parametrize("outer_overwrites", [True, False])
+def test_two_runs_landing_on_one_output(families, tmp_path: Path, monkeypatch, swap: str,
+                                        outer_overwrites: bool) -> None:
+    """A run finishes its output while another is writing the same one: with --overwrite the later wins, without it
+    the later is refused with one line; never a failed rename, never a folder left behind."""
+    base, experts = families("llama")
+    out = tmp_path / "out"
+    inner = _recipe(tmp_path, base, experts[:2], params="weight: 0.2", name="inner.yaml")
+    outer = _recipe(tmp_path, base, experts[:2], params="weight: 0.7", name="outer.yaml")
+    expected = {}
+    for name, recipe in (("inner", inner), ("outer", outer)):
+        merge(load_recipe(recipe), tmp_path / name, options=QUIET)
+        expected[name] = _weights(tmp_path / name)
+    real_finalize = tensors.ShardedWriter.finalize
+    ran = []
+
+    def finalize(self) -> None:
+        real_finalize(self)
+        if not ran:  # the outer run's shards are written: the inner run lands on the output now
+            ran.append(True)
+            merge(load_recipe(inner), out, options=MergeOptions(progress=False, overwrite=True))
+
+    monkeypatch.setattr(tensors.ShardedWriter, "finalize", finalize)
+    args = ["merge", str(outer), str(out), "--no-progress"] + (["--overwrite"] if outer_overwrites else [])
+    result = _cli(*args)
+    if outer_overwrites:
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert _weights(out) == expected["outer"]
+    else:
+        _refused(result, f"output {out} appeared while merging")
+        assert _weights(out) == expected["inner"]
+    assert ran and not _leftovers(out)
+
+
+def test_a_run_landing_in_the_middle_of_a_replace(families, tmp_path: Path, monkeypatch, swap: str) -> None:
+    """Another --overwrite run puts its output in place at the worst moment of this one's replace (just before the
+    exchange; between the journalled renames, where the old code failed with Errno 39 and left both copies): this
+    run still ends with its complete output in place and nothing beside it."""
+    out, _, new = _two_outputs(families, tmp_path)
+    base, experts = families("llama")
+    other = _recipe(tmp_path, base, experts[:2], params="weight: 0.4", name="other.yaml")
+    expected = tmp_path / "expected"
+    merge(load_recipe(new), expected, options=QUIET)
+    landed = []
+
+    def land() -> None:
+        if not landed:
+            landed.append(True)
+            merge(load_recipe(other), out, options=MergeOptions(progress=False, overwrite=True))
+
+    if swap == "exchange":
+        real_rename2 = tensors._rename2
+
+        def rename2(src, dst, flags):
+            if flags == tensors._RENAME_EXCHANGE:
+                land()
+            return real_rename2(src, dst, flags)
+
+        monkeypatch.setattr(tensors, "_rename2", rename2)
+    else:
+        for fn in ("rename", "replace"):
+            real = getattr(os, fn)
+
+            def moved(src, dst, *args, _real=real, **kwargs):
+                _real(src, dst, *args, **kwargs)
+                if str(src) == str(out):  # this run moved the old output aside
+                    land()
+
+            monkeypatch.setattr(os, fn, moved)
+    result = _cli("merge", str(new), str(out), "--overwrite", "--no-progress")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert landed and _weights(out) == _weights(expected)
+    assert not _leftovers(out)
