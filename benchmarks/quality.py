@@ -384,7 +384,7 @@ def importance_heatmaps(runner: Runner, out_dir: Path) -> list[str]:
         ax.set_title(f"{name}: per-layer importance per task (zoo seed {runner.zoo.seed})")
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"importance_{name}.png"
+        path = out_dir / f"importance_{runner.zoo.size}_{name}.png"  # one file per zoo variant (hard: full)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(str(path))
@@ -567,8 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--skip-ablations", action="store_true")
     parser.add_argument("--ood-only", action="store_true", help="run only the ablations added after the main "
-                        "table (out-of-domain LM-Cocktail, SLTA's non-linearity scores) and write them into the --json "
-                        "file's ablations")
+                        "table (out-of-domain LM-Cocktail, SLTA's non-linearity scores) and the heatmaps, and write them "
+                        "into the --json file")
     parser.add_argument("--skip-costs", action="store_true", help="do not time the estimators (timings need an "
                         "idle machine; measure them apart with --costs-only)")
     parser.add_argument("--only", action="append", default=[], help="only methods whose label contains this")
@@ -582,9 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = Runner(zoo, args.limit, args.seeds)
         extra = {"ood": ood_ablation(runner), "slta_nonlinearity": slta_nonlinearity(runner)}
         print(json.dumps(extra, indent=1))
+        heatmaps = importance_heatmaps(runner, args.out)
         if args.json:
             previous = json.loads(args.json.read_text()) if args.json.exists() else {}
             previous.setdefault("ablations", {}).update(extra)
+            previous["heatmaps"] = heatmaps
             args.json.write_text(json.dumps(previous, indent=1) + "\n")
         return 0
     if args.costs_only:
