@@ -9,8 +9,8 @@ pickle readers live in :mod:`mergeflow.tensors`.
 Bad input fails here, before any heavy work, with a message naming the folder, file or tensor: checks run
 cheapest first (folder, config, weight files exist and are readable → safetensors headers consistent with the file
 size → content hash → tensor values finite). Hashes and "all finite" verdicts are memoised per file in
-``MERGEFLOW_HOME/hashes.json``, keyed by (resolved path, size, mtime_ns), so a checkpoint is read in full once, not at
-every merge.
+``MERGEFLOW_HOME/hashes.json``, keyed by (resolved path, device, inode, size, mtime_ns, ctime_ns), so a checkpoint is
+read in full once, not at every merge, and a file rewritten in place with its size and mtime kept is read again.
 """
 
 from __future__ import annotations
@@ -242,14 +242,21 @@ def _memo_path() -> Path:
     return mergeflow_home() / _MEMO_NAME
 
 
-def _identity(path: Path) -> tuple[str, int, int]:
-    """(resolved path, size, mtime_ns): the memo key. Resolving makes hub snapshot symlinks share their blob's entry."""
+# what identifies a file's bytes without reading them: a rewrite in place that keeps the size and the mtime (as
+# `rsync -a` or `cp -p` do) still changes the ctime, which no user call can set back; a replaced file has a new inode
+_IDENTITY_FIELDS = ("device", "inode", "size", "mtime_ns", "ctime_ns")
+Identity = tuple[str, int, int, int, int, int]  # (resolved path, *_IDENTITY_FIELDS)
+
+
+def _identity(path: Path) -> Identity:
+    """(resolved path, device, inode, size, mtime_ns, ctime_ns): the memo key. Resolving makes hub snapshot symlinks
+    share their blob's entry."""
     try:
         real = path.resolve()
         st = real.stat()
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    return str(real), st.st_size, st.st_mtime_ns
+    return str(real), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _load_memo() -> dict[str, dict[str, Any]]:
@@ -262,14 +269,14 @@ def _load_memo() -> dict[str, dict[str, Any]]:
     return data["files"]
 
 
-def _memo_entry(memo: dict[str, dict[str, Any]], ident: tuple[str, int, int]) -> dict[str, Any]:
+def _memo_entry(memo: dict[str, dict[str, Any]], ident: Identity) -> dict[str, Any]:
     entry = memo.get(ident[0])
-    if isinstance(entry, dict) and entry.get("size") == ident[1] and entry.get("mtime_ns") == ident[2]:
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in zip(_IDENTITY_FIELDS, ident[1:])):
         return entry
     return {}
 
 
-def _memo_update(updates: dict[tuple[str, int, int], dict[str, Any]]) -> None:
+def _memo_update(updates: dict[Identity, dict[str, Any]]) -> None:
     """Merge ``updates`` into the memo file atomically (temp file + os.replace).
 
     Re-reading just before writing keeps what concurrent writers added meanwhile; a lost race only loses a memo
@@ -279,7 +286,7 @@ def _memo_update(updates: dict[tuple[str, int, int], dict[str, Any]]) -> None:
     try:
         files = _load_memo()
         for ident, fields in updates.items():
-            files[ident[0]] = {**_memo_entry(files, ident), "size": ident[1], "mtime_ns": ident[2], **fields}
+            files[ident[0]] = {**_memo_entry(files, ident), **dict(zip(_IDENTITY_FIELDS, ident[1:])), **fields}
         files = {k: v for k, v in files.items() if os.path.exists(k)}
         fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=".hashes-", suffix=".tmp")
         try:
@@ -313,13 +320,13 @@ def content_hash(folder: Path, weight_files: Iterable[str]) -> str:
     """``"sha256:<hex>"`` over the sorted (relative name, sha256 of bytes) pairs of the weight files.
 
     Depends only on names and bytes, so two copies of a checkpoint hash alike wherever they live. Per-file digests
-    are memoised; a file whose size or mtime changed is hashed again.
+    are memoised; a file whose inode, size, mtime or ctime changed is hashed again.
     """
     folder = Path(folder)
     names = sorted({PurePosixPath(n).as_posix() for n in weight_files})
     memo = _load_memo()
     digests: dict[str, str] = {}
-    updates: dict[tuple[str, int, int], dict[str, Any]] = {}
+    updates: dict[Identity, dict[str, Any]] = {}
     for name in names:
         path = folder / name
         ident = _identity(path)
@@ -391,7 +398,7 @@ def scan_finite(folder: Path, weight_files: Iterable[str]) -> None:
     """Raise NonFiniteTensorError if any floating tensor holds NaN or Inf; clean files are memoised as such."""
     folder = Path(folder)
     memo = _load_memo()
-    updates: dict[tuple[str, int, int], dict[str, Any]] = {}
+    updates: dict[Identity, dict[str, Any]] = {}
     for name in sorted(set(weight_files)):
         path = folder / name
         ident = _identity(path)

@@ -114,9 +114,15 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="mergeflow")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(debug: bool) -> None:
+@click.option("--verify-cache", is_flag=True,
+              help="Hash every file of each reused cache entry in full (default: small files in full, large ones by "
+                   "size and sampled blocks).")
+def main(debug: bool, verify_cache: bool) -> None:
     """Merge fine-tuned language models: streaming merge engine, data-aware methods, evaluation, registry."""
     _quiet_libraries()
+    if verify_cache:
+        # read by every cache lookup, here and in the worker processes this command starts
+        os.environ["MERGEFLOW_VERIFY_CACHE"] = "full"
 
 
 @main.command()

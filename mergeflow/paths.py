@@ -6,7 +6,9 @@ one folder, ``MERGEFLOW_HOME`` (default ``~/.cache/mergeflow``), so it can be mo
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from pathlib import Path
 
 from mergeflow.errors import storage_error
@@ -28,3 +30,50 @@ def mergeflow_home() -> Path:
     except OSError as exc:
         raise storage_error(exc, f"create {ENV_HOME}", home) from exc
     return home
+
+
+# ------------------------------------------------------------------------------------ leftovers of killed runs
+
+# Temporary folders name the host and the process that made them: another machine's folders (a MERGEFLOW_HOME or an
+# output folder shared over the network) are never judged by this machine's process table.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+_boot_time: float | None = None
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), from ``/proc``; None where that cannot be read."""
+    global _boot_time
+    try:
+        if _boot_time is None:
+            with open("/proc/stat", encoding="ascii") as f:
+                _boot_time = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+        # the fields after the command name, which may itself hold spaces and parentheses; starttime is field 22
+        ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        return _boot_time + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def left_by_a_gone_process(path: Path, pid: int, host: str | None = None) -> bool:
+    """Whether ``path``, made by process ``pid`` (of the host tagged ``host``; None: this one), is a leftover: that
+    process is not running, or the running ``pid`` started after ``path`` last changed (the number was reused, as
+    it is at every restart of a container). Another host's paths are never leftovers here."""
+    if (host is not None and host != HOST_TAG) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        pass  # another user's process (or not a pid): judged by its start time alone
+    start = process_start_time(pid)
+    if start is None:
+        return False
+    try:
+        changed = os.lstat(path).st_ctime  # a rename or a new entry changes it; made after its maker started
+    except OSError:
+        return False
+    return changed < start - 2.0  # the slack covers the coarse clock of the boot time

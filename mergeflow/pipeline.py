@@ -300,8 +300,8 @@ def load_coefficients(recipe: Recipe, coefficients: Sequence[CoefficientsRef]) -
 
 
 def check_unchanged(models: Sequence[ResolvedModel], allow_pickle: bool = False) -> None:
-    """Refuse checkpoints whose content changed since they were resolved (hashes are memoised by size and mtime,
-    so this reads no file that did not change)."""
+    """Refuse checkpoints whose content changed since they were resolved (hashes are memoised by inode, size, mtime
+    and ctime, so this reads no file that did not change)."""
     for m in models:
         now = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False).content_hash
         if now != m.content_hash:
@@ -314,6 +314,13 @@ def merge_key(recipe: Recipe, inputs: Sequence[ResolvedModel], coefficient_keys:
     return cache_key(MERGED_KIND, recipe=recipe.recipe_hash(),
                      inputs=sorted([m.reference, m.content_hash] for m in inputs),
                      coefficients=list(coefficient_keys))
+
+
+def _stage_record(entry: Path) -> dict[str, Any]:
+    record = json.loads((entry / "stage.json").read_text())
+    if not isinstance(record, dict) or set(record) != {"seconds", "peak_rss_mb", "bytes", "tensors"}:
+        raise ValueError(f"{entry / 'stage.json'} is not a merge stage record")
+    return record
 
 
 def merge_stage(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[ResolvedModel],
@@ -340,9 +347,10 @@ def merge_stage(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[Re
                      tensors=result.n_tensors)
         (folder / "stage.json").write_text(json.dumps(built, indent=1) + "\n")
 
-    folder = store.get_or_create(MERGED_KIND, key, build)
-    stats = json.loads((folder / "stage.json").read_text())
-    model = folder / "model"
+    # the cached model's files are checked against the hashes recorded when it was built, and a damaged one is
+    # built again with a warning; so is one whose stage record cannot be read
+    stats = store.load_or_create(MERGED_KIND, key, build, _stage_record)
+    model = store.path(MERGED_KIND, key) / "model"
     snap = resolve(model, scan_finite=False)
     return MergedModel(path=str(model), content_hash=snap.content_hash, recipe_hash=recipe.recipe_hash(), key=key,
                        reused=not built, method=recipe.merge_method, name=recipe.name, **stats)
@@ -394,8 +402,8 @@ def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, 
                   "in_domain": [t for t in result.scores if zoo is not None and t in zoo.in_domain]}
         (folder / "scores.json").write_text(json.dumps(record, indent=1) + "\n")
 
-    folder = store.get_or_create(EVAL_KIND, key, build)
-    record = json.loads((folder / "scores.json").read_text())
+    record = store.load_or_create(EVAL_KIND, key, build, lambda entry: json.loads((entry / "scores.json").read_text()))
+    folder = store.path(EVAL_KIND, key)
     acc = {t: s["acc"] for t, s in record["scores"].items()}
     in_domain = record["in_domain"] or list(acc)
     return Evaluation(model=model.content_hash, split=split, limit=limit, accuracy=acc,

@@ -334,7 +334,7 @@ def _fit_vocab(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[Any]]]:
-    # NaN/Inf were ruled out when the checkpoints were resolved (a scan memoised by file size and mtime)
+    # NaN/Inf were ruled out when the checkpoints were resolved (a scan memoised by inode, size, mtime and ctime)
     base = plan.base.reader.get(name) if plan.base else None
     models = [e.reader.get(name) for e in plan.experts]
     coeffs: dict[str, list[Any]] = {}

@@ -115,4 +115,6 @@ def task_vector_manifest(base: Input, expert: Input, densities: Iterable[float] 
     def build(folder: Path) -> None:
         (folder / MANIFEST_FILE).write_text(compute_manifest(base, expert, densities).to_json())
 
-    return TaskVectorManifest.load(cache.get_or_create("task_vector", key, build) / MANIFEST_FILE)
+    # the entry's files are checked against their recorded hashes first (an edited threshold is a damaged entry);
+    # a manifest that still cannot be read is built again rather than failing every later merge
+    return cache.load_or_create("task_vector", key, build, lambda folder: TaskVectorManifest.load(folder / MANIFEST_FILE))

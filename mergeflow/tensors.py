@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from mergeflow.errors import CheckpointError, OutputPathError, StorageError, describe_os_error, storage_error
+from mergeflow.paths import HOST_TAG, left_by_a_gone_process
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -455,7 +456,7 @@ def ensure_open_files(needed: int, what: str) -> None:
 
 # Siblings of an output ``out`` that merges make, named ``.out.<kind>-<pid>-<hex>``: ``tmp`` (the new output being
 # written; after the exchange, the old output being removed), ``old`` (the old output moved aside: journal fallback
-# only) and ``swap`` (the journal of that fallback's two renames).
+# only) and ``swap`` (the journal of that fallback's two renames). The hex is 8 random digits and the host's tag.
 _SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|swap)-(?P<pid>\d+)-(?P<hex>[0-9a-f]+)$")
 
 _AT_FDCWD = -100
@@ -510,16 +511,10 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+def _leftover(entry: Path, match: re.Match[str]) -> bool:
+    """Whether a sibling was left by a run that is gone (its hex names the host after 8 digits of its own)."""
+    tag = match.group("hex")
+    return left_by_a_gone_process(entry, int(match.group("pid")), tag[8:] if len(tag) == 16 else None)
 
 
 def _journal_target(parent: Path, out: Path, name: Any, kind: str) -> Path | None:
@@ -542,7 +537,7 @@ def recover_output(out: Path) -> None:
     parent = out.parent
     try:
         entries = [(m.group("kind"), parent / m.group(0)) for m in map(_SIBLING_RE.match, os.listdir(parent))
-                   if m and m.group("name") == out.name and not _alive(int(m.group("pid")))]
+                   if m and m.group("name") == out.name and _leftover(parent / m.group(0), m)]
     except OSError:
         return
     for kind, journal in entries:
@@ -666,7 +661,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     except OSError as exc:
         raise storage_error(exc, "create the output", out) from exc
     recover_output(out)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}{HOST_TAG}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     try:
         tmp.mkdir()
