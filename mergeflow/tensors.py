@@ -583,10 +583,15 @@ def _swap_with_journal(tmp: Path, out: Path) -> bool:
     tag = tmp.name.rsplit(".tmp-", 1)[1]
     old = out.parent / f".{out.name}.old-{tag}"
     journal = out.parent / f".{out.name}.swap-{tag}"
-    with open(journal, "w", encoding="utf-8") as f:
-        json.dump({"new": tmp.name, "old": old.name}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(journal, "w", encoding="utf-8") as f:
+            json.dump({"new": tmp.name, "old": old.name}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # disk full: nothing was moved yet
+        with contextlib.suppress(OSError):
+            journal.unlink()
+        raise
     _fsync_dir(out.parent)
     try:
         os.rename(out, old)

@@ -474,3 +474,22 @@ def test_a_run_landing_in_the_middle_of_a_replace(families, tmp_path: Path, monk
     assert result.exit_code == 0, (result.output, result.exception)
     assert landed and _weights(out) == _weights(expected)
     assert not _leftovers(out)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell the journal's descriptor")
+def test_disk_full_writing_the_journal_keeps_the_old_output(families, tmp_path: Path, monkeypatch) -> None:
+    out, _, new = _two_outputs(families, tmp_path)
+    before = _snapshot(out)
+    monkeypatch.setattr(tensors, "_renameat2", None)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if ".swap-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _refused(_cli("merge", str(new), str(out), "--overwrite", "--no-progress"), f"cannot write the output {out}",
+             "[ENOSPC]")
+    assert _snapshot(out) == before
+    assert not _leftovers(out)
