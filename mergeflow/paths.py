@@ -34,9 +34,20 @@ def mergeflow_home() -> Path:
 
 # ------------------------------------------------------------------------------------ leftovers of killed runs
 
-# Temporary folders name the host and the process that made them: another machine's folders (a MERGEFLOW_HOME or an
-# output folder shared over the network) are never judged by this machine's process table.
-HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+def _host_identity() -> str:
+    """The host name and the pid namespace: pids mean the same thing only where both are equal (two containers may
+    share a host name, or a folder, but not their process tables)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}\0{namespace}"
+
+
+# Temporary folders name the host and the process that made them: another machine's or container's folders (a
+# MERGEFLOW_HOME or an output folder shared over the network or mounted in several) are never judged by this process
+# table.
+HOST_TAG = hashlib.sha256(_host_identity().encode()).hexdigest()[:8]
 
 _boot_time: float | None = None
 
