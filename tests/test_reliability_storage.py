@@ -162,6 +162,25 @@ def test_mergeflow_home_under_a_file_is_one_line(families, tmp_path: Path, monke
     _no_output(out)
 
 
+def test_an_os_error_no_layer_named_is_still_one_line(families, tmp_path: Path, monkeypatch) -> None:
+    """The CLI's last resort: an environment's OSError raised where no layer translated it prints one line (the
+    traceback with --debug); an OSError that is not the environment's (no errno) keeps its traceback, as a bug."""
+    base, experts = families("llama")
+    recipe = str(_recipe(tmp_path, base, experts[:2]))
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(tmp_path / "disk"))
+
+    monkeypatch.setattr("mergeflow.engine.merge", failing)
+    _refused(_cli("merge", recipe, str(tmp_path / "out"), "--no-progress"),
+             f"cannot access {tmp_path / 'disk'}: Input/output error [EIO]")
+    debug = _cli("--debug", "merge", recipe, str(tmp_path / "out"), "--no-progress")
+    assert debug.exit_code == 2 and "Traceback" in debug.stderr
+    monkeypatch.setattr("mergeflow.engine.merge", lambda *a, **k: (_ for _ in ()).throw(OSError("a bug")))
+    bug = _cli("merge", recipe, str(tmp_path / "out"), "--no-progress")
+    assert bug.exit_code == 1 and isinstance(bug.exception, OSError) and str(bug.exception) == "a bug"
+
+
 # --------------------------------------------------------------------------------- 5. where the output goes
 
 
