@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import hashlib
 import json
 import logging
@@ -55,6 +56,8 @@ BLOCK_BYTES = 1 << 20  # the smallest block of a larger file (at most MAX_BLOCKS
 MAX_BLOCKS = 4096
 SAMPLED_BLOCKS = 8  # random blocks checked per large file at each reuse, besides its first and last
 _BLOCK_DIGEST = 16  # hex digits kept of each block's sha256
+# errors of writing, when the OSError names no file (a write or fsync on an open descriptor)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
 _SAMPLER = random.SystemRandom()  # never the global generator: seeded runs must not depend on cache hits
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -315,10 +318,14 @@ class Cache:
         except StorageError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        except OSError as exc:  # disk full or read-only MERGEFLOW_HOME: one line naming the entry and the cause
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             at = exc.filename
-            if isinstance(at, str) and Path(at).is_relative_to(tmp):
+            inside = isinstance(at, str) and Path(at).is_relative_to(tmp)
+            if not inside and not (at is None and exc.errno in _WRITE_ERRNOS):
+                raise  # not a write into the entry (a build reading its inputs): the build's own error
+            # disk full or read-only MERGEFLOW_HOME: one line naming the entry and the cause
+            if inside:
                 at = str(final / Path(at).relative_to(tmp))
             raise storage_error(exc, "write the cache entry", final,
                                 at=None if at in (None, str(final)) else at) from exc

@@ -496,6 +496,9 @@ def _output_errors(out: Path) -> Iterator[None]:
             tmp_prefix = f".{out.name}.tmp-"
             parts = Path(named).parts
             inside = [i for i, part in enumerate(parts) if part.startswith(tmp_prefix)]
+            beside = Path(named).parent == out.parent and Path(named).name.startswith(f".{out.name}.")
+            if not inside and not beside and Path(named) != out:  # only the output is written: a source failed
+                raise storage_error(exc, "read") from exc
             at = str(out.joinpath(*parts[inside[-1] + 1:])) if inside else named
         raise storage_error(exc, "write the output", out, at=None if at == str(out) else at) from exc
 

@@ -127,6 +127,35 @@ def test_disk_full_names_the_output_file_not_the_temporary_folder(families, tmp_
     assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
 
 
+def test_a_source_file_that_cannot_be_read_is_named_as_read_not_written(families, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    base, experts = families("llama")
+    out = tmp_path / "out"
+
+    def unreadable(src, dst, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+
+    monkeypatch.setattr(streaming.shutil, "copy2", unreadable)
+    _refused(_cli("merge", str(_recipe(tmp_path, base, experts[:2])), str(out), "--no-progress"),
+             f"cannot read {base.resolve() / 'config.json'}: Permission denied [EACCES]")
+    _no_output(out)
+
+
+def test_a_cache_build_failing_to_read_its_inputs_keeps_its_own_error(tmp_path: Path) -> None:
+    """Only writes into the entry are the cache's errors; a build's own OSError (an input gone) is left as it is."""
+    from mergeflow.cache import Cache, cache_key
+
+    store = Cache(tmp_path / "c")
+
+    def build(folder: Path) -> None:
+        (tmp_path / "input.jsonl").read_text()
+
+    with pytest.raises(FileNotFoundError) as caught:
+        store.get_or_create("k", cache_key("k", x=1), build)
+    assert not isinstance(caught.value, StorageError)
+    assert list((tmp_path / "c" / "k").iterdir()) == []
+
+
 def test_disk_full_in_mergeflow_home_is_one_line_and_leaves_no_partial_entry(families, tmp_path: Path,
                                                                               monkeypatch) -> None:
     base, experts = families("llama")
