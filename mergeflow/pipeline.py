@@ -225,7 +225,7 @@ class ImportanceJob:
 
     def shards(self) -> list[dict[str, Any]]:
         """The measurement shards workers can measure side by side (``{"part", "experts", "key"}``; see
-        :func:`mergeflow.importance.base.shards_for_importance`); empty when the estimator measures all experts in
+        :func:`mergeflow.importance.recipes.shards_for_importance`); empty when the estimator measures all experts in
         one go. Cheap: it reads the task data, no model."""
         args, kwargs = self._args()
         return shards_for_importance(*args, **kwargs)
