@@ -102,6 +102,11 @@ class EvaluationError(MergeflowError):
     """An evaluation task is unknown or its data is missing."""
 
 
+class TaskCodeError(EvaluationError):
+    """A zoo's lm-eval task files would run code (``!function``, ``include:``, templates) that is not trusted: a
+    folder outside MERGEFLOW_HOME/zoo without --trust-task-code, or code reaching outside the zoo folder."""
+
+
 class ZooError(MergeflowError):
     """The offline model zoo cannot be built or read."""
 

@@ -6,6 +6,20 @@ given absolute data paths at run time, so a zoo folder works wherever it lies an
 Any other name (``hellaswag``, ``mmlu``, …) goes to lm-eval's own task registry unchanged, for users who have the
 data.
 
+Zoo task files are code as much as data: lm-eval imports the Python a task YAML names with ``!function``, merges
+the files it names with ``include:`` and renders its Jinja templates unsandboxed. So a zoo folder a recipe or a
+command line names is held to a policy (:func:`check_task_code`) before lm-eval reads anything from it:
+
+* a zoo under ``MERGEFLOW_HOME/zoo`` (where ``mergeflow zoo build`` and ``zoo:`` references put them) is trusted as
+  data: its task files are read with a safe YAML loader, and one that uses ``!function`` or ``include:`` is refused;
+* a zoo folder anywhere else is accepted only when its task files are exactly the ones mergeflow writes (data paths
+  and field names, nothing lm-eval would run), so ``mergeflow zoo build OUT`` still works anywhere;
+* anything else needs an explicit opt-in, ``mergeflow eval --trust-task-code`` or ``evaluation.trust_task_code:
+  true`` in a recipe (named after Hugging Face's ``trust_remote_code``); lm-eval then loads the task files itself;
+* even trusted, a task file may not reach outside its zoo folder: a ``!function`` whose module is not a ``.py`` file
+  inside the folder (lm-eval would otherwise import any installed module, ``os.system`` included), an ``include:``
+  or a task file that resolves (symlinks followed) outside it is refused.
+
 Evaluating many merges should be cheap: the lm-eval task objects (with their loaded datasets) are built once per
 process and zoo, and reused for every model; only the requests are rebuilt.
 
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -31,9 +46,11 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from mergeflow.errors import EvaluationError, ZooError
+from mergeflow.errors import EvaluationError, TaskCodeError, ZooError
+from mergeflow.paths import mergeflow_home
 from mergeflow.transformers_io import load_causal_lm
-from mergeflow.zoo.build import GROUP_IN_DOMAIN, GROUP_OOD, LM_EVAL_PREFIX, Zoo, default_zoo_dir
+from mergeflow.zoo.build import GROUP_IN_DOMAIN, GROUP_OOD, LM_EVAL_PREFIX, Zoo, default_zoo_dir, task_yaml
+from mergeflow.zoo.tasks import SPLITS as ZOO_SPLITS
 from mergeflow.zoo.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -133,6 +150,11 @@ def _plan(names: Sequence[str], zoo: Zoo | None) -> _Plan:
     return _Plan(tuple(zoo_tasks), tuple(other), groups)
 
 
+def zoo_tasks(names: Sequence[str], zoo: Zoo) -> tuple[str, ...]:
+    """The short names of the zoo tasks ``names`` ask for (groups expanded), in request order."""
+    return _plan(names, zoo).zoo_tasks
+
+
 def resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | None:
     """The zoo ``names`` refer to: ``zoo`` itself or loaded from its folder, else the default built zoo if any name
     is a zoo task (None if none is)."""
@@ -154,6 +176,105 @@ def resolve_zoo(zoo: Zoo | str | Path | None, names: Sequence[str]) -> Zoo | Non
     )
 
 
+# ----------------------------------------------------------------------------------------------- task code
+
+TRUST_HINT = ("pass --trust-task-code (mergeflow eval) or set evaluation.trust_task_code: true (recipe) if you "
+              "trust that folder's code")
+
+
+def trusted_zoo_dir() -> Path:
+    """Where zoos count as mergeflow's own: ``MERGEFLOW_HOME/zoo`` (``mergeflow zoo build``, ``zoo:`` references)."""
+    return mergeflow_home() / "zoo"
+
+
+@dataclass(frozen=True)
+class _TaskFile:
+    path: Path
+    config: dict[str, Any]  # as a safe loader reads it (``!function`` values as their spec string)
+    code: tuple[str, ...]  # what lm-eval would run or read besides the file: "!function utils.f", "include: x"
+
+
+def _scan_task_file(path: Path, root: Path, seen: frozenset[Path] = frozenset()) -> _TaskFile:
+    """Read a task file as data, noting its ``!function`` tags and ``include:`` entries (followed recursively);
+    refuse one whose file, function modules or includes resolve outside ``root``."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise TaskCodeError(f"zoo task file {path} resolves outside its zoo folder {root} (to {real})")
+    if real in seen:
+        raise TaskCodeError(f"zoo task file {path} includes itself")
+    functions: list[str] = []
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def function(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+        spec = str(loader.construct_scalar(node))  # type: ignore[arg-type]
+        functions.append(spec)
+        return f"!function {spec}"
+
+    Loader.add_constructor("!function", function)
+    try:
+        cfg = yaml.load(real.read_text(), Loader=Loader)  # a SafeLoader plus a recording constructor
+    except OSError as e:
+        raise EvaluationError(f"cannot read zoo task file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise TaskCodeError(f"zoo task file {path} is not plain YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise EvaluationError(f"zoo task file {path} is not a task config (a YAML mapping)")
+    code: list[str] = []
+    for spec in functions:
+        module, _, _ = spec.rpartition(".")
+        # lm-eval imports <folder of the YAML>/<module>.py if it exists, else any importable module of that name
+        file = (real.parent / f"{module.replace('.', '/')}.py").resolve() if module else None
+        if file is None or not file.is_file() or not file.is_relative_to(root):
+            where = f"{file} is not inside the zoo folder {root}" if file is not None else "no module named"
+            raise TaskCodeError(f"zoo task file {path}: '!function {spec}' would import code from outside the zoo "
+                                f"folder ({where}); only modules beside the task files may be named")
+        code.append(f"!function {spec}")
+    includes = cfg.get("include")
+    for inc in [] if includes is None else includes if isinstance(includes, list) else [includes]:
+        target = Path(str(inc)).expanduser()
+        target = target if target.is_absolute() else real.parent / target
+        if not target.resolve().is_relative_to(root):
+            raise TaskCodeError(f"zoo task file {path}: 'include: {inc}' resolves outside the zoo folder {root} "
+                                f"(to {target.resolve()})")
+        if not target.is_file():
+            raise EvaluationError(f"zoo task file {path}: 'include: {inc}' does not exist ({target})")
+        code += [f"include: {inc}", *_scan_task_file(target, root, seen | {real}).code]
+    return _TaskFile(path, cfg, tuple(code))
+
+
+def check_task_code(zoo: Zoo, tasks: Iterable[str], *, trust_task_code: bool = False) -> None:
+    """Whether lm-eval may load the task files of ``tasks`` (short names) from ``zoo``; raises TaskCodeError with
+    one line when not. See the module's docstring for the policy."""
+    root = zoo.root.resolve()
+    home = trusted_zoo_dir()
+    for task in tasks:
+        path = zoo.tasks_dir / f"{LM_EVAL_PREFIX}{task}.yaml"
+        if not path.exists() and not path.is_symlink():
+            continue  # zoo_task_config says it is missing
+        scanned = _scan_task_file(path, root)
+        if trust_task_code:
+            continue
+        if scanned.code:
+            raise TaskCodeError(f"zoo task file {path} runs code ({', '.join(scanned.code)}); {TRUST_HINT}")
+        if not root.is_relative_to(home) and scanned.config != task_yaml(task, {s: f"{task}/{s}.jsonl"
+                                                                                for s in ZOO_SPLITS}):
+            raise TaskCodeError(f"zoo {root} lies outside {home} and its task file {path.name} is not one mergeflow "
+                                f"writes (lm-eval would run what it says); {TRUST_HINT}")
+
+
+def task_code_identity(zoo: Zoo) -> str:
+    """A digest of the code a trusted zoo's task files may run (every ``.yaml`` and ``.py`` file in the zoo folder,
+    where their includes and modules must lie): evaluations with trusted task code are cached under it, so edited
+    task code is scored again."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in zoo.root.rglob("*") if p.suffix in (".yaml", ".yml", ".py") and p.is_file()):
+        digest.update(f"{path.relative_to(zoo.root).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------- lm-eval objects
 
 # lm-eval's task objects (cached below) hold the requests of the evaluation in progress, and torch's thread count
@@ -173,7 +294,8 @@ def offline_env() -> None:
 
 
 def task_manager(include_path: Path | None) -> Any:
-    """A TaskManager over the zoo's task files only (indexing lm-eval's built-ins costs 10–16 s), or the default."""
+    """A TaskManager over the task files under ``include_path`` only (indexing lm-eval's built-ins costs 10–16 s),
+    or the default one over lm-eval's built-in tasks."""
     from lm_eval.tasks import TaskManager
 
     key = str(include_path) if include_path else ""
@@ -184,13 +306,38 @@ def task_manager(include_path: Path | None) -> Any:
     return _TASK_MANAGERS[key]
 
 
-def zoo_task_config(zoo: Zoo, task: str, split: str = "test") -> dict[str, Any]:
-    """The zoo task's lm-eval config with absolute data paths, evaluating on ``split`` (test or validation)."""
+def _inline_task_manager() -> Any:
+    """A TaskManager that indexes no folder: zoo tasks are given to it as configs (see zoo_task_config), so lm-eval
+    never walks a zoo folder (and the includes of its files) on its own."""
+    from lm_eval.tasks import TaskManager
+
+    if "<inline>" not in _TASK_MANAGERS:
+        _TASK_MANAGERS["<inline>"] = TaskManager(include_defaults=False)
+    return _TASK_MANAGERS["<inline>"]
+
+
+def _load_task_code(path: Path) -> dict[str, Any]:
+    """A trusted task file as lm-eval loads it: ``!function`` imported, ``include:`` merged."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # older lm-eval
+        from lm_eval.utils import load_yaml_config
+
+        return dict(load_yaml_config(yaml_path=str(path), mode="full"))
+    return dict(load_yaml(path, resolve_func=True, recursive=True))
+
+
+def zoo_task_config(zoo: Zoo, task: str, split: str = "test", *, trust_task_code: bool = False) -> dict[str, Any]:
+    """The zoo task's lm-eval config with absolute data paths, evaluating on ``split`` (test or validation).
+
+    The task file is held to :func:`check_task_code` first; it is read as data (a safe YAML loader) unless
+    ``trust_task_code``, when lm-eval's loader reads it (importing its ``!function`` code, merging its includes)."""
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_task_code(zoo, [task], trust_task_code=trust_task_code)
     path = zoo.tasks_dir / f"{LM_EVAL_PREFIX}{task}.yaml"
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = _load_task_code(path) if trust_task_code else yaml.safe_load(path.read_text())
     except OSError as e:
         raise EvaluationError(f"zoo task file missing: {path} ({e.strerror})") from None
     files = {s: str(zoo.data_file(task, s)) for s in (split, "fewshot")}
@@ -205,16 +352,18 @@ def zoo_task_config(zoo: Zoo, task: str, split: str = "test") -> dict[str, Any]:
     return cfg
 
 
-def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: int) -> list[Any]:
+def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: int,
+                      trust_task_code: bool = False) -> list[Any]:
     # Keyed by the data's hash too, so a zoo rebuilt in place is never scored with stale datasets.
     def key(task: str) -> tuple[str, str, str, str, int]:
         sha = zoo.manifest.get("task_info", {}).get(task, {}).get("splits", {}).get(split, {}).get("sha256", "")
         return (str(zoo.root), task, split, sha, num_fewshot)
 
+    check_task_code(zoo, tasks, trust_task_code=trust_task_code)  # also before reusing a task object
     missing = [t for t in tasks if key(t) not in _TASK_OBJECTS]
     if missing:
-        tm = task_manager(zoo.tasks_dir)
-        loaded = tm.load([zoo_task_config(zoo, t, split) for t in missing])["tasks"]
+        tm = _inline_task_manager()
+        loaded = tm.load([zoo_task_config(zoo, t, split, trust_task_code=trust_task_code) for t in missing])["tasks"]
         for t in missing:
             obj = loaded[LM_EVAL_PREFIX + t]
             obj.set_config(key="num_fewshot", value=num_fewshot)
@@ -309,6 +458,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     num_fewshot: int | None = None,
     threads: int | None = 1,
+    trust_task_code: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` (moved to ``device``) with lm-eval on ``tasks``; accuracy in percent.
 
@@ -317,15 +467,17 @@ def evaluate(
     under ``MERGEFLOW_HOME`` if it is built. ``num_fewshot`` defaults to 0 for zoo tasks and to the task's own
     setting for lm-eval tasks. ``threads`` pins torch's CPU threads for the call: zoo models are fastest on one, and
     multi-threaded kernels stall when another process holds a core; ``None`` keeps the current setting.
+    ``trust_task_code`` lets lm-eval run the code of a zoo's task files (see :func:`check_task_code`).
     """
     with _EVALUATION_LOCK:
         return _evaluate(model, tokenizer, tasks, zoo=zoo, split=split, limit=limit, batch_size=batch_size,
-                         device=device, num_fewshot=num_fewshot, threads=threads)
+                         device=device, num_fewshot=num_fewshot, threads=threads, trust_task_code=trust_task_code)
 
 
 def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: str | Sequence[str], *,
               zoo: Zoo | str | Path | None, split: str, limit: int | None, batch_size: int,
-              device: str | torch.device, num_fewshot: int | None, threads: int | None) -> EvalResult:
+              device: str | torch.device, num_fewshot: int | None, threads: int | None,
+              trust_task_code: bool) -> EvalResult:
     names = split_task_names(tasks)
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -333,6 +485,8 @@ def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         raise EvaluationError(f"limit must be >= 1, got {limit}")
     the_zoo = resolve_zoo(zoo, names)
     plan = _plan(names, the_zoo)
+    if the_zoo is not None:  # before lm-eval reads anything of the zoo's
+        check_task_code(the_zoo, plan.zoo_tasks, trust_task_code=trust_task_code)
 
     offline_env()
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
@@ -340,7 +494,7 @@ def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     task_objs: list[Any] = []
     if plan.zoo_tasks:
         assert the_zoo is not None
-        task_objs += _zoo_task_objects(the_zoo, plan.zoo_tasks, split, num_fewshot or 0)
+        task_objs += _zoo_task_objects(the_zoo, plan.zoo_tasks, split, num_fewshot or 0, trust_task_code)
     if plan.other_tasks:
         others = _other_task_objects(plan.other_tasks, the_zoo.tasks if the_zoo else ())
         for obj in others:
@@ -357,7 +511,7 @@ def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         # lm_eval.evaluator.evaluate is simple_evaluate minus its bookkeeping (pip freeze, git hash: ~2 s a call).
         raw = lm_eval_evaluate(
             lm=lm,
-            task_dict=task_manager(the_zoo.tasks_dir if the_zoo else None).load(task_objs),
+            task_dict=(_inline_task_manager() if the_zoo else task_manager(None)).load(task_objs),
             limit=limit,
             bootstrap_iters=1000,  # acc's stderr is closed-form; bootstrapping is only for other metrics
             log_samples=False,
@@ -451,8 +605,14 @@ def evaluate_path(
     device: str = "cpu",
     num_fewshot: int | None = None,
     threads: int | None = 1,
+    trust_task_code: bool = False,
 ) -> EvalResult:
     """Load a model folder (weights + tokenizer) and ``evaluate`` it."""
+    if zoo is not None and not isinstance(zoo, Zoo):  # refuse an untrusted zoo before loading the model
+        the_zoo = resolve_zoo(zoo, split_task_names(tasks))
+        if the_zoo is not None:
+            check_task_code(the_zoo, zoo_tasks(split_task_names(tasks), the_zoo), trust_task_code=trust_task_code)
+            zoo = the_zoo
     offline_env()
     path = Path(model_dir).expanduser()
     if not (path / "config.json").exists():
@@ -464,5 +624,5 @@ def evaluate_path(
         raise EvaluationError(f"cannot load the model at {path}: {e}") from None
     return evaluate(
         model, tokenizer, tasks, zoo=zoo, split=split, limit=limit, batch_size=batch_size, device=device,
-        num_fewshot=num_fewshot, threads=threads,
+        num_fewshot=num_fewshot, threads=threads, trust_task_code=trust_task_code,
     )  # fmt: skip

@@ -381,22 +381,33 @@ def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, 
     """lm-eval accuracy of a model folder on ``spec.tasks`` (``split``/``limit`` override the spec's: the
     selection metric runs on validation), cached by the model's content hash, the task data and the settings."""
     # transformers and the zoo (~2.5 s): not on the path of `mergeflow merge`/`check`, which import this module
-    from mergeflow.evaluation import evaluate_path, resolve_zoo, split_task_names
+    from mergeflow.evaluation import (
+        check_task_code,
+        evaluate_path,
+        resolve_zoo,
+        split_task_names,
+        task_code_identity,
+        zoo_tasks,
+    )
 
     device = str(pick_device(device))  # "auto": CUDA when there is one
     split = split or spec.split
     limit = limit if limit is not None else spec.limit
     names = split_task_names(spec.tasks)
     zoo = resolve_zoo(resolve_path(spec.zoo, recipe_dir) if spec.zoo else None, names)
+    if zoo is not None:  # an untrusted zoo is refused even when its scores are cached
+        check_task_code(zoo, zoo_tasks(names, zoo), trust_task_code=spec.trust_task_code)
+    # trusted task code is part of what is scored: named in the key only when trusted (other keys are unchanged)
+    code = {"task_code": task_code_identity(zoo)} if zoo is not None and spec.trust_task_code else {}
     key = cache_key(EVAL_KIND, model=model.content_hash, tasks=names, zoo=_zoo_identity(zoo), split=split,
-                    limit=limit, num_fewshot=spec.num_fewshot)
+                    limit=limit, num_fewshot=spec.num_fewshot, **code)
     store = cache or Cache()
     ran: list[float] = []
 
     def build(folder: Path) -> None:
         start = time.perf_counter()
         result = evaluate_path(model.path, names, zoo=zoo, split=split, limit=limit, batch_size=spec.batch_size,
-                               device=device, num_fewshot=spec.num_fewshot)
+                               device=device, num_fewshot=spec.num_fewshot, trust_task_code=spec.trust_task_code)
         ran.append(time.perf_counter() - start)
         record = {**result.to_dict(), "seconds": round(ran[0], 3),
                   "in_domain": [t for t in result.scores if zoo is not None and t in zoo.in_domain]}

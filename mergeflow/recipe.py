@@ -161,11 +161,14 @@ class SelectionSpec(BaseModel):
 
 class EvaluationSpec(BaseModel):
     """What the pipeline's evaluate stage runs with lm-eval: task names (``zoo``/``zoo-ood`` groups, zoo task names
-    or any lm-eval task), the zoo those names refer to (``zoo:SIZE[@SEED]`` or a folder), the reported split."""
+    or any lm-eval task), the zoo those names refer to (``zoo:SIZE[@SEED]`` or a folder), the reported split.
+    ``trust_task_code`` lets lm-eval run the code of the zoo's task files (``!function``, ``include:``), needed for a
+    zoo folder outside MERGEFLOW_HOME/zoo whose task files are not mergeflow's own (see mergeflow.evaluation)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     tasks: list[str] = Field(default_factory=lambda: ["zoo", "zoo-ood"], min_length=1)
     zoo: str | None = None
+    trust_task_code: bool = False
     split: Literal["test", "validation"] = "test"
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)

@@ -94,14 +94,22 @@ def build(out: Path | None, size: str, regime: str, seed: int, force: bool, jobs
     help="The zoo whose tasks to use (default: MERGEFLOW_HOME/zoo/full-seed0).",
 )
 @click.option(
+    "--trust-task-code",
+    is_flag=True,
+    help="Let lm-eval run the code of the zoo's task files (!function imports, include:, templates). Needed for a "
+    "zoo folder outside MERGEFLOW_HOME/zoo whose task files are not the ones mergeflow writes; code reaching "
+    "outside the zoo folder is refused even so.",
+)
+@click.option(
     "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the scores to this JSON file."
 )
 @user_errors
 def eval_command(model: Path, tasks: str, split: str, limit: int | None, batch_size: int, device: str,
-                 num_fewshot: int | None, zoo_dir: Path | None, json_out: Path | None) -> None:  # fmt: skip
+                 num_fewshot: int | None, zoo_dir: Path | None, trust_task_code: bool,
+                 json_out: Path | None) -> None:  # fmt: skip
     """Evaluate the model folder MODEL with lm-eval and print accuracy per task."""
     result = evaluate_path(model, tasks, zoo=zoo_dir, split=split, limit=limit, batch_size=batch_size,
-                           device=device, num_fewshot=num_fewshot)  # fmt: skip
+                           device=device, num_fewshot=num_fewshot, trust_task_code=trust_task_code)  # fmt: skip
     width = max(len(name) for name in [*result.scores, *result.groups, "task"])
     click.echo(f"{'task':<{width}}  {'acc %':>7}  {'± se':>6}  {'n':>6}   ({split} split)")
     for name, s in result.scores.items():
