@@ -44,21 +44,23 @@ ENV MERGEFLOW_PROJECT_DIR=/opt/mergeflow \
     PIP_ROOT_USER_ACTION=ignore
 
 # The volume mount points exist in the image, owned by the runtime user, so that a new named volume mounted on
-# /cache (or /mlartifacts, the MLflow server's) starts with that ownership (Kubernetes: the pod's fsGroup does that).
+# /cache (or /mlartifacts and /mlauth, the MLflow server's) starts with that ownership (Kubernetes: the pod's fsGroup
+# does that).
 RUN useradd --create-home --uid "${MERGEFLOW_UID}" --shell /bin/bash mergeflow \
- && mkdir -p /opt/mergeflow /cache/mergeflow /cache/huggingface /mlartifacts \
- && chown -R mergeflow:mergeflow /opt/mergeflow /cache /mlartifacts
+ && mkdir -p /opt/mergeflow /cache/mergeflow /cache/huggingface /mlartifacts /mlauth \
+ && chown -R mergeflow:mergeflow /opt/mergeflow /cache /mlartifacts /mlauth
 
 WORKDIR /opt/mergeflow
 
 # Dependencies first (their layer is reused until the library or the pins change). torch is pinned in the same pip
 # command as everything else, with the variant's wheel index, so pip keeps 2.13.0+cpu / +cuXXX and never swaps in
-# another build; psycopg2 is the MLflow server's Postgres driver (Prefect's, asyncpg, comes with prefect).
+# another build; psycopg2 is the MLflow server's Postgres driver (Prefect's, asyncpg, comes with prefect), Flask-WTF
+# (with WTForms) the CSRF protection its basic-auth app (--app-name=basic-auth) refuses to start without.
 COPY --chown=mergeflow:mergeflow pyproject.toml constraints.txt README.md ./
 COPY --chown=mergeflow:mergeflow mergeflow/ mergeflow/
 RUN --mount=type=cache,target=/var/cache/pip \
     PIP_CACHE_DIR=/var/cache/pip pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" \
-        torch==2.13.0 ".[all]" psycopg2-binary==2.9.13 \
+        torch==2.13.0 ".[all]" psycopg2-binary==2.9.13 flask-wtf==1.3.0 wtforms==3.3.2 \
  && python -c "import torch, mergeflow, prefect, mlflow, lm_eval; print('torch', torch.__version__)"
 
 # The flows, tasks and recipes the deployments point at (prefect.yaml's pull step: MERGEFLOW_PROJECT_DIR).

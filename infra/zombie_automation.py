@@ -6,7 +6,9 @@ set on the workers (60 s in infra/docker-compose.yml), a running flow run emits 
 this automation turns a run whose heartbeats stop for ``--grace`` seconds (default: three missed beats) into Crashed.
 A re-run of the same recipe then serves every stage the dead run finished from the cache.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python infra/zombie_automation.py [--grace 180]
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    export PREFECT_API_AUTH_STRING=USER:PASSWORD   # the stack's server asks for PREFECT_AUTH_STRING of infra/.env
+    python infra/zombie_automation.py [--grace 180]
 """
 
 from __future__ import annotations
