@@ -436,6 +436,7 @@ def evaluate_node(model: MergeNode | ResolveNode, spec: EvaluationSpec, *, split
 def evaluate_nodes(recipe: Recipe, model: MergeNode | ResolveNode) -> tuple[EvaluateNode, EvaluateNode | None]:
     """The reported evaluation and the selection's (None when it is the reported one: pipeline.evaluation_splits)."""
     spec = pipeline.evaluation_spec(recipe)
+    pipeline.check_evaluation_zoo(spec, recipe.recipe_dir)  # untrusted task code: refused before any merge runs
     nodes = [evaluate_node(model, spec, split=split, limit=limit, recipe_dir=recipe.recipe_dir)
              for split, limit in pipeline.evaluation_splits(spec)]
     return nodes[0], (nodes[1] if len(nodes) > 1 else None)

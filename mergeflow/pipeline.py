@@ -88,6 +88,28 @@ def evaluation_spec(recipe: Recipe) -> EvaluationSpec:
     return recipe.evaluation or EvaluationSpec()
 
 
+def check_evaluation_zoo(spec: EvaluationSpec, recipe_dir: str | Path | None) -> None:
+    """Refuse, when a run is planned, an evaluation zoo folder whose task code is not trusted (the policy of
+    :func:`mergeflow.evaluation.check_task_code`), instead of after the merges it would evaluate. ``zoo:``
+    references (built under MERGEFLOW_HOME/zoo), folders that are not zoos yet and unknown task names are left to
+    the evaluate stage, which checks again before lm-eval reads anything."""
+    if not spec.zoo or spec.zoo.startswith("zoo:"):
+        return
+    folder = Path(resolve_path(spec.zoo, recipe_dir))
+    if not (folder / "zoo.json").is_file():
+        return
+    from mergeflow.errors import EvaluationError, ZooError
+    from mergeflow.evaluation import check_task_code, split_task_names, zoo_tasks
+    from mergeflow.zoo.build import Zoo
+
+    try:
+        zoo = Zoo.load(folder)
+        tasks = zoo_tasks(split_task_names(spec.tasks), zoo)
+    except (EvaluationError, ZooError):
+        return
+    check_task_code(zoo, tasks, trust_task_code=spec.trust_task_code)
+
+
 def _slug(text: str | None) -> str | None:
     if not text:
         return None

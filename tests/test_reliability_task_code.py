@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergeflow import pipeline
+from mergeflow import graph, pipeline
 from mergeflow.errors import TaskCodeError
 from mergeflow.evaluation import check_task_code, evaluate_path, trusted_zoo_dir
 from mergeflow.manifests import ResolvedModel
@@ -185,3 +185,30 @@ def test_an_include_inside_the_folder_is_allowed_when_trusted(test_zoo: Zoo, tmp
         check_task_code(zoo, ["topic"])
     assert evaluate_path(test_zoo.base, ["topic"], zoo=zoo, limit=3, trust_task_code=True).scores["topic"].n == 3
     assert marker.exists()
+
+
+def test_a_run_with_untrusted_task_code_is_refused_when_planned(hostile) -> None:
+    # refused before the merges it would evaluate run, not after them
+    zoo_dir, marker = hostile
+    recipe = {"merge_method": "task_arithmetic", "base_model": "zoo:test/base",
+              "models": [{"model": "zoo:test/topic"}], "parameters": {"lambda": 1.0},
+              "evaluation": {"tasks": ["topic"], "zoo": str(zoo_dir)}}
+    with pytest.raises(TaskCodeError, match="runs code"):
+        graph.plan([("hostile", recipe)])
+    trusted = {**recipe, "evaluation": {**recipe["evaluation"], "trust_task_code": True}}
+    assert "hostile" in graph.plan([("hostile", trusted)]).targets
+    assert not marker.exists()  # planning never loads task code
+
+
+def test_importance_reads_a_zoo_as_data_only(test_zoo: Zoo, tmp_path: Path) -> None:  # noqa: F811
+    # importance data.zoo reads the JSONL rows (and the target delimiter with a safe loader), never through lm-eval:
+    # a template that would write a file is never rendered, so no trust is asked for
+    from mergeflow.importance.data import load_task_data
+
+    zoo_dir = copy_zoo(test_zoo, tmp_path / "templated")
+    marker = tmp_path / "marker"
+    cfg = yaml.safe_load((zoo_dir / TASK_FILE).read_text())
+    cfg["doc_to_text"] = "{{ cycler.__init__.__globals__['__builtins__']['open'](" + repr(str(marker)) + ", 'w') }}"
+    (zoo_dir / TASK_FILE).write_text(yaml.safe_dump(cfg))
+    data = load_task_data("topic", "fewshot", 3, zoo=zoo_dir)
+    assert len(data.examples) == 3 and not marker.exists()
