@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from mergeflow.checkpoints import contained_file, resolve
-from mergeflow.cli import main
 from mergeflow.engine import MergeOptions, merge
 from mergeflow.errors import NonFiniteResultError, RecipeError, UnsafePathError
 from mergeflow.recipe import load_recipe, parse_recipe
+from tests.cli_helpers import cli as _cli
+from tests.cli_helpers import keep_sigterm  # noqa: F401  (an autouse fixture)
+from tests.cli_helpers import refused as _refused
 from tests.tiny_models import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,26 +40,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_sigterm():
-    """The merge command turns SIGTERM into KeyboardInterrupt; in-process runs must not leave that to pytest."""
-    old = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, old)
-
-
-def _cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _refused(result, *needles: str) -> str:
-    """The run failed as a user error: exit 2 and exactly one ``error:`` line on stderr holding ``needles``."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _no_output(out: Path) -> None:
@@ -304,8 +284,9 @@ def _task_recipe(folder: Path, tasks: tuple[str, str], *, confine: bool = False)
 
 def test_task_files_are_read_against_the_recipe_folder(families, tmp_path: Path, monkeypatch) -> None:
     folder, _, _ = _workspace(families, tmp_path)
-    for i in range(2):
-        write_jsonl(folder / f"t{i}.jsonl", (ROWS[i:] + ROWS[:i])[:3])
+    for i in range(2):  # rows no other test uses: the coefficients are cached by content, and a hit would carry the
+        # stats (the file names below) of the run that computed them
+        write_jsonl(folder / f"t{i}.jsonl", [(f"{c} in the recipe folder", a) for c, a in (ROWS[i:] + ROWS[:i])[:3]])
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     for i in range(2):  # same names in the working directory, unreadable as task data

@@ -26,40 +26,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergeflow import streaming, tensors
-from mergeflow.cli import main
 from mergeflow.engine import MergeOptions, merge
 from mergeflow.errors import StorageError
 from mergeflow.recipe import load_recipe
+from tests.cli_helpers import cli as _cli
+from tests.cli_helpers import keep_sigterm  # noqa: F401  (an autouse fixture)
+from tests.cli_helpers import refused as _refused
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUIET = MergeOptions(progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _keep_sigterm():
-    """The merge command turns SIGTERM into KeyboardInterrupt; in-process runs must not leave that to pytest."""
-    old = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, old)
-
-
-def _cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _refused(result, *needles: str) -> str:
-    """The run failed as a user error: exit 2 and exactly one ``error:`` line on stderr holding ``needles``."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _leftovers(out: Path) -> list[Path]:
