@@ -64,6 +64,9 @@ READ_CHUNK = 16 << 20
 # targets from the issue: mergeflow wall time / mergekit wall time (like-for-like = --mergekit-compat rows)
 TIME_TARGETS = {"task_arithmetic": 0.5, "ties": 0.25, "dare_ties": 0.5}
 FLOOR_TARGET = ("task_arithmetic", 4.0)  # task_arithmetic wall within 4x of the I/O floor's wall
+FLOOR_TARGET_3B = 3.0  # issue 16: at the 3B preset, task_arithmetic within 3x of the I/O floor
+CHECK_TOLERANCE = 0.10  # issue 16: peak RSS within 10 % of `mergeflow check`'s estimate
+SPECTRAL_TIME = {"iso_c": 3.0, "tsv": 6.0}  # issue 12: time ≤ this × task_arithmetic's (paper row, same invocation)
 
 
 # ------------------------------------------------------------------------------------------------ the checkpoints
@@ -80,19 +83,39 @@ class ModelSpec:
     noise_std: float = NOISE_STD
     experts: int = 2
     format: int = SPEC_FORMAT
+    kv_heads: int | None = None  # grouped-query attention: k/v projections of kv_heads·128 rows (None: = heads)
+    tied: bool = False  # the LM head is the embedding (no lm_head.weight tensor)
+    preset: str | None = None  # the published model whose shape this is, if any
 
     @property
     def params(self) -> int:
         return sum(math.prod(shape) for _, shape in tensor_shapes(self))
+
+    def describe(self) -> str:
+        kv = f", {self.kv_heads} kv heads" if self.kv_heads and self.kv_heads != self.heads else ""
+        return (f"{self.preset + ' shape: ' if self.preset else ''}hidden {self.hidden}, intermediate "
+                f"{self.intermediate}, {self.layers} layers, {self.heads} heads{kv}, vocab {self.vocab}, "
+                f"{'tied' if self.tied else 'untied'} head")
 
 
 def _round_up(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
+# published shapes picked by --params (within 10 %): the issue's 3B-scale run is Llama-3.2-3B's exact shape
+PRESETS = {
+    3e9: ModelSpec(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=128256, tied=True,
+                   preset="Llama-3.2-3B"),
+}
+
+
 def choose_spec(params: float) -> ModelSpec:
-    """Llama proportions (intermediate ≈ 8/3 hidden, head dim 128, untied 32k vocab) with about ``params`` weights:
+    """A preset's shape when ``params`` is within 10 % of one (3e9: Llama-3.2-3B, 3.21 B params with its tied
+    128256-token embedding); otherwise Llama proportions (intermediate ≈ 8/3 hidden, head dim 128, untied 32k vocab) with about ``params`` weights:
     the widest hidden size that still gives at least 12 layers (0.5e9 → hidden 1536, 14 layers, 0.49 B)."""
+    for size, preset in PRESETS.items():
+        if abs(params - size) <= 0.1 * size:
+            return preset
     layers = 2
     hidden = inter = 256
     for hidden in (4096, 3072, 2560, 2048, 1536, 1024, 768, 512, 256):
@@ -106,15 +129,16 @@ def choose_spec(params: float) -> ModelSpec:
 
 def tensor_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     h, i = spec.hidden, spec.intermediate
+    kv = (spec.kv_heads or spec.heads) * HEAD_DIM
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (spec.vocab, h))]
     for n in range(spec.layers):
         p = f"model.layers.{n}."
         shapes += [(p + "input_layernorm.weight", (h,)),
-                   *[(p + f"self_attn.{m}_proj.weight", (h, h)) for m in "qkvo"],
+                   *[(p + f"self_attn.{m}_proj.weight", (kv if m in "kv" else h, h)) for m in "qkvo"],
                    (p + "post_attention_layernorm.weight", (h,)),
                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                    (p + "mlp.down_proj.weight", (h, i))]
-    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (spec.vocab, h))]
+    shapes += [("model.norm.weight", (h,))] + ([] if spec.tied else [("lm_head.weight", (spec.vocab, h))])
     return shapes
 
 
@@ -143,15 +167,16 @@ def build_models(root: Path, spec: ModelSpec) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    print(f"building base + {spec.experts} experts in {root}: hidden {spec.hidden}, intermediate {spec.intermediate}, "
-          f"{spec.layers} layers, vocab {spec.vocab}, {spec.params / 1e9:.3f} B params each (bf16)", flush=True)
+    print(f"building base + {spec.experts} experts in {root}: {spec.describe()}, {spec.params / 1e9:.3f} B params "
+          "each (bf16)", flush=True)
     start = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     config = LlamaConfig(architectures=["LlamaForCausalLM"], vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
                          num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                         num_key_value_heads=spec.heads, max_position_embeddings=2048, tie_word_embeddings=False,
+                         num_key_value_heads=spec.kv_heads or spec.heads, max_position_embeddings=2048,
+                         tie_word_embeddings=spec.tied,
                          torch_dtype="bfloat16")
     shapes = tensor_shapes(spec)
     total = sum(math.prod(s) for _, s in shapes) * 2
@@ -485,7 +510,15 @@ def compare(ours: Path, theirs: Path, watch: list[str], only_watched: bool = Fal
 def watched_tensors(spec: ModelSpec) -> list[str]:
     mid = spec.layers // 2
     return ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-            f"model.layers.{mid}.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]
+            f"model.layers.{mid}.mlp.down_proj.weight", "model.norm.weight"] + ([] if spec.tied else ["lm_head.weight"])
+
+
+def disk_needed(spec: ModelSpec, methods: list[str], *, models_ready: bool, skip_mergekit: bool) -> int:
+    """Bytes the invocation writes under WORK: the checkpoints when they must be built, every merged output (kept
+    until the end, where they are compared), the I/O floor's output, and 1 GB of slack (logs, HF caches)."""
+    one = spec.params * 2  # bf16
+    outputs = sum(1 if m in SPECTRAL else 2 + (0 if skip_mergekit else 1) for m in methods) + 1
+    return (0 if models_ready else (spec.experts + 1) * one) + outputs * one + (1 << 30)
 
 
 # --------------------------------------------------------------------------------------------------------- report
@@ -522,13 +555,49 @@ def render_spectral(runs: list[Run], predicted: dict[str, int]) -> str:
     ta = next((r for r in runs if r.recipe == "task_arithmetic" and r.side == "mergeflow paper" and not r.cold), None)
     lines = ["", "SVD-based methods (mergeflow paper mode; no mergekit equivalent):"]
     for r in runs:
-        if r.recipe not in predicted or r.cold:
+        if r.recipe not in SPECTRAL or r.recipe not in predicted or r.cold:
             continue
         vs_ta = (f"{r.wall_s / ta.wall_s:.1f}× task_arithmetic's time, {r.peak_rss / ta.peak_rss:.2f}× its peak RSS"
                  if ta else "no task_arithmetic row in this invocation")
         lines.append(f"  {r.recipe:<8} {r.wall_s:7.1f} s  {r.peak_rss / 1e9:5.2f} GB peak RSS "
                      f"(check predicted {predicted[r.recipe] / 1e9:.2f} GB): {vs_ta}")
     return "\n".join(lines)
+
+
+def estimate_targets(runs: list[Run], predicted: dict[str, int], spec: ModelSpec,
+                     baseline_rss: int) -> list[tuple[str, str, str]]:
+    """Targets against predictions: every paper-mode row's peak RSS within 10 % of what ``mergeflow check``
+    predicts for its recipe (issue 16), and the SVD-based rows' time (≤ 3× task_arithmetic for iso_c, ≤ 6× for
+    tsv) and memory: ≤ (K + 2) × the largest tensor in fp32 plus that tensor's SVD workspace
+    (``spectral.workspace_elements``), on top of the interpreter and libraries (``baseline_rss``: the peak RSS of
+    a child that only imports them) (issue 12). Imports torch: call it after the measurements."""
+    from mergeflow.methods.spectral import workspace_elements
+
+    out: list[tuple[str, str, str]] = []
+    steady = [r for r in runs if r.side == "mergeflow paper" and not r.cold]
+    for r in steady:
+        if r.recipe in predicted:
+            ratio = r.peak_rss / predicted[r.recipe]
+            out.append((f"{r.recipe}: paper peak RSS within {CHECK_TOLERANCE:.0%} of mergeflow check's estimate",
+                        f"{r.peak_rss / 1e9:.2f} GB / {predicted[r.recipe] / 1e9:.2f} GB = {ratio:.2f}×",
+                        "PASS" if abs(ratio - 1) <= CHECK_TOLERANCE else "FAIL"))
+    ta = next((r for r in steady if r.recipe == "task_arithmetic"), None)
+    largest = max((shape for _, shape in tensor_shapes(spec)), key=math.prod)
+    k = spec.experts
+    for r in (r for r in steady if r.recipe in SPECTRAL_TIME):
+        if ta is not None:
+            ratio = r.wall_s / ta.wall_s
+            out.append((f"{r.recipe}: time ≤ {SPECTRAL_TIME[r.recipe]:g}× task_arithmetic's (paper rows)",
+                        f"{r.wall_s:.1f} s / {ta.wall_s:.1f} s = {ratio:.2f}×",
+                        "PASS" if ratio <= SPECTRAL_TIME[r.recipe] else "FAIL"))
+        tensors = (k + 2) * math.prod(largest) * 4
+        workspace = workspace_elements(r.recipe, largest, k) * 4
+        bound = baseline_rss + tensors + workspace
+        out.append((f"{r.recipe}: peak RSS ≤ imports + (K+2)×largest fp32 + SVD workspace",
+                    f"{r.peak_rss / 1e9:.2f} GB vs {baseline_rss / 1e9:.2f} + {tensors / 1e9:.2f} + "
+                    f"{workspace / 1e9:.2f} = {bound / 1e9:.2f} GB ({'×'.join(map(str, largest))}, K={k})",
+                    "PASS" if r.peak_rss <= bound else "FAIL"))
+    return out
 
 
 def check_estimate(recipe: Path, env: dict[str, str]) -> int:
@@ -538,7 +607,8 @@ def check_estimate(recipe: Path, env: dict[str, str]) -> int:
     return int(json.loads(done.stdout)["estimate"]["peak_bytes"])
 
 
-def evaluate_targets(runs: list[Run], floor: Run | None) -> list[tuple[str, str, str]]:
+def evaluate_targets(runs: list[Run], floor: Run | None, floor_limit: float = FLOOR_TARGET[1]
+                     ) -> list[tuple[str, str, str]]:
     """(target, measured, verdict). Time targets apply to the --mergekit-compat rows (same semantics as mergekit);
     the paper rows are checked too and marked as such. RSS: every steady and cold mergeflow row."""
     out: list[tuple[str, str, str]] = []
@@ -561,7 +631,7 @@ def evaluate_targets(runs: list[Run], floor: Run | None) -> list[tuple[str, str,
         out.append((f"{r.recipe}: {label} peak RSS ≤ mergekit's",
                     f"{r.peak_rss / 1e9:.2f} GB / {mk.peak_rss / 1e9:.2f} GB = {r.peak_rss / mk.peak_rss:.2f}×",
                     "PASS" if r.peak_rss <= mk.peak_rss else "FAIL"))
-    method, limit = FLOOR_TARGET
+    method, limit = FLOOR_TARGET[0], floor_limit
     if floor is not None:
         for r in (r for r in steady if r.recipe == method):
             ratio = r.wall_s / floor.wall_s
@@ -661,7 +731,15 @@ def main(argv: list[str] | None = None) -> int:
     args.work = work
     spec = choose_spec(args.params)
     models = [work / "models" / name for name in model_names(spec)]
-    if models_ready(work / "models", spec):
+    ready = models_ready(work / "models", spec)
+    work.mkdir(parents=True, exist_ok=True)
+    needed = disk_needed(spec, args.methods, models_ready=ready, skip_mergekit=args.skip_mergekit)
+    free = shutil.disk_usage(work).free
+    if free < needed:  # checked before anything is built or run: a clear refusal, not a full disk mid-run
+        raise SystemExit(f"merge_speed: {work} has {free / 1e9:.1f} GB free, this invocation needs "
+                         f"{needed / 1e9:.1f} GB ({'' if ready else 'the checkpoints, '}every output kept until the "
+                         f"comparison at the end); free space, pass --work on a larger disk, or fewer --methods")
+    if ready:
         print(f"reusing the checkpoints in {work / 'models'} ({spec.params / 1e9:.3f} B params each)")
     else:  # in a child, so that this process stays small (see measure())
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--build-child", str(work / "models"),
@@ -690,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           else ", mergekit.merge")
     imports = [sys.executable, "-c", f"import {modules}"]
     subprocess.run(imports, env=env, check=True)  # first import of the libraries from disk, untimed
-    startup = measure(imports, env, work / "logs" / "imports.log").wall_s
+    startup_run = measure(imports, env, work / "logs" / "imports.log")
+    startup = startup_run.wall_s
     print(f"interpreter start + imports ({modules}): {startup:.1f} s")
 
     bench = Bench(args, models, env)
@@ -718,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.runs.append(cold)
                 paid.update(pending)
             bench.timed(method, side, cmd, target, f"{method}.{side.replace(' ', '_')}")
-        if spectral:  # after its runs, so that check's hashing of the inputs cannot turn a cold row warm
-            predicted[method] = check_estimate(recipes[method], env)
+        # after its runs, so that check's hashing of the inputs cannot turn a cold row warm
+        predicted[method] = check_estimate(recipes[method], env)
     # the floor again at the end (the load on a shared machine drifts): the best of both ends counts
     floor = bench.best(floor_runs + bench.floor(floor_cmd, out / "io_floor", "io_floor.end"))
     bench.runs.insert(0, floor)
@@ -747,14 +826,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = bench.runs  # the I/O floor first, then each recipe's rows
     print()
     print(f"checkpoints: base + {spec.experts} experts, {spec.params / 1e9:.3f} B params each, bf16, 2 shards "
-          f"(hidden {spec.hidden}, intermediate {spec.intermediate}, {spec.layers} layers, vocab {spec.vocab}); "
+          f"({spec.describe()}); "
           f"recipes: weights 0.5/0.5, density 0.5 (ties, dare_ties), dtype bfloat16")
     print(f"mergeflow code: {code_start}" + ("" if code_end == code_start else
                                              f" -- WARNING: CHANGED DURING THE RUN, now {code_end}: rerun"))
     print(f"load average: start {' '.join(f'{x:.2f}' for x in load_start)}, "
           f"end {' '.join(f'{x:.2f}' for x in load_end)} ({os.cpu_count()} cpus)")
     print(render_table(runs, floor))
-    if predicted:
+    if any(m in SPECTRAL for m in predicted):
         print(render_spectral(runs, predicted))
     print(f"I/O floor detail: import {floor.extra['import_s']:.1f} s, read {floor.extra['read_gb']:.2f} GB in "
           f"{floor.extra['read_s']:.2f} s, write {floor.extra['write_s']:.2f} s, fsync {floor.extra['fsync_s']:.2f} s "
@@ -770,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
           "single first runs; load = 1-min load average at the start; ×mk cpu = CPU-time ratio (less sensitive to "
           "other load than wall time)")
 
-    verdicts = evaluate_targets(runs, floor)
+    verdicts = evaluate_targets(runs, floor, FLOOR_TARGET_3B if spec.preset == "Llama-3.2-3B" else FLOOR_TARGET[1])
+    verdicts += estimate_targets(runs, predicted, spec, startup_run.peak_rss)
     if verification:
         print("\noutputs vs mergekit's (all tensors):")
         for key, v in verification.items():
@@ -799,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "spec": {**asdict(spec), "params": spec.params}, "versions": versions(),
             "mergeflow_code": {"start": code_start, "end": code_end},
-            "load_start": load_start, "load_end": load_end, "startup_s": startup, "benchmark_process_peak_rss": parent_rss,
+            "load_start": load_start, "load_end": load_end, "startup_s": startup,
+            "startup_peak_rss": startup_run.peak_rss, "benchmark_process_peak_rss": parent_rss,
             "runs": [asdict(r) for r in runs], "verification": verification, "check_predicted_peak": predicted,
             "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in verdicts],
         }, indent=2) + "\n")
