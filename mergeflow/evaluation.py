@@ -277,12 +277,14 @@ def task_code_identity(zoo: Zoo) -> str:
 
 # ----------------------------------------------------------------------------------------------- lm-eval objects
 
-# lm-eval's task objects (cached below) hold the requests of the evaluation in progress, and torch's thread count
-# is process-wide: one evaluation at a time per process. Threads of a task runner queue here; processes run in
-# parallel.
-_EVALUATION_LOCK = threading.RLock()
+# lm-eval's task objects (cached below) hold the requests of the evaluation in progress: an evaluation locks the
+# objects it uses (their keys, in sorted order), so evaluations of other splits, zoos or tasks run at the same time
+# in the threads of a task runner (the reported and the selection split of one merge do), and two evaluations of
+# the same tasks take turns. torch's thread count and lm-eval's logging are process-wide: see _SharedSettings.
 _TASK_MANAGERS: dict[str, Any] = {}
 _TASK_OBJECTS: dict[tuple[str, str, str, str, int], Any] = {}
+_TASK_LOCKS: dict[tuple[str, str, str, str, int], threading.Lock] = {}
+_REGISTRY_LOCK = threading.RLock()  # guards the three dicts above
 
 
 def offline_env() -> None:
@@ -299,11 +301,12 @@ def task_manager(include_path: Path | None) -> Any:
     from lm_eval.tasks import TaskManager
 
     key = str(include_path) if include_path else ""
-    if key not in _TASK_MANAGERS:
-        _TASK_MANAGERS[key] = (
-            TaskManager(include_path=str(include_path), include_defaults=False) if include_path else TaskManager()
-        )
-    return _TASK_MANAGERS[key]
+    with _REGISTRY_LOCK:
+        if key not in _TASK_MANAGERS:
+            _TASK_MANAGERS[key] = (
+                TaskManager(include_path=str(include_path), include_defaults=False) if include_path else TaskManager()
+            )
+        return _TASK_MANAGERS[key]
 
 
 def _inline_task_manager() -> Any:
@@ -311,9 +314,10 @@ def _inline_task_manager() -> Any:
     never walks a zoo folder (and the includes of its files) on its own."""
     from lm_eval.tasks import TaskManager
 
-    if "<inline>" not in _TASK_MANAGERS:
-        _TASK_MANAGERS["<inline>"] = TaskManager(include_defaults=False)
-    return _TASK_MANAGERS["<inline>"]
+    with _REGISTRY_LOCK:
+        if "<inline>" not in _TASK_MANAGERS:
+            _TASK_MANAGERS["<inline>"] = TaskManager(include_defaults=False)
+        return _TASK_MANAGERS["<inline>"]
 
 
 def _load_task_code(path: Path) -> dict[str, Any]:
@@ -360,15 +364,68 @@ def _zoo_task_objects(zoo: Zoo, tasks: Sequence[str], split: str, num_fewshot: i
         return (str(zoo.root), task, split, sha, num_fewshot)
 
     check_task_code(zoo, tasks, trust_task_code=trust_task_code)  # also before reusing a task object
-    missing = [t for t in tasks if key(t) not in _TASK_OBJECTS]
-    if missing:
-        tm = _inline_task_manager()
-        loaded = tm.load([zoo_task_config(zoo, t, split, trust_task_code=trust_task_code) for t in missing])["tasks"]
-        for t in missing:
-            obj = loaded[LM_EVAL_PREFIX + t]
-            obj.set_config(key="num_fewshot", value=num_fewshot)
-            _TASK_OBJECTS[key(t)] = obj
-    return [_TASK_OBJECTS[key(t)] for t in tasks]
+    with _REGISTRY_LOCK:
+        missing = [t for t in tasks if key(t) not in _TASK_OBJECTS]
+        if missing:
+            tm = _inline_task_manager()
+            configs = [zoo_task_config(zoo, t, split, trust_task_code=trust_task_code) for t in missing]
+            loaded = tm.load(configs)["tasks"]
+            for t in missing:
+                obj = loaded[LM_EVAL_PREFIX + t]
+                obj.set_config(key="num_fewshot", value=num_fewshot)
+                _TASK_OBJECTS[key(t)] = obj
+                _TASK_LOCKS[key(t)] = threading.Lock()
+        return [(_TASK_OBJECTS[key(t)], _TASK_LOCKS[key(t)]) for t in tasks]
+
+
+@contextlib.contextmanager
+def _holding(locks: Iterable[threading.Lock]) -> Iterator[None]:
+    """Hold ``locks`` (acquired in one global order, by id, so that two evaluations never wait on each other)."""
+    held: list[threading.Lock] = []
+    try:
+        for lock in sorted(set(locks), key=id):
+            lock.acquire()
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+class _SharedSettings:
+    """Process-wide settings of the evaluations in progress: torch's CPU thread count and lm-eval's silenced
+    loggers and progress bars. The first evaluation to enter applies them and the last to leave restores them;
+    an evaluation that wants another thread count than the running ones waits until they are done (two
+    evaluations on one thread each share the process: one core each)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._threads: int | None = None
+        self._restore: Any = None
+
+    @contextlib.contextmanager
+    def applied(self, threads: int | None) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0 or self._threads == threads)
+            if self._active == 0:
+                self._threads = threads
+                self._restore = contextlib.ExitStack()
+                self._restore.enter_context(_torch_threads(threads))
+                self._restore.enter_context(_quiet_lm_eval())
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._restore.close()
+                    self._restore = None
+                    self._cond.notify_all()
+
+
+_SETTINGS = _SharedSettings()
 
 
 def _other_task_objects(names: Sequence[str], known_zoo: Iterable[str]) -> list[Any]:
@@ -469,8 +526,7 @@ def evaluate(
     multi-threaded kernels stall when another process holds a core; ``None`` keeps the current setting.
     ``trust_task_code`` lets lm-eval run the code of a zoo's task files (see :func:`check_task_code`).
     """
-    with _EVALUATION_LOCK:
-        return _evaluate(model, tokenizer, tasks, zoo=zoo, split=split, limit=limit, batch_size=batch_size,
+    return _evaluate(model, tokenizer, tasks, zoo=zoo, split=split, limit=limit, batch_size=batch_size,
                          device=device, num_fewshot=num_fewshot, threads=threads, trust_task_code=trust_task_code)
 
 
@@ -492,21 +548,23 @@ def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
     task_objs: list[Any] = []
+    locks: list[threading.Lock] = []
     if plan.zoo_tasks:
         assert the_zoo is not None
-        task_objs += _zoo_task_objects(the_zoo, plan.zoo_tasks, split, num_fewshot or 0, trust_task_code)
+        for obj, lock in _zoo_task_objects(the_zoo, plan.zoo_tasks, split, num_fewshot or 0, trust_task_code):
+            task_objs.append(obj)
+            locks.append(lock)
     if plan.other_tasks:
         others = _other_task_objects(plan.other_tasks, the_zoo.tasks if the_zoo else ())
         for obj in others:
             if num_fewshot is not None or obj.get_config("num_fewshot") is None:
                 obj.set_config(key="num_fewshot", value=num_fewshot or 0)
         task_objs += others
-    for obj in task_objs:
-        obj.set_fewshot_seed(seed=_FEWSHOT_SEED)
-
     model = model.to(device)
     model.eval()
-    with _quiet_lm_eval(), _torch_threads(threads if str(device) == "cpu" else None):
+    with _holding(locks), _SETTINGS.applied(threads if str(device) == "cpu" else None):
+        for obj in task_objs:
+            obj.set_fewshot_seed(seed=_FEWSHOT_SEED)
         lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         # lm_eval.evaluator.evaluate is simple_evaluate minus its bookkeeping (pip freeze, git hash: ~2 s a call).
         raw = lm_eval_evaluate(

@@ -69,6 +69,29 @@ def test_groups_aliases_splits_and_repeated_calls(test_zoo: Zoo, tokenizer) -> N
     json.dumps(full.to_dict())  # serialisable
 
 
+def test_concurrent_evaluations_equal_sequential_ones(test_zoo: Zoo, tokenizer) -> None:  # noqa: F811
+    """Threads of a task runner evaluate at the same time (the reported and the selection split of one merge, and
+    two models on the same split, which take turns on the shared task objects): every result equals the one of a
+    call on its own, and torch's thread count and lm-eval's log level are restored when the last one leaves."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = {name: load(test_zoo.experts[name]) for name in ("topic", "nli")}
+    jobs = [("topic", "test"), ("topic", "validation"), ("nli", "test"), ("nli", "validation")]
+
+    def run(job: tuple[str, str]) -> dict:
+        name, split = job
+        return evaluate(models[name], tokenizer, "zoo,zoo-ood", zoo=test_zoo, split=split, limit=40).to_dict()["scores"]
+
+    alone = [run(job) for job in jobs]
+    threads, level = torch.get_num_threads(), logging.getLogger("lm_eval").level
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == alone
+    assert alone[0] != alone[2] and alone[0] != alone[1]  # the jobs differ, so equality is not vacuous
+    assert torch.get_num_threads() == threads and logging.getLogger("lm_eval").level == level
+
+
 def test_task_configs_are_absolute_at_run_time(test_zoo: Zoo, tmp_path: Path, monkeypatch, tokenizer) -> None:  # noqa: F811
     cfg = zoo_task_config(test_zoo, "nli", "validation")
     files = cfg["dataset_kwargs"]["data_files"]
