@@ -2,9 +2,10 @@
 
 A reference is a local folder, a Hugging Face hub id (``org/name`` or ``name``, optional ``@revision``) served from the
 normal hub cache (offline mode honoured), an MLflow registry URI (``models:/name/3``, ``models:/name@champion``) or a
-zoo model (``zoo:full/base``). Finding the folder is :mod:`mergeflow.resolvers`' job (a registry of resolvers per
-scheme, which the MLflow and zoo layers fill), so this reader imports neither of them; the safetensors header and
-pickle readers live in :mod:`mergeflow.tensors`.
+zoo model (``zoo:full/base``), or a LoRA adapter folder applied to a full checkpoint (``BASE+ADAPTER``, or an adapter
+folder with the base given separately; see :mod:`mergeflow.adapters`). Finding the folder is
+:mod:`mergeflow.resolvers`' job (a registry of resolvers per scheme, which the MLflow and zoo layers fill), so this
+reader imports neither of them; the safetensors header and pickle readers live in :mod:`mergeflow.tensors`.
 
 Bad input fails here, before any heavy work, with a message naming the folder, file or tensor: checks run
 cheapest first (folder, config, weight files exist and are readable → safetensors headers consistent with the file
@@ -28,13 +29,23 @@ from typing import Any
 
 import torch
 
-from mergeflow.errors import CheckpointError, NonFiniteTensorError, UnsafePathError
+from mergeflow.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_SAFETENSORS,
+    LoraAdapter,
+    LoraReader,
+    is_adapter_folder,
+)
+from mergeflow.architecture import Architecture
+from mergeflow.errors import AdapterError, CheckpointError, NonFiniteTensorError, UnsafePathError
 from mergeflow.paths import mergeflow_home
-from mergeflow.resolvers import locate
+from mergeflow.resolvers import locate, split_adapter_reference
 from mergeflow.tensors import (
     PICKLE_INDEX,
     SAFETENSORS_INDEX,
     CheckpointReader,
+    TensorReader,
     load_pickle,
     read_safetensors_header,
 )
@@ -58,11 +69,23 @@ class Snapshot:
     """A checked local checkpoint: where it is, what it holds and its content hash."""
 
     reference: str  # what the user wrote
-    path: Path  # local folder holding config.json + weights
+    path: Path  # local folder holding config.json + weights (a LoRA adapter: the adapter's folder)
     content_hash: str  # "sha256:<hex>" over (relative name, bytes) of the weight files; location-independent
     weight_files: tuple[str, ...]  # relative names of the weight files, sorted
-    format: str  # "safetensors" | "pickle"
+    format: str  # "safetensors" | "pickle" | "lora"
     revision: str | None  # hub commit sha, MLflow model version, or None for a local folder
+    # a LoRA adapter: the full checkpoint it applies to (its content hash is then that of (base, adapter))
+    adapter_base: Snapshot | None = None
+
+    @property
+    def model_folder(self) -> Path:
+        """The folder holding the model's ``config.json`` and tokenizer: the base's, for a LoRA adapter."""
+        return self.adapter_base.path if self.adapter_base is not None else self.path
+
+    @property
+    def n_files(self) -> int:
+        """How many files reading this model keeps open."""
+        return len(self.weight_files) + (self.adapter_base.n_files if self.adapter_base is not None else 0)
 
 
 # --------------------------------------------------------------------------------------------------------- resolve
@@ -77,6 +100,7 @@ def resolve(
     scan_finite: bool = True,
     trust_remote_code: bool = False,
     confine: bool = False,
+    adapter_base: str | Path | None = None,
 ) -> Snapshot:
     """Resolve ``reference`` to a local snapshot, check it and hash it.
 
@@ -84,10 +108,27 @@ def resolve(
     download include the repository's ``*.py`` files; nothing here executes them. ``confine`` (a recipe's
     ``confine_paths``) refuses weight files, indexes and configs that are symlinks leading outside the checkpoint
     folder, before any of them is read.
+
+    A LoRA adapter folder resolves to the model it makes of its base: ``BASE+ADAPTER`` names the base in the
+    reference, ``adapter_base`` for a plain adapter reference (a recipe's ``base_model``). The adapter is checked
+    against the base (every target present, every shape fitting) from the headers alone.
     """
     text = str(reference)
+    split = split_adapter_reference(text, base_dir) if isinstance(reference, str) else None
+    if split is not None:
+        if adapter_base is not None:
+            raise CheckpointError(f"cannot resolve {text!r}: it names the model its adapter applies to, and "
+                                  f"{str(adapter_base)!r} was given as well")
+        adapter_base, reference = split
     folder, resolved_revision = locate(reference, revision=revision, base_dir=base_dir,
                                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    options = {"allow_pickle": allow_pickle, "base_dir": base_dir, "scan_finite": scan_finite,
+               "trust_remote_code": trust_remote_code, "confine": confine}
+    if is_adapter_folder(folder):
+        return _resolve_adapter(text, folder, resolved_revision, adapter_base, options)
+    if adapter_base is not None:
+        raise AdapterError(f"cannot resolve {text!r}: {folder} is not a LoRA adapter (no {ADAPTER_CONFIG}), so it "
+                           f"cannot be applied to {str(adapter_base)!r}")
     if confine:
         check_contained(folder, [CONFIG, SAFETENSORS_INDEX, PICKLE_INDEX], "file")
     _check_folder(folder, text)
@@ -100,6 +141,80 @@ def resolve(
         _scan_finite(folder, weight_files)
     return Snapshot(reference=text, path=folder, content_hash=digest, weight_files=weight_files, format=fmt,
                     revision=resolved_revision)
+
+
+def _resolve_adapter(text: str, folder: Path, revision: str | None, adapter_base: str | Path | None,
+                     options: dict[str, Any]) -> Snapshot:
+    if adapter_base is None:
+        raise AdapterError(f"{text!r} is a LoRA adapter ({folder} has {ADAPTER_CONFIG} and no model weights): name "
+                           f"the model it applies to, as the recipe's base_model or as BASE+{text}")
+    if options["confine"]:
+        check_contained(folder, [ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_PICKLE], "file")
+    adapter = LoraAdapter.read(folder, allow_pickle=options["allow_pickle"])
+    base = resolve(adapter_base, **options)
+    if base.adapter_base is not None:
+        raise AdapterError(f"cannot apply the LoRA adapter {text!r} to {base.reference!r}: that is an adapter "
+                           "itself; an adapter applies to a full checkpoint")
+    open_adapter(folder, base.path, base.weight_files, allow_pickle=options["allow_pickle"], reference=text,
+                 adapter=adapter).close()
+    adapter_hash = content_hash(folder, [ADAPTER_CONFIG, adapter.weight_file])
+    if options["scan_finite"]:
+        scan_finite(folder, [adapter.weight_file])
+    combined = hashlib.sha256(f"lora\0{base.content_hash}\0{adapter_hash}".encode()).hexdigest()
+    return Snapshot(reference=text, path=folder, content_hash="sha256:" + combined,
+                    weight_files=(adapter.weight_file,), format="lora", revision=revision, adapter_base=base)
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder, as a dict."""
+    path = Path(folder) / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def open_adapter(folder: Path, base: Path, base_weight_files: Iterable[str] | None = None, *,
+                 allow_pickle: bool = False, reference: str | None = None,
+                 adapter: LoraAdapter | None = None) -> LoraReader:
+    """A reader of the LoRA adapter in ``folder`` applied to the full checkpoint in ``base`` (its weight files
+    found as :func:`resolve` finds them unless given); checks that they fit, reading headers only."""
+    adapter = adapter or LoraAdapter.read(folder, allow_pickle=allow_pickle)
+    if base_weight_files is None:
+        base_weight_files, _ = find_weight_files(Path(base), allow_pickle=allow_pickle)
+    reader = CheckpointReader(Path(base), list(base_weight_files), allow_pickle=allow_pickle)
+    try:
+        arch = Architecture.infer(read_model_config(base), {n: s.shape for n, s in reader.specs.items()})
+        # PEFT orients a layer's delta by the module's class (Conv1D: fan_in_fan_out), which the layout tells
+        transposed = {name for name, role in arch.tensors.items() if role.conv1d}
+        return LoraReader(reader, adapter, transposed=transposed, reference=reference, allow_pickle=allow_pickle)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def open_checkpoint(snapshot: Snapshot, *, allow_pickle: bool = False) -> TensorReader:
+    """The tensor reader of a resolved snapshot: its weight files, or for a LoRA adapter its base's tensors with the
+    adapter's ``scale · B · A`` added to each target as it is read."""
+    base = snapshot.adapter_base
+    if base is None:
+        return CheckpointReader(snapshot.path, snapshot.weight_files, allow_pickle=allow_pickle)
+    return open_adapter(snapshot.path, base.path, base.weight_files, allow_pickle=allow_pickle,
+                        reference=snapshot.reference)
+
+
+def open_model(folder: Path, adapter_base: Path | None = None, *, allow_pickle: bool = False) -> TensorReader:
+    """The tensor reader of a checkpoint folder (weight files found as :func:`resolve` finds them), or of the LoRA
+    adapter in ``folder`` applied to the checkpoint in ``adapter_base``; nothing is hashed."""
+    if adapter_base is None:
+        files, fmt = find_weight_files(Path(folder), allow_pickle=allow_pickle)
+        return CheckpointReader(Path(folder), files, allow_pickle=fmt == "pickle")
+    return open_adapter(Path(folder), Path(adapter_base), allow_pickle=allow_pickle)
 
 
 # ---------------------------------------------------------------------------------------------- folder and files

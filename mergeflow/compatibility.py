@@ -1,7 +1,8 @@
 """Can these checkpoints be merged? Architecture, tensor names and shapes, vocabularies, tied weights, dtypes.
 
-Everything here reads configs and safetensors headers only, so ``mergeflow check`` and the merge's own pre-flight
-answer in well under a second, before any tensor is loaded.
+A LoRA adapter expert is described as what it is (rank, alpha, scale, target modules, the base it applies to) and
+compared as the model it makes of its base. Everything here reads configs and safetensors headers only, so
+``mergeflow check`` and the merge's own pre-flight answer in well under a second, before any tensor is loaded.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from mergeflow.adapters import LoraReader
 from mergeflow.architecture import Architecture
-from mergeflow.tensors import CheckpointReader, dtype_name
+from mergeflow.tensors import TensorReader, dtype_name
 
 _ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                 "tie_word_embeddings")
@@ -27,6 +29,7 @@ class ModelSummary:
     n_tensors: int
     bytes: int
     dtypes: dict[str, int]
+    adapter: dict[str, Any] | None = None  # a LoRA adapter expert: what it is and the base it applies to
 
 
 @dataclass
@@ -49,6 +52,14 @@ class CompatibilityReport:
             lines.append(f"            {a['model_type']}, {a['num_layers']} layers, hidden {a['hidden_size']}, "
                          f"heads {a['num_heads']}/{a['num_kv_heads']}, vocab rows {m.vocab_rows}, "
                          f"tied {a['tie_word_embeddings']}, {m.n_tensors} tensors, {_gb(m.bytes)} ({dtypes})")
+            if m.adapter is not None:
+                d = m.adapter
+                embeddings = f", {d['embeddings']} of them embeddings" if d["embeddings"] else ""
+                copies = f", {d['replaced']} full tensor copies" if d["replaced"] else ""
+                lines.append(f"            LoRA adapter (rank {d['rank']}, lora_alpha {d['lora_alpha']}"
+                             f"{', rslora' if d['rslora'] else ''}, scale {d['scale']}): {d['modules']} modules"
+                             f"{embeddings}{copies}, {d['adapted_tensors']} tensors adapted; applied to "
+                             f"{d['base']} ({d['base_hash']})")
             lines.append(f"            {m.content_hash}")
         if self.estimate:
             e = self.estimate
@@ -76,14 +87,20 @@ def _vocab_rows(arch: Architecture) -> int | None:
     return None
 
 
-def summarize(role: str, reference: str, content_hash: str, arch: Architecture, reader: CheckpointReader
-              ) -> ModelSummary:
+def summarize(role: str, reference: str, content_hash: str, arch: Architecture, reader: TensorReader, *,
+              adapter_base: tuple[str, str] | None = None) -> ModelSummary:
+    """``adapter_base``: the (reference, content hash) of the base a LoRA adapter expert's ``reader`` applies to."""
     described = {k: getattr(arch, k) for k in _ARCH_FIELDS}
+    adapter = None
+    if isinstance(reader, LoraReader):
+        adapter = {**reader.adapter.describe(), "adapted_tensors": len(reader.adapted),
+                   "base": adapter_base[0] if adapter_base else str(reader.base.folder),
+                   "base_hash": adapter_base[1] if adapter_base else None}
     return ModelSummary(
         role=role, reference=reference, content_hash=content_hash, architecture=described,
         vocab_rows=_vocab_rows(arch), n_tensors=len(reader.specs),
         bytes=sum(s.nbytes for s in reader.specs.values()),
-        dtypes=dict(Counter(dtype_name(s.dtype) for s in reader.specs.values())),
+        dtypes=dict(Counter(dtype_name(s.dtype) for s in reader.specs.values())), adapter=adapter,
     )
 
 
@@ -92,8 +109,8 @@ def _is_vocab_tensor(arch: Architecture, name: str) -> bool:
     return role is not None and role.kind in ("embed", "lm_head") and not role.is_bias
 
 
-def compare(reference: tuple[ModelSummary, Architecture, CheckpointReader],
-            others: list[tuple[ModelSummary, Architecture, CheckpointReader]], *, vocab_policy: str
+def compare(reference: tuple[ModelSummary, Architecture, TensorReader],
+            others: list[tuple[ModelSummary, Architecture, TensorReader]], *, vocab_policy: str
             ) -> tuple[list[str], list[str]]:
     """Problems (fatal) and warnings of merging ``others`` into ``reference``'s tensor layout."""
     problems: list[str] = []
@@ -122,7 +139,8 @@ def compare(reference: tuple[ModelSummary, Architecture, CheckpointReader],
                 vocab_mismatch[summ.reference] = b[0]
                 continue
             problems.append(f"{who}: tensor {name} has shape {list(b)}, the {ref_sum.role} has {list(a)}")
-        if Counter(summ.dtypes) != Counter(ref_sum.dtypes):
+        # an adapter's targets are float32 by design (its task vector is not rounded to a bf16 base's dtype)
+        if Counter(summ.dtypes) != Counter(ref_sum.dtypes) and summ.adapter is None:
             warnings.append(f"{who}: dtypes {summ.dtypes} differ from the {ref_sum.role}'s {ref_sum.dtypes}; "
                             "all inputs are cast to the compute dtype")
     if vocab_mismatch:

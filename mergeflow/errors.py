@@ -94,6 +94,16 @@ class IncompatibleModelsError(MergeflowError):
     """The experts do not match the base: architecture, tensor names, shapes or vocabulary differ."""
 
 
+class AdapterError(CheckpointError):
+    """A LoRA adapter folder cannot be applied: unreadable, malformed, or a kind of adapter mergeflow does not apply
+    (DoRA, IA3, LoHa, ...)."""
+
+
+class AdapterMismatchError(AdapterError, IncompatibleModelsError):
+    """A LoRA adapter does not fit the base it is applied to: a target module the base lacks, or a factor shape
+    that does not fit the base's tensor."""
+
+
 class OutputPathError(MergeflowError):
     """The output path exists, lies inside an input, or cannot be written."""
 

@@ -664,8 +664,10 @@ def evaluate_path(
     num_fewshot: int | None = None,
     threads: int | None = 1,
     trust_task_code: bool = False,
+    adapter_base: str | Path | None = None,
 ) -> EvalResult:
-    """Load a model folder (weights + tokenizer) and ``evaluate`` it."""
+    """Load a model folder (weights + tokenizer) and ``evaluate`` it; with ``adapter_base``, ``model_dir`` is a LoRA
+    adapter applied to the checkpoint there (whose config and tokenizer it uses)."""
     if zoo is not None and not isinstance(zoo, Zoo):  # refuse an untrusted zoo before loading the model
         the_zoo = resolve_zoo(zoo, split_task_names(tasks))
         if the_zoo is not None:
@@ -673,11 +675,12 @@ def evaluate_path(
             zoo = the_zoo
     offline_env()
     path = Path(model_dir).expanduser()
-    if not (path / "config.json").exists():
-        raise EvaluationError(f"{path} is not a model folder (no config.json)")
+    folder = Path(adapter_base).expanduser() if adapter_base is not None else path
+    if not (folder / "config.json").exists():
+        raise EvaluationError(f"{folder} is not a model folder (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = load_causal_lm(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = load_causal_lm(path, adapter_base=adapter_base)
     except (OSError, ValueError) as e:
         raise EvaluationError(f"cannot load the model at {path}: {e}") from None
     return evaluate(

@@ -150,11 +150,14 @@ class ResolveNode(Node):
     allow_pickle: bool = False
     trust_remote_code: bool = False
     confine_paths: bool = False  # the recipe's: weight files linked outside the checkpoint folder are refused
+    adapter_base: str | None = None  # a LoRA adapter folder: the recipe's base_model, which it applies to
 
     def parameters(self) -> dict[str, Any]:
         out = super().parameters()
         if not self.confine_paths:  # keys of unconfined resolves (and the caches keyed by them) stay as they were
             out.pop("confine_paths")
+        if self.adapter_base is None:  # likewise for every reference that is not a plain adapter folder
+            out.pop("adapter_base")
         return out
 
     def label(self) -> str:
@@ -162,7 +165,8 @@ class ResolveNode(Node):
 
     def run(self, inputs: Sequence[Any], ctx: RunContext) -> ResolvedModel:
         return pipeline.resolve_stage(self.reference, recipe_dir=self.recipe_dir, allow_pickle=self.allow_pickle,
-                                      trust_remote_code=self.trust_remote_code, confine_paths=self.confine_paths)
+                                      trust_remote_code=self.trust_remote_code, confine_paths=self.confine_paths,
+                                      adapter_base=self.adapter_base)
 
 
 class TaskVectorsNode(Node):
@@ -392,7 +396,8 @@ def resolve_nodes(recipe: Recipe) -> tuple[ResolveNode | None, tuple[ResolveNode
     def node(ref: str) -> ResolveNode:
         recipe.resolve_reference(ref)  # refuses a path outside a confined recipe's folder before anything runs
         return ResolveNode(reference=ref, recipe_dir=folder, allow_pickle=recipe.allow_pickle,
-                           trust_remote_code=recipe.trust_remote_code, confine_paths=recipe.confine_paths)
+                           trust_remote_code=recipe.trust_remote_code, confine_paths=recipe.confine_paths,
+                           adapter_base=recipe.adapter_base_of(ref))
 
     base_ref, expert_refs = pipeline.references(recipe)
     return (node(base_ref) if base_ref else None), tuple(node(r) for r in expert_refs)
@@ -471,7 +476,7 @@ def plan(recipes: Iterable[tuple[str, Recipe | Mapping[str, Any]]] | Recipe, *, 
     first = parsed[0][1]
     folder = str(first.recipe_dir) if first.recipe_dir else None
     for label, ref in (extra_models or {}).items():
-        model = out.add(ResolveNode(reference=ref, recipe_dir=folder))
+        model = out.add(ResolveNode(reference=ref, recipe_dir=folder, adapter_base=first.adapter_base_of(ref)))
         out.extra[label] = out.add(evaluate_nodes(first, model)[0])  # type: ignore[arg-type, assignment]
     registrations = tuple(t.registration for t in out.targets.values() if t.registration is not None)
     if registrations:

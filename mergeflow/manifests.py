@@ -28,7 +28,7 @@ class Manifest(BaseModel):
 
 
 class ResolvedModel(Manifest):
-    """A checkpoint reference resolved to a checked local snapshot."""
+    """A checkpoint reference resolved to a checked local snapshot (a LoRA adapter: with the base it applies to)."""
 
     reference: str  # as the recipe wrote it
     path: str
@@ -36,13 +36,31 @@ class ResolvedModel(Manifest):
     revision: str | None = None
     format: str = "safetensors"
     weight_files: tuple[str, ...] = ()
+    adapter_base: ResolvedModel | None = None  # format "lora": the full checkpoint the adapter at ``path`` applies to
+
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        if self.adapter_base is None:  # keys of full checkpoints stay as they were before adapters
+            out.pop("adapter_base", None)
+        else:
+            out["adapter_base"] = self.adapter_base.identity()
+        return out
+
+    @classmethod
+    def of(cls, reference: str, snapshot: Any) -> ResolvedModel:
+        """The manifest of a :class:`mergeflow.checkpoints.Snapshot` resolved from ``reference``."""
+        base = snapshot.adapter_base
+        return cls(reference=reference, path=str(snapshot.path), content_hash=snapshot.content_hash,
+                   revision=snapshot.revision, format=snapshot.format, weight_files=tuple(snapshot.weight_files),
+                   adapter_base=cls.of(base.reference, base) if base is not None else None)
 
     def snapshot(self) -> Any:
         """The :class:`mergeflow.checkpoints.Snapshot` this manifest describes (no file is read)."""
         from mergeflow.checkpoints import Snapshot
 
         return Snapshot(reference=self.reference, path=Path(self.path), content_hash=self.content_hash,
-                        weight_files=tuple(self.weight_files), format=self.format, revision=self.revision)
+                        weight_files=tuple(self.weight_files), format=self.format, revision=self.revision,
+                        adapter_base=self.adapter_base.snapshot() if self.adapter_base is not None else None)
 
 
 class TaskVectors(Manifest):

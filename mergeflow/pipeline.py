@@ -27,7 +27,7 @@ import psutil
 
 from mergeflow.architecture import Architecture
 from mergeflow.cache import Cache, cache_key
-from mergeflow.checkpoints import resolve
+from mergeflow.checkpoints import Snapshot, open_checkpoint, read_model_config, resolve
 from mergeflow.coefficients import Coefficients, plot_coefficients
 from mergeflow.devices import pick_device
 from mergeflow.errors import RecipeError
@@ -56,7 +56,6 @@ from mergeflow.recipe import (
 )
 from mergeflow.streaming import Input, MergeInputs, MergeOptions, layer_fraction, merge
 from mergeflow.task_vectors import task_vector_manifest
-from mergeflow.tensors import CheckpointReader
 
 MERGED_KIND = "merged_model"
 EVAL_KIND = "evaluation"
@@ -121,16 +120,26 @@ def _slug(text: str | None) -> str | None:
 
 
 def resolve_stage(reference: str, *, recipe_dir: str | Path | None = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False, confine_paths: bool = False) -> ResolvedModel:
-    """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name) to a checked local snapshot.
+                  trust_remote_code: bool = False, confine_paths: bool = False,
+                  adapter_base: str | None = None) -> ResolvedModel:
+    """Resolve a checkpoint reference (folder, hub id, ``models:/`` URI, ``zoo:`` name, ``BASE+ADAPTER``) to a
+    checked local snapshot.
 
     A relative path is read against ``recipe_dir``, never the working directory, when there is one;
-    ``confine_paths`` refuses weight files that are symlinks leading outside the checkpoint folder."""
+    ``confine_paths`` refuses weight files that are symlinks leading outside the checkpoint folder.
+    ``adapter_base``: the model a LoRA adapter folder ``reference`` applies to (the recipe's base_model)."""
     snap = resolve(resolve_relative(reference, recipe_dir), allow_pickle=allow_pickle,
                    trust_remote_code=trust_remote_code, confine=confine_paths,
-                   base_dir=Path(recipe_dir) if recipe_dir else None)
-    return ResolvedModel(reference=reference, path=str(snap.path), content_hash=snap.content_hash,
-                         revision=snap.revision, format=snap.format, weight_files=tuple(snap.weight_files))
+                   base_dir=Path(recipe_dir) if recipe_dir else None,
+                   adapter_base=resolve_relative(adapter_base, recipe_dir) if adapter_base else None)
+    return ResolvedModel.of(reference, snap)
+
+
+def resolve_again(m: ResolvedModel, *, allow_pickle: bool = False) -> Snapshot:
+    """The snapshot at a resolve manifest's path(s) as it is now (hashes memoised: a file that did not change is not
+    read again), to check that it did not change since it was resolved."""
+    return resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False,
+                   adapter_base=Path(m.adapter_base.path) if m.adapter_base is not None else None)
 
 
 def references(recipe: Recipe) -> tuple[str | None, list[str]]:
@@ -158,9 +167,10 @@ def trim_densities(recipe: Recipe, base: ResolvedModel, index: int) -> list[floa
     from the base's tensor names and the recipe, without reading tensor data."""
     if trim_settings(recipe, index) is None:
         return []
-    reader = CheckpointReader(Path(base.path), tuple(base.weight_files), allow_pickle=recipe.allow_pickle)
+    snapshot = base.snapshot()
+    reader = open_checkpoint(snapshot, allow_pickle=recipe.allow_pickle)
     try:
-        config = json.loads((Path(base.path) / "config.json").read_text())
+        config = read_model_config(snapshot.model_folder)
         arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
         densities: set[float] = set()
         for name, spec in reader.specs.items():
@@ -179,11 +189,11 @@ def task_vectors_stage(base: ResolvedModel, expert: ResolvedModel, densities: Se
     """The task vector ``expert − base`` summarised (norms, and the exact global trim threshold at each density),
     streamed per tensor and cached by the two content hashes; the merge reuses it from the cache."""
     def open_input(role: str, m: ResolvedModel) -> Input:
-        snap = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False)
+        snap = resolve_again(m, allow_pickle=allow_pickle)
         if snap.content_hash != m.content_hash:
             raise RecipeError(f"{m.reference} changed since it was resolved; run the pipeline again")
-        reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=allow_pickle)
-        config = json.loads((snap.path / "config.json").read_text())
+        reader = open_checkpoint(snap, allow_pickle=allow_pickle)
+        config = read_model_config(snap.model_folder)
         return Input(role, snap, reader, Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()}),
                      snap.content_hash)
 
@@ -229,7 +239,8 @@ class ImportanceJob:
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The importance library's arguments: the validated entry, the tasks, ModelRefs, the reference rule."""
         def ref(m: ResolvedModel) -> ModelRef:
-            return ModelRef(m.reference, Path(m.path), m.content_hash)
+            base = Path(m.adapter_base.path) if m.adapter_base is not None else None
+            return ModelRef(m.reference, Path(m.path), m.content_hash, adapter_base=base)
 
         try:
             entry = ImportanceSpec.model_validate(dict(self.spec))
@@ -325,7 +336,7 @@ def check_unchanged(models: Sequence[ResolvedModel], allow_pickle: bool = False)
     """Refuse checkpoints whose content changed since they were resolved (hashes are memoised by inode, size, mtime
     and ctime, so this reads no file that did not change)."""
     for m in models:
-        now = resolve(Path(m.path), allow_pickle=allow_pickle, scan_finite=False).content_hash
+        now = resolve_again(m, allow_pickle=allow_pickle).content_hash
         if now != m.content_hash:
             raise RecipeError(f"{m.reference} changed between the resolve and merge stages ({m.content_hash} → "
                               f"{now}); run the pipeline again")
@@ -428,8 +439,10 @@ def evaluate_stage(model: ResolvedModel | MergedModel, spec: EvaluationSpec, *, 
 
     def build(folder: Path) -> None:
         start = time.perf_counter()
+        adapter = model.adapter_base if isinstance(model, ResolvedModel) else None
         result = evaluate_path(model.path, names, zoo=zoo, split=split, limit=limit, batch_size=spec.batch_size,
-                               device=device, num_fewshot=spec.num_fewshot, trust_task_code=spec.trust_task_code)
+                               device=device, num_fewshot=spec.num_fewshot, trust_task_code=spec.trust_task_code,
+                               adapter_base=adapter.path if adapter is not None else None)
         ran.append(time.perf_counter() - start)
         record = {**result.to_dict(), "seconds": round(ran[0], 3),
                   "in_domain": [t for t in result.scores if zoo is not None and t in zoo.in_domain]}

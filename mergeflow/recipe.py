@@ -21,9 +21,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergeflow.errors import RecipeError
+from mergeflow.adapters import is_adapter_folder
+from mergeflow.errors import CheckpointError, RecipeError
 from mergeflow.methods.base import MergeMethod, ParamSpec, get_method
-from mergeflow.resolvers import scheme_of
+from mergeflow.resolvers import scheme_of, split_adapter_reference
 from mergeflow.tensors import DTYPE_NAMES
 
 Scalar = bool | int | float | str
@@ -109,9 +110,27 @@ class ModelEntry(BaseModel):
     def _ref(cls, v: Any) -> str:
         if isinstance(v, Path):
             return str(v)
-        if isinstance(v, dict) and "model" in v:  # mergekit's ModelReference {model: {path: ...}} is not supported
-            raise ValueError("LoRA / nested model references are not supported; give a folder or hub id")
+        if isinstance(v, dict) and "model" in v:
+            return _mergekit_reference(v)
         return v
+
+
+def _mergekit_reference(v: Mapping[str, Any]) -> str:
+    """mergekit's nested ModelReference ``{model: {path: BASE}, lora: {path: ADAPTER}}`` as ``BASE+ADAPTER``."""
+    def path_of(x: Any, where: str) -> str:
+        if isinstance(x, Mapping) and set(x) <= {"path"} and isinstance(x.get("path"), str):
+            return x["path"]
+        if isinstance(x, str):
+            return x
+        raise ValueError(f"{where}: give {{path: ...}} (revisions and other fields of nested references are not "
+                         "supported; write the model as a folder, hub id or BASE+ADAPTER)")
+
+    unknown = set(v) - {"model", "lora", "override_architecture"}
+    if unknown or v.get("override_architecture"):
+        fields = sorted(unknown) or ["override_architecture"]
+        raise ValueError(f"unsupported fields of a nested model reference: {fields}")
+    model = path_of(v["model"], "model")
+    return f"{model}+{path_of(v['lora'], 'lora')}" if v.get("lora") is not None else model
 
 
 class ImportanceData(BaseModel):
@@ -209,10 +228,23 @@ _UNSUPPORTED = {
 PIPELINE_SECTIONS = ("evaluation", "registry")
 
 
+def adapter_parts(ref: str, recipe_dir: str | Path | None) -> tuple[str, str] | None:
+    """``(base, adapter)`` of a ``BASE+ADAPTER`` reference, else None (a malformed one is left for resolve to
+    report)."""
+    try:
+        return split_adapter_reference(ref, Path(recipe_dir) if recipe_dir is not None else None)
+    except CheckpointError:
+        return None
+
+
 def resolve_relative(ref: str, recipe_dir: str | Path | None) -> str:
     """How a recipe in ``recipe_dir`` names local things: an existing (or ``./``/``/``/``~``-prefixed) path relative
     to the recipe's folder becomes absolute, ``~`` expanded and symlinks resolved; anything else (hub id, a reference
-    with a registered scheme such as a ``models:/`` URI or a ``zoo:`` name) stays as written."""
+    with a registered scheme such as a ``models:/`` URI or a ``zoo:`` name) stays as written. Each side of a
+    ``BASE+ADAPTER`` reference is resolved so."""
+    parts = adapter_parts(ref, recipe_dir)
+    if parts is not None:
+        return "+".join(resolve_relative(p, recipe_dir) for p in parts)
     if scheme_of(ref) is not None:
         return ref
     if ref.startswith("~"):
@@ -347,6 +379,7 @@ class Recipe(BaseModel):
                              f"got {len(experts)}")
         _check_params(method, self)
         _check_importance(method, self)
+        self._check_adapters()
         if self.confine_paths:
             self._check_confined()
         return self
@@ -385,9 +418,41 @@ class Recipe(BaseModel):
         """The non-base models in recipe order (mergekit lets the base appear in ``models``; it is not an expert)."""
         return [m for m in self.models if m.model != self.base_model]
 
+    def _check_adapters(self) -> None:
+        """A LoRA adapter folder needs the model it applies to: the base_model, or BASE+ADAPTER."""
+        if self.base_model and self.is_adapter_folder(self.base_model):
+            raise ValueError(f"base_model: {self.base_model!r} is a LoRA adapter; name the model it applies to as "
+                             f"BASE+{self.base_model}")
+        if self.base_model is None:
+            for i, m in enumerate(self.models):
+                if self.is_adapter_folder(m.model):
+                    raise ValueError(f"models[{i}].model: {m.model!r} is a LoRA adapter, which applies to the "
+                                     f"recipe's base_model, and the recipe has none; set base_model or write "
+                                     f"BASE+{m.model}")
+
+    def is_adapter_folder(self, ref: str) -> bool:
+        """Whether ``ref`` is a local LoRA adapter folder named alone (not as BASE+ADAPTER)."""
+        if scheme_of(ref) is not None or adapter_parts(ref, self.recipe_dir) is not None:
+            return False
+        path = Path(resolve_relative(ref, self.recipe_dir)).expanduser()
+        if not path.is_absolute():
+            path = Path(self.recipe_dir or Path.cwd()) / path
+        return path.is_dir() and is_adapter_folder(path)
+
+    def adapter_base_of(self, ref: str) -> str | None:
+        """The model a reference applies to when it is a LoRA adapter folder named alone: the recipe's base_model
+        (None for anything else; ``BASE+ADAPTER`` names its own)."""
+        if ref == self.base_model or not self.is_adapter_folder(ref):
+            return None
+        return self.base_model
+
     def resolve_reference(self, ref: str) -> str:
         """A model reference with relative local paths resolved against the recipe's folder (``~`` expanded,
-        symlinks resolved); with ``confine_paths`` a local path outside the folder is refused."""
+        symlinks resolved); with ``confine_paths`` a local path outside the folder is refused. Each side of a
+        ``BASE+ADAPTER`` reference is resolved so."""
+        parts = adapter_parts(ref, self.recipe_dir)
+        if parts is not None:
+            return "+".join(self.resolve_reference(p) for p in parts)
         resolved = resolve_relative(ref, self.recipe_dir)
         if self.confine_paths:
             # a path, not a hub id / URI / zoo name (without a folder: anything that exists where it would be read)

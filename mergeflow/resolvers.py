@@ -68,6 +68,20 @@ def scheme_of(reference: str) -> str | None:
     return scheme if sep and scheme in RESOLVERS else None
 
 
+def split_adapter_reference(text: str, base_dir: Path | None = None) -> tuple[str, str] | None:
+    """mergekit's ``BASE+ADAPTER`` (a LoRA adapter applied to the model ``BASE``): ``(base, adapter)``, or None when
+    ``text`` has no ``+`` or is itself an existing local path (a folder whose name holds a ``+``)."""
+    if "+" not in text:
+        return None
+    if _absolute(Path(text).expanduser(), base_dir).exists():
+        return None
+    parts = [p.strip() for p in text.split("+")]
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"cannot resolve {text!r}: write a LoRA adapter on a model as BASE+ADAPTER (one '+', "
+                              "both sides non-empty)")
+    return parts[0], parts[1]
+
+
 def locate(reference: str | Path, *, revision: str | None = None, base_dir: Path | None = None,
            allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[Path, str | None]:
     """The local folder for ``reference`` (downloading or building it if needed) and its revision, if any."""

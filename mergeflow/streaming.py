@@ -29,25 +29,23 @@ from tqdm.auto import tqdm
 
 from mergeflow import __version__
 from mergeflow.architecture import Architecture
-from mergeflow.checkpoints import Snapshot, contained_file, count_non_finite
+from mergeflow.checkpoints import Snapshot, contained_file, count_non_finite, open_checkpoint, read_model_config
 from mergeflow.coefficients import Coefficients, CoefficientSource
 from mergeflow.compatibility import CompatibilityReport, compare, summarize
 from mergeflow.devices import compute_threads, pick_device
 from mergeflow.errors import (
-    CheckpointError,
     IncompatibleModelsError,
     NonFiniteResultError,
     RecipeError,
     StorageError,
-    describe_os_error,
     storage_error,
 )
 from mergeflow.methods.base import KernelInput, MergeMethod
 from mergeflow.recipe import Recipe
 from mergeflow.task_vectors import task_vector_manifest
 from mergeflow.tensors import (
-    CheckpointReader,
     ShardedWriter,
+    TensorReader,
     TensorSpec,
     atomic_directory,
     check_output_path,
@@ -95,7 +93,7 @@ class MergeInputs:
 class Input:
     role: str  # "base" or "model[i]"
     snapshot: Snapshot
-    reader: CheckpointReader
+    reader: TensorReader  # a LoRA adapter expert: its base's tensors plus scale·B·A, computed when read
     arch: Architecture
     rng_id: str  # stable identity for random draws: content hash (+ occurrence when repeated)
 
@@ -155,14 +153,16 @@ def layer_fraction(arch: Architecture, name: str) -> float:
     return role.layer_index / (arch.num_layers - 1) if arch.num_layers > 1 else 1.0
 
 
-def _open(snap: Snapshot, recipe: Recipe) -> tuple[Snapshot, CheckpointReader, Architecture]:
-    try:
-        config = json.loads((snap.path / "config.json").read_text())
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {snap.path / 'config.json'}: {describe_os_error(exc)}") from exc
-    reader = CheckpointReader(snap.path, snap.weight_files, allow_pickle=recipe.allow_pickle)
+def _open(snap: Snapshot, recipe: Recipe) -> tuple[Snapshot, TensorReader, Architecture]:
+    config = read_model_config(snap.model_folder)
+    reader = open_checkpoint(snap, allow_pickle=recipe.allow_pickle)
     arch = Architecture.infer(config, {n: s.shape for n, s in reader.specs.items()})
     return snap, reader, arch
+
+
+def _adapter_base(snapshot: Snapshot) -> tuple[str, str] | None:
+    base = snapshot.adapter_base
+    return (base.reference, base.content_hash) if base is not None else None
 
 
 def plan_merge(recipe: Recipe, inputs: MergeInputs, *, out: Path | None = None,
@@ -189,7 +189,7 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
     method = recipe.method
     device = pick_device(options.device)
     snapshots = ([inputs.base] if inputs.base is not None else []) + list(inputs.experts)
-    ensure_open_files(sum(len(s.weight_files) for s in snapshots), f"the {len(snapshots)} models of the merge")
+    ensure_open_files(sum(s.n_files for s in snapshots), f"the {len(snapshots)} models of the merge")
     base: Input | None = None
     if inputs.base is not None:
         snap, reader, arch = _open(inputs.base, recipe)
@@ -204,8 +204,8 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
         experts.append(Input(f"model[{i}]", snap, reader, arch, f"{snap.content_hash}#{n}"))
         opened.append(experts[-1])
     reference = base if base is not None else experts[0]
-    summaries = {id(i): summarize(i.role, i.snapshot.reference, i.snapshot.content_hash, i.arch, i.reader)
-                 for i in [reference, *experts]}
+    summaries = {id(i): summarize(i.role, i.snapshot.reference, i.snapshot.content_hash, i.arch, i.reader,
+                                  adapter_base=_adapter_base(i.snapshot)) for i in [reference, *experts]}
     problems, warnings = compare(
         (summaries[id(reference)], reference.arch, reference.reader),
         [(summaries[id(e)], e.arch, e.reader) for e in experts if e is not reference],
@@ -231,7 +231,8 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
             params[name] = (per_model, shared)
     report.estimate = _estimate(method, reference, experts, specs, compute_dtype)
     if out is not None:
-        check_output_path(out, [i.snapshot.path for i in [*([base] if base else []), *experts]],
+        check_output_path(out, [p for i in [*([base] if base else []), *experts]
+                                for p in dict.fromkeys([i.snapshot.path, i.snapshot.model_folder])],
                           overwrite=options.overwrite)
     plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report,
                      tokenizer=inputs.tokenizer)
@@ -287,7 +288,9 @@ def _estimate(method: MergeMethod, reference: Input, experts: list[Input], specs
     largest = max((s.numel for s in specs), default=0)
     k = len(experts) + (1 if reference not in experts else 0)
     item = (torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4)
-    in_item = max((s.nbytes // max(s.numel, 1) for s in reference.reader.specs.values()), default=4)
+    # the widest stored input (a LoRA adapter expert's targets are read in float32 whatever its base's dtype)
+    in_item = max((s.nbytes // max(s.numel, 1) for i in [reference, *experts] for s in i.reader.specs.values()),
+                  default=4)
     # raw prefetched inputs (current + next) + compute copies + a stacked K-way buffer + the output being written
     peak = 2 * k * largest * in_item + (2 * k + 2) * largest * item + largest * 4
     estimate = {"peak_bytes": int(peak), "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
@@ -445,7 +448,7 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
         if options.progress:
             progress = tqdm(total=sum(s.nbytes for s in plan.specs), unit="B", unit_scale=True,
                             desc=f"merge {recipe.merge_method}", dynamic_ncols=True)
-        n_open = sum(len(i.snapshot.weight_files) for i in plan.inputs) + len(plan_shards(plan.specs, shard_size))
+        n_open = sum(i.snapshot.n_files for i in plan.inputs) + len(plan_shards(plan.specs, shard_size))
         ensure_open_files(n_open, "the merge (its inputs' weight files and the output's shards)")
         with _output_errors(out), atomic_directory(out, overwrite=options.overwrite) as tmp, \
                 compute_threads(options.threads):
@@ -507,7 +510,7 @@ def _support_files(plan: MergePlan) -> list[tuple[str, Path]]:
     """The (name, real source path) of each file copied beside the weights: the reference's configs and the
     tokenizer source's files. A file that is a symlink leading outside its checkpoint is refused
     (:class:`~mergeflow.errors.UnsafePathError`), so nothing outside the inputs reaches the output."""
-    src = plan.reference.snapshot.path
+    src = plan.reference.snapshot.model_folder  # a LoRA adapter's config and tokenizer are its base's
     out = []
     for name in _COPIED_FILES:
         real = contained_file(src, name, "checkpoint file")
@@ -519,9 +522,9 @@ def _support_files(plan: MergePlan) -> list[tuple[str, Path]]:
         match = [i for i in plan.inputs if i.snapshot.reference == plan.recipe.resolve_reference(tok_ref)
                  or tok_ref in (i.snapshot.reference,)]
         if match:
-            tok_src = match[0].snapshot.path
+            tok_src = match[0].snapshot.model_folder
         elif plan.tokenizer is not None:
-            tok_src = plan.tokenizer.path
+            tok_src = plan.tokenizer.model_folder
         else:
             raise RecipeError(f"tokenizer_source: {tok_ref!r} is not among the merge's inputs and was not resolved")
     for name in TOKENIZER_FILES:
@@ -573,12 +576,21 @@ def provenance_of(plan: MergePlan) -> dict[str, Any]:
         "method": recipe.merge_method,
         "paper": plan.method.paper,
         "mergekit_compat": recipe.mergekit_compat,
-        "inputs": [{"role": i.role, "reference": i.snapshot.reference, "content_hash": i.snapshot.content_hash,
-                    "revision": i.snapshot.revision} for i in plan.inputs],
+        "inputs": [_provenance_input(i) for i in plan.inputs],
         "global_thresholds": plan.thresholds,
         "coefficients": [c.summary() for c in plan.coefficients],
         "torch_version": torch.__version__,
     }
+
+
+def _provenance_input(i: Input) -> dict[str, Any]:
+    snap = i.snapshot
+    out = {"role": i.role, "reference": snap.reference, "content_hash": snap.content_hash, "revision": snap.revision}
+    if snap.adapter_base is not None:  # a LoRA adapter: what it was applied to
+        base = snap.adapter_base
+        out["adapter_base"] = {"reference": base.reference, "content_hash": base.content_hash,
+                               "revision": base.revision}
+    return out
 
 
 def model_card(plan: MergePlan, provenance: dict[str, Any]) -> str:

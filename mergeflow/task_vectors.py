@@ -20,14 +20,14 @@ import torch
 from mergeflow.cache import Cache, cache_key
 from mergeflow.checkpoints import Snapshot
 from mergeflow.methods.ops import KthSmallest, trim_rank
-from mergeflow.tensors import CheckpointReader
+from mergeflow.tensors import TensorReader
 
 
 class Input(Protocol):
     """An opened checkpoint (the engine's ``streaming.Input`` is one): its snapshot and its tensor reader."""
 
     snapshot: Snapshot
-    reader: CheckpointReader
+    reader: TensorReader
 
 MANIFEST_FILE = "task_vector.json"
 

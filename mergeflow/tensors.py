@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -210,6 +210,20 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorReader(Protocol):
+    """What reads a model's tensors one at a time: :class:`CheckpointReader`, or an adapter expert's
+    :class:`mergeflow.adapters.LoraReader` over its base's."""
+
+    folder: Path
+
+    @property
+    def specs(self) -> Mapping[str, TensorSpec]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
 
 
 class CheckpointReader:

@@ -25,12 +25,34 @@ def exclusive() -> Iterator[None]:
         yield
 
 
-def load_causal_lm(path: str | Path, *, dtype: Any = "float32", model_class: Any = None) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` (or ``model_class``'s) under the process-wide lock."""
+def load_causal_lm(path: str | Path, *, dtype: Any = "float32", model_class: Any = None,
+                   adapter_base: str | Path | None = None, allow_pickle: bool = False) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` (or ``model_class``'s) under the process-wide lock.
+
+    ``adapter_base``: ``path`` is a LoRA adapter folder applied to the checkpoint in ``adapter_base``: the base is
+    loaded and each adapted tensor set to what the merge reads for it (:class:`mergeflow.adapters.LoraReader`, so
+    an estimator sees exactly the expert the engine merges)."""
     if model_class is None:
         # transformers costs seconds to import: modules that only may load a model import this one for free
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     with _LOCK:
-        return model_class.from_pretrained(str(path), dtype=dtype)
+        model = model_class.from_pretrained(str(adapter_base if adapter_base is not None else path), dtype=dtype)
+    if adapter_base is not None:
+        _apply_adapter(model, Path(path), Path(adapter_base), allow_pickle=allow_pickle)
+    return model
+
+
+def _apply_adapter(model: Any, folder: Path, base: Path, *, allow_pickle: bool) -> None:
+    import torch
+
+    from mergeflow.adapters import model_parameter_name
+    from mergeflow.checkpoints import open_adapter
+
+    # tied weights share one storage, as they do in PEFT's merged model: listed under every name, set once
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with open_adapter(folder, base, allow_pickle=allow_pickle) as reader, torch.no_grad():
+        for name in reader.adapted:
+            param = params[model_parameter_name(name, params, folder)]
+            param.copy_(reader.get(name).to(param.dtype))

@@ -340,8 +340,9 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
                ["slices", "not supported"]),
     "modules": ({**BASIC, "modules": {"text_decoder": {"models": [{"model": "org/a"}]}}}, ["modules", "not supported"]),
     "tokenizer_union": ({**BASIC, "tokenizer": {"source": "union"}}, ["tokenizer", "not supported"]),
-    "lora_reference": ({**BASIC, "models": [{"model": {"model": {"path": "org/a"}, "lora": {"path": "org/l"}}},
-                                            {"model": "org/b"}]}, ["models[0].model", "LoRA"]),
+    # mergekit's nested reference is read as BASE+ADAPTER (tests/test_adapters.py); a revision in it is not
+    "nested_revision": ({**BASIC, "models": [{"model": {"model": {"path": "org/a", "revision": "main"}}},
+                                             {"model": "org/b"}]}, ["models[0].model", "revisions"]),
     "bad_dtype": ({**BASIC, "dtype": "float8"}, ["dtype", "float8"]),
     "bad_out_dtype": ({**BASIC, "out_dtype": "int8"}, ["out_dtype", "int8"]),
     "linear_weights_sum_to_zero": (

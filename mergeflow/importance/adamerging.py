@@ -83,7 +83,7 @@ def _compute(run: ImportanceRun) -> Coefficients:
     p = run.params
     assert run.base is not None
     start = time.perf_counter()
-    arch = Architecture.from_folder(run.base.path)
+    arch = Architecture.from_folder(run.base.model_folder)
     partitioner = Partitioner(arch, p["level"])
     ids = partitioner.partition_ids()
     model = run.load_model(run.base)

@@ -806,8 +806,9 @@ def _layout(run: ImportanceRun) -> tuple[Architecture, Partitioner, list[str], l
     outside the calibrated ones (D-2), from the measure parameters alone (measure and finalize agree on them)."""
     prm = run.params
     assert run.base is not None
-    arch, partitioner, scored, uncalibrated = _layout_of(str(run.base.path), run.base.content_hash, prm["level"],
-                                                         prm["hidden_state_mode"], prm["nonblock_policy"])
+    arch, partitioner, scored, uncalibrated = _layout_of(str(run.base.model_folder), run.base.content_hash,
+                                                         prm["level"], prm["hidden_state_mode"],
+                                                         prm["nonblock_policy"])
     return arch, partitioner, list(scored), list(uncalibrated)
 
 

@@ -59,8 +59,20 @@ WHOLE = "all"  # the part name of measurements that are not split into parts
 @dataclass(frozen=True)
 class ModelRef:
     reference: str       # as the user wrote it (hub id, folder, models:/ URI)
-    path: Path           # the resolved local snapshot
+    path: Path           # the resolved local snapshot (a LoRA adapter: the adapter's folder)
     content_hash: str
+    adapter_base: Path | None = None  # a LoRA adapter: the folder of the full checkpoint it applies to
+
+    @property
+    def model_folder(self) -> Path:
+        """The folder holding the model's ``config.json`` and tokenizer (a LoRA adapter's: its base's)."""
+        return self.adapter_base if self.adapter_base is not None else self.path
+
+    def reader(self) -> Any:
+        """The model's tensors, one at a time (:func:`mergeflow.checkpoints.open_model`)."""
+        from mergeflow.checkpoints import open_model
+
+        return open_model(self.path, self.adapter_base, allow_pickle=True)
 
     def describe(self) -> dict[str, str]:
         return {"reference": self.reference, "content_hash": self.content_hash}
@@ -93,7 +105,7 @@ class ImportanceRun:
             # section) must not: imported when a run first needs it
             from transformers import AutoTokenizer
 
-            source = self.base.path if self.base is not None else self.experts[0].path
+            source = (self.base or self.experts[0]).model_folder
             self._tokenizer = AutoTokenizer.from_pretrained(str(source))
             if self._tokenizer.pad_token_id is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
@@ -108,7 +120,8 @@ class ImportanceRun:
         if keep and memo in self._kept:
             return self._kept[memo]
         start = time.perf_counter()
-        model = transformers_io.load_causal_lm(ref.path, dtype=dtype).to(self.device).eval()
+        model = transformers_io.load_causal_lm(ref.path, dtype=dtype, adapter_base=ref.adapter_base,
+                                               allow_pickle=True).to(self.device).eval()
         self.load_seconds += time.perf_counter() - start
         if keep:
             self._kept[memo] = model

@@ -62,7 +62,7 @@ from mergeflow.importance.data import Example
 from mergeflow.importance.scoring import batches, encode
 from mergeflow.methods.base import ParamSpec
 from mergeflow.partitions import EMBED, HEAD, Partitioner, TensorPartition
-from mergeflow.tensors import CheckpointReader
+from mergeflow.tensors import CheckpointReader, TensorReader
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -389,7 +389,8 @@ class _Session:
 
     def __init__(self, base: Path, models: Sequence[Path], *, level: str, gqa_policy: str | None = None,
                  device: torch.device | str = "cpu", batch_size: int = 8, max_length: int | None = 512,
-                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 readers: Sequence[TensorReader] | None = None) -> None:
         if level not in LEVELS:
             raise RecipeError(f"slta level {level!r} is not one of {', '.join(LEVELS)}")
         self.level = level
@@ -410,7 +411,8 @@ class _Session:
         self.parts = _Parts(model)
         self.tokenizer = tokenizer if tokenizer is not None else _tokenizer(Path(base))
         self.paths = [Path(base), *map(Path, models)]
-        self.readers = [_reader(p) for p in self.paths]
+        # given: the base's and experts' tensors as the merge reads them (LoRA adapter experts included)
+        self.readers = list(readers) if readers is not None else [_reader(p) for p in self.paths]
         self.counts = {"base_forwards": 0, "module_passes": 0}
 
     def close(self) -> None:
@@ -696,12 +698,13 @@ def _measure(run: ImportanceRun) -> Measurements:
     p = run.params
     assert run.base is not None
     # checks the level and the GQA policy before the base model is loaded
-    arch = Architecture.from_folder(run.base.path)
+    arch = Architecture.from_folder(run.base.model_folder)
     if p["level"] == "head_mlp" and arch.gqa and p["gqa_policy"] is None:
         raise ArchitectureError(
             f"slta at head level needs importance.parameters.gqa_policy: 'group' for grouped-query attention "
             f"({arch.model_type}: {arch.num_heads} query heads share {arch.num_kv_heads} key/value heads; D-20)")
-    session = _Session(run.base.path, [e.path for e in run.experts], level=p["level"], gqa_policy=p["gqa_policy"],
+    session = _Session(run.base.model_folder, [e.path for e in run.experts], level=p["level"],
+                       gqa_policy=p["gqa_policy"], readers=[m.reader() for m in [run.base, *run.experts]],
                        device=run.device, batch_size=p["batch_size"], max_length=p["max_length"],
                        model=run.load_model(run.base), tokenizer=run.tokenizer())
     try:

@@ -316,7 +316,7 @@ def sens_sigma(tau: torch.Tensor, alpha: torch.Tensor, temperature: float, mode:
 
 
 def _layer_groups(run: ImportanceRun) -> tuple[Architecture, Partitioner, list[str]]:
-    arch = Architecture.from_folder((run.base or run.experts[0]).path)
+    arch = Architecture.from_folder((run.base or run.experts[0]).model_folder)
     partitioner = Partitioner(arch, "layer")
     return arch, partitioner, partitioner.partition_ids()
 
