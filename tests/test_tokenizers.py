@@ -175,6 +175,24 @@ def test_model_source_without_base_matches_mergekit(tokens: TokenFamily, tmp_pat
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(e["tools"]).get_vocab()
 
 
+def test_source_outside_the_merge_matches_mergekit(tokens: TokenFamily, tmp_path: Path) -> None:
+    """tokenizer_source names a checkpoint that is not merged: its vocabulary, the inputs' rows aligned to it."""
+    base, e = tokens.get("llama")
+    config = in_mergekit_order({"merge_method": "task_arithmetic", "base_model": base, "tokenizer_source": e["zebra"],
+                                "models": _models([e["chat"], e["tools"]], [0.6, 0.4])})
+    tok = assert_same_output(run_mergekit(config, tmp_path / "mk"), run_ours(config, tmp_path / "ours"))
+    assert "zebra" in tok.get_vocab() and "<tool_call>" not in tok.get_vocab()
+
+
+def test_chat_template_without_tokenizer_source_matches_mergekit(families, tmp_path: Path) -> None:
+    """mergekit re-saves the base's tokenizer with the template; the vocabularies agree, rows merge by index."""
+    base, experts = families("llama")
+    config = {"merge_method": "task_arithmetic", "base_model": str(base), "chat_template": CHAT_TEMPLATE,
+              "models": _models([str(x) for x in experts[:2]], [0.5, 0.5])}
+    tok = assert_same_output(run_mergekit(config, tmp_path / "mk"), run_ours(config, tmp_path / "ours"))
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
 def test_tokenizer_section_rules_and_padding_match_mergekit(tokens: TokenFamily, tmp_path: Path) -> None:
     base, e = tokens.get("llama")
     config = in_mergekit_order({
@@ -223,6 +241,25 @@ def test_union_is_independent_of_the_experts_order_in_paper_mode(tokens: TokenFa
     base_rows = load_file(Path(base) / "model.safetensors")["model.embed_tokens.weight"]
     assert a["model.embed_tokens.weight"].shape[0] == 100
     assert not torch.equal(a["model.embed_tokens.weight"][:96], base_rows)
+
+
+def test_global_ties_trims_the_realigned_task_vectors(tokens: TokenFamily) -> None:
+    """Paper-mode TIES takes its global magnitude thresholds over the experts' Δ after the rows are aligned by
+    token; a token one expert added has Δ = 0 everywhere and keeps that expert's row."""
+    base, e = tokens.get("llama")
+    recipe = parse_recipe({"merge_method": "ties", "base_model": base, "tokenizer_source": "union",
+                           "models": _models([e["chat"], e["tools"]], [0.6, 0.4]), "parameters": {"density": 0.4}})
+    plan = plan_merge(recipe)
+    try:
+        assert plan.thresholds is not None and all(t > 0 for t in plan.thresholds)
+        vocab = plan.vocabulary.tokenizer.get_vocab()
+    finally:
+        plan.close()
+    merged = merge_state_dict(recipe, threads=1)
+    tools = load_file(Path(e["tools"]) / "model.safetensors")
+    own = AutoTokenizer.from_pretrained(e["tools"]).convert_tokens_to_ids("<tool_call>")
+    assert torch.equal(merged["lm_head.weight"][vocab["<tool_call>"]], tools["lm_head.weight"][own])
+    assert merged["model.embed_tokens.weight"].shape[0] == len(vocab) == 99
 
 
 # ------------------------------------------------------------------------------------------ check and refusals
