@@ -36,7 +36,7 @@ from mergeflow.engine import MergeOptions, merge, merge_state_dict, plan_merge
 from mergeflow.errors import IncompatibleModelsError, RecipeError
 from mergeflow.recipe import parse_recipe
 from tests.cli_helpers import cli, keep_sigterm  # noqa: F401  (an autouse fixture)
-from tests.tiny_models import CHAT_TEMPLATE, make_expert_with_tokens, make_model, write_jsonl
+from tests.tiny_models import CHAT_TEMPLATE, make_expert, make_expert_with_tokens, make_model, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -191,6 +191,25 @@ def test_chat_template_without_tokenizer_source_matches_mergekit(families, tmp_p
               "models": _models([str(x) for x in experts[:2]], [0.5, 0.5])}
     tok = assert_same_output(run_mergekit(config, tmp_path / "mk"), run_ours(config, tmp_path / "ours"))
     assert tok.chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("pad", [None, 64])
+def test_padded_embeddings_match_mergekit(tmp_path: Path, pad: int | None) -> None:
+    """A base whose embeddings have more rows (100) than its tokenizer has tokens (96), as many released models
+    do: with a tokenizer setting the output has one row per token, or pads to pad_to_multiple_of with mean rows."""
+    base = make_model("llama", tmp_path / "base", seed=0, vocab_size=100)
+    expert = make_expert(base, tmp_path / "expert", seed=5)
+    bare = make_expert(base, tmp_path / "bare", seed=6)  # saved without tokenizer files: shares the base's
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (bare / name).unlink(missing_ok=True)
+    config: dict[str, Any] = {"merge_method": "task_arithmetic", "base_model": str(base),
+                              "models": _models([str(expert), str(bare)], [0.7, 0.2])}
+    config |= {"tokenizer_source": "base"} if pad is None else {"tokenizer": {"source": "base",
+                                                                              "pad_to_multiple_of": pad}}
+    config = in_mergekit_order(config)
+    assert_same_output(run_mergekit(config, tmp_path / "mk"), run_ours(config, tmp_path / "ours"))
+    rows = tensors(tmp_path / "ours")["model.embed_tokens.weight"].shape[0]
+    assert rows == (96 if pad is None else 128)
 
 
 def test_tokenizer_section_rules_and_padding_match_mergekit(tokens: TokenFamily, tmp_path: Path) -> None:
