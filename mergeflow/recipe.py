@@ -1,8 +1,8 @@
 """The Recipe: what to merge, how, and with which parameters, validated up front.
 
 A recipe is a superset of mergekit's YAML (``merge_method``, ``models``, ``base_model``, ``parameters`` with
-per-model values, tensor-name filters and layer gradients, ``dtype``, ``out_dtype``, ``tokenizer_source``), so a
-mergekit config loads unchanged. Every problem is reported with the path of the offending field before any
+per-model values, tensor-name filters and layer gradients, ``dtype``, ``out_dtype``, ``tokenizer_source`` or the
+``tokenizer`` section, ``chat_template``), so a mergekit config loads unchanged. Every problem is reported with the path of the offending field before any
 checkpoint is opened.
 """
 
@@ -430,6 +430,9 @@ class Recipe(BaseModel):
         refs = [("base_model", self.base_model), ("tokenizer_source", self.tokenizer_source)]
         if self.tokenizer is not None:
             refs.append(("tokenizer.source", self.tokenizer.source if self.tokenizer.source != "union" else None))
+            for token, rule in self.tokenizer.tokens.items():
+                model = rule.source if isinstance(rule.source, str) else getattr(rule.source, "model", None)
+                refs.append((f"tokenizer.tokens[{token!r}].source", model))
         refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
         paths = [(f"coefficients[{i}]", "coefficients folder", c) for i, c in enumerate(self.coefficients)]
         paths += [(f"models[{i}].task", "task file", m.task) for i, m in enumerate(self.models)

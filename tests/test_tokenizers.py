@@ -48,11 +48,12 @@ class TokenFamily:
         self.root = root
         self._built: dict[str, tuple[str, dict[str, str]]] = {}
 
-    def get(self, family: str) -> tuple[str, dict[str, str]]:
+    def get(self, family: str, dtype: torch.dtype = torch.float32) -> tuple[str, dict[str, str]]:
         """(base, {"chat", "tools", "zebra": expert folder})."""
-        if family not in self._built:
-            root = self.root / family
-            base = make_model(family, root / "base", seed=0)
+        key = f"{family}_{str(dtype).removeprefix('torch.')}"
+        if key not in self._built:
+            root = self.root / key
+            base = make_model(family, root / "base", seed=0, dtype=dtype)
             experts = {
                 "chat": make_expert_with_tokens(base, root / "chat", seed=11, special=("<|im_start|>", "<|im_end|>"),
                                                 chat_template=CHAT_TEMPLATE),
@@ -62,8 +63,8 @@ class TokenFamily:
                 "zebra": make_expert_with_tokens(base, root / "zebra", seed=13, plain=("zebra",),
                                                  chat_template=OTHER_TEMPLATE),
             }
-            self._built[family] = (str(base), {k: str(v) for k, v in experts.items()})
-        return self._built[family]
+            self._built[key] = (str(base), {k: str(v) for k, v in experts.items()})
+        return self._built[key]
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,11 @@ def _models(paths: list[str], weights: list[float] | None = None) -> list[dict[s
 # ---------------------------------------------------------------------------------------------------- vs mergekit
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_union_matches_mergekit(tokens: TokenFamily, tmp_path: Path, family: str) -> None:
-    base, e = tokens.get(family)
+@pytest.mark.parametrize(("family", "dtype"), [("llama", "float32"), ("qwen2", "float32"), ("llama", "bfloat16")])
+def test_union_matches_mergekit(tokens: TokenFamily, tmp_path: Path, family: str, dtype: str) -> None:
+    """<|im_start|> (chat and tools, not the base) takes their mean in the base and the zebra expert; <|im_end|>,
+    <tool_call> and zebra take their only owner's rows; bf16 checkpoints are aligned and merged in bf16."""
+    base, e = tokens.get(family, getattr(torch, dtype))
     config = in_mergekit_order({
         "merge_method": "task_arithmetic", "base_model": base, "tokenizer_source": "union", "chat_template": "auto",
         "models": _models([e["chat"], e["tools"], e["zebra"]], [0.5, 0.3, 0.7])})
