@@ -436,6 +436,26 @@ def test_confine_paths_refuses_a_model_outside_the_recipe_folder(tmp_path: Path)
         "../outside") == str((tmp_path / "outside").resolve())
 
 
+def test_confine_paths_covers_the_tokenizer_settings(tmp_path: Path) -> None:
+    folder = tmp_path / "recipes"
+    text = """
+        merge_method: task_arithmetic
+        base_model: ./base
+        confine_paths: true
+        models:
+          - model: ./inside
+        tokenizer:
+          source: union
+          tokens:
+            "<x>": {source: {kind: model_token, model: ../outside, token: "</s>"}}
+        """
+    with pytest.raises(RecipeError, match=r"tokenizer\.tokens\['<x>'\]\.source: model '\.\./outside'.*outside"):
+        load_recipe(write(folder, "r.yaml", text))
+    with pytest.raises(RecipeError, match=r"tokenizer\.source: model '\.\./elsewhere'.*outside"):
+        load_recipe(write(folder, "r2.yaml", text.replace("source: union", "source: ../elsewhere")
+                          .replace("../outside", "./inside")))
+
+
 def test_confine_paths_is_checked_when_the_recipe_loads(tmp_path: Path) -> None:
     path = write(tmp_path / "recipes", "r.yaml", """
         merge_method: task_arithmetic
