@@ -297,7 +297,10 @@ def plan_vocabulary(inputs: Sequence[VocabInput], *, source: str, base_index: in
 
     sources = [torch.tensor([v.get(t, -1) for t in by_id], dtype=torch.long) for v in vocabs]
     present = torch.stack([s >= 0 for s in sources])  # [inputs, n_tokens]
-    n_present = present.sum(0)
+    n_present = present.sum(0).tolist()
+    # only tokens some input lacks, or with a forced rule, need a default row (a 150k vocabulary: a few hundred)
+    forced_ids = {vocab[t] for t, r in tokens.items() if r.force and t in vocab}
+    candidates = sorted(set((~present.all(0)).nonzero().flatten().tolist()) | forced_ids)
 
     # the default row of every token that some input lacks (or whose rule is forced)
     average: list[int] = []
@@ -306,10 +309,9 @@ def plan_vocabulary(inputs: Sequence[VocabInput], *, source: str, base_index: in
     forced: list[int] = []
     donors: dict[int, int] = {}
     from_base = 0
-    for t, tid in ((t, vocab[t]) for t in by_id):
+    for tid in candidates:
+        t = by_id[tid]
         rule = tokens.get(t)
-        if bool(present[:, tid].all()) and not (rule and rule.force):
-            continue
         if rule is not None:
             if rule.force:
                 forced.append(tid)
@@ -336,7 +338,7 @@ def plan_vocabulary(inputs: Sequence[VocabInput], *, source: str, base_index: in
                 copies.setdefault(rule.model, ([], []))[0].append(tid)
                 copies[rule.model][1].append(row)
             continue
-        k = int(n_present[tid])
+        k = n_present[tid]
         if k == 1:
             donor = int(present[:, tid].nonzero()[0])
             donors[tid] = donor
