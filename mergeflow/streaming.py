@@ -765,6 +765,10 @@ def provenance_of(plan: MergePlan) -> dict[str, Any]:
                     "revision": i.snapshot.revision} for i in plan.inputs],
         "global_thresholds": plan.thresholds,
         "coefficients": [c.summary() for c in plan.coefficients],
+        # tokenizer_source: the output vocabulary and how every input's rows were aligned to it
+        "vocabulary": None if plan.vocabulary is None else {
+            "source": recipe.vocabulary_source, "tokens": plan.vocabulary.n_tokens, "rows": plan.vocabulary.rows,
+            "alignment": plan.vocabulary.digest(), "summary": plan.vocabulary.summary},
         "torch_version": torch.__version__,
     }
 

@@ -229,6 +229,8 @@ def test_tokenizer_section_rules_and_padding_match_mergekit(tokens: TokenFamily,
     assert_same_output(run_mergekit(config, tmp_path / "mk"), ours)
     out = tensors(ours)["model.embed_tokens.weight"]
     tok = AutoTokenizer.from_pretrained(ours)
+    provenance = json.loads((ours / "mergeflow.json").read_text())["vocabulary"]
+    assert provenance["source"] == "union" and (provenance["tokens"], provenance["rows"]) == (101, 112)
     assert len(tok) == 101 and out.shape[0] == 112  # 96 + 4 + <extra>, padded to a multiple of 16
     assert torch.equal(out[tok.convert_tokens_to_ids("<|im_end|>")], torch.zeros(out.shape[1]))
     # padding rows: the mean of the token rows (of every model, then merged: equal rows)
