@@ -176,7 +176,7 @@ def check(recipe: Path, as_json: bool) -> None:
     report = plan.report
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": report.warnings,
-                               "estimate": report.estimate,
+                               "estimate": report.estimate, "vocabulary": report.vocabulary,
                                "models": [m.__dict__ for m in report.models]}, indent=2))
     else:
         click.echo(report.render())

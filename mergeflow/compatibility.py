@@ -38,6 +38,8 @@ class CompatibilityReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     estimate: dict[str, int] = field(default_factory=dict)
+    # how the vocabularies differ, and what tokenizer_source does about it (mergeflow.vocabulary)
+    vocabulary: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +70,9 @@ class CompatibilityReport:
             if "workspace_bytes" in e:
                 lines.append(f"          of which SVD/optimizer workspace ≈ {_gb(e['workspace_bytes'])} for the "
                              f"{e['workspace_rows']}×{e['workspace_cols']} tensor")
+        if self.vocabulary:
+            lines.append("vocabulary:")
+            lines.extend(f"  {line}" for line in self.vocabulary)
         for w in self.warnings:
             lines.append(f"warning: {w}")
         for p in self.problems:
@@ -143,12 +148,12 @@ def compare(reference: tuple[ModelSummary, Architecture, TensorReader],
         if Counter(summ.dtypes) != Counter(ref_sum.dtypes) and summ.adapter is None:
             warnings.append(f"{who}: dtypes {summ.dtypes} differ from the {ref_sum.role}'s {ref_sum.dtypes}; "
                             "all inputs are cast to the compute dtype")
-    if vocab_mismatch:
+    if vocab_mismatch and vocab_policy != "tokenizer":  # "tokenizer": rows are aligned by token (vocabulary.py)
         sizes = ", ".join(f"{ref} has {rows}" for ref, rows in vocab_mismatch.items())
         text = (f"vocabulary sizes differ: the {ref_sum.role} has {ref_sum.vocab_rows} embedding rows, {sizes}")
         if vocab_policy == "error":
-            problems.append(text + "; set vocab_policy: base to merge the rows the base has (missing rows keep the "
-                                   "base's values, extra rows are dropped)")
+            problems.append(text + "; set tokenizer_source: base (the base's vocabulary), union (every model's "
+                                   "tokens) or a model reference, to align the rows by token")
         else:
             warnings.append(text + f"; vocab_policy {vocab_policy}: the output keeps the {ref_sum.role}'s vocabulary")
     return problems, warnings

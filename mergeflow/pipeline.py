@@ -315,8 +315,8 @@ def merge_inputs(recipe: Recipe, base: ResolvedModel | None, experts: Sequence[R
     """The engine's :class:`~mergeflow.streaming.MergeInputs` from the resolve stage's manifests (plus the
     tokenizer's source when the recipe names one that is not among them, resolved here)."""
     tokenizer = None
-    tok = recipe.tokenizer_source
-    if tok and tok != "base" and tok not in [m.reference for m in ([base] if base else []) + list(experts)]:
+    tok = recipe.vocabulary_source
+    if tok and tok not in ("base", "union") and tok not in [m.reference for m in ([base] if base else []) + list(experts)]:
         tokenizer = resolve(recipe.resolve_reference(tok), scan_finite=False, confine=recipe.confine_paths,
                             base_dir=recipe.recipe_dir)
     return MergeInputs(base.snapshot() if base else None, tuple(e.snapshot() for e in experts), tokenizer)

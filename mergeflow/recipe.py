@@ -1,8 +1,8 @@
 """The Recipe: what to merge, how, and with which parameters, validated up front.
 
 A recipe is a superset of mergekit's YAML (``merge_method``, ``models``, ``base_model``, ``parameters`` with
-per-model values, tensor-name filters and layer gradients, ``dtype``, ``out_dtype``, ``tokenizer_source``), so a
-mergekit config loads unchanged. Every problem is reported with the path of the offending field before any
+per-model values, tensor-name filters and layer gradients, ``dtype``, ``out_dtype``, ``tokenizer_source`` or the
+``tokenizer`` section, ``chat_template``), so a mergekit config loads unchanged. Every problem is reported with the path of the offending field before any
 checkpoint is opened.
 """
 
@@ -220,9 +220,65 @@ class RegistrySpec(BaseModel):
 _UNSUPPORTED = {
     "slices": "layer slices (passthrough / frankenmerges) are not supported; merge whole models with `models:`",
     "modules": "per-module definitions are not supported; use `models:` with tensor-name filters in parameters",
-    "tokenizer": "tokenizer unions are not supported; use tokenizer_source: base or a model reference",
-    "chat_template": "chat_template is not supported; the tokenizer files are copied from tokenizer_source",
 }
+
+
+class ZeroEmbedding(BaseModel):
+    """A token's default row is zeros (mergekit's ``{kind: zero}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """A token's default row is one row of a model: the row of ``token`` in that model's own vocabulary, or row
+    ``token_id`` (mergekit's ``{kind: model_token}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """Where one token's rows come from, for the models that lack it (all models with ``force``); ``source`` a
+    model reference means that model's row of the same token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: ZeroEmbedding | ModelTokenEmbedding | str
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` section: the output tokenizer's ``source`` (``union`` by default, as in mergekit),
+    per-token rules for the rows of tokens some models lack, and padding of the vocabulary rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _null(cls, v: Any) -> Any:
+        return {} if v is None else v
 
 
 PIPELINE_SECTIONS = ("evaluation", "registry")
@@ -296,11 +352,14 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     name: str | None = None
     seed: int = 0
     mergekit_compat: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # deprecated: rows merged by index when vocabularies differ; tokenizer_source: base aligns them by token
     vocab_policy: Literal["error", "base"] = "error"
     confine_paths: bool = False
     # data-aware coefficients: estimators to run (cached by content) and/or precomputed artifact folders
@@ -340,13 +399,28 @@ class Recipe(BaseModel):
     def _paths(cls, v: Any) -> Any:
         return [str(x) if isinstance(x, Path) else x for x in v]
 
-    @field_validator("tokenizer_source")
+    @field_validator("chat_template")
     @classmethod
-    def _tokenizer_source(cls, v: str | None) -> str | None:
-        if v == "union":
-            raise ValueError("tokenizer_source: union (merged vocabularies) is not supported; use base or a model "
-                             "reference")
-        return v
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is None or v == "auto" or ("{" in v and len(v) >= 20):
+            return v
+        if len(v) < 256 and "\n" not in v and "{" not in v:
+            raise ValueError(f"{v!r}: mergekit's built-in template names are not shipped with mergeflow; give the "
+                             "template's Jinja text, or auto (the template most inputs share)")
+        raise ValueError(f"{v[:40]!r} is not a Jinja chat template (nor auto)")
+
+    @model_validator(mode="after")
+    def _check_tokenizer(self) -> Recipe:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("tokenizer_source: give either tokenizer_source or a tokenizer section, not both "
+                             "(tokenizer.source is the same setting)")
+        if self.vocab_policy == "base" and self.vocabulary_source is not None:
+            raise ValueError("vocab_policy: base is deprecated and cannot be combined with tokenizer_source / "
+                             "tokenizer, which align the rows by token; remove vocab_policy")
+        source = self.vocabulary_source
+        if source is not None and source not in ("base", "union") and not source.strip():
+            raise ValueError("tokenizer_source: empty model reference")
+        return self
 
     @field_validator("base_model", "tokenizer_source", mode="before")
     @classmethod
@@ -387,6 +461,11 @@ class Recipe(BaseModel):
     def _check_confined(self) -> None:
         """Every local path the recipe names lies inside its folder (``confine_paths``), compared as real paths."""
         refs = [("base_model", self.base_model), ("tokenizer_source", self.tokenizer_source)]
+        if self.tokenizer is not None:
+            refs.append(("tokenizer.source", self.tokenizer.source if self.tokenizer.source != "union" else None))
+            for token, rule in self.tokenizer.tokens.items():
+                model = rule.source if isinstance(rule.source, str) else getattr(rule.source, "model", None)
+                refs.append((f"tokenizer.tokens[{token!r}].source", model))
         refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
         paths = [(f"coefficients[{i}]", "coefficients folder", c) for i, c in enumerate(self.coefficients)]
         paths += [(f"models[{i}].task", "task file", m.task) for i, m in enumerate(self.models)
@@ -412,6 +491,14 @@ class Recipe(BaseModel):
     @property
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """The output tokenizer's source (``tokenizer_source`` or ``tokenizer.source``): ``base``, ``union``, a model
+        reference, or None (the reference's tokenizer files copied, rows merged by index)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
     @property
     def experts(self) -> list[ModelEntry]:

@@ -55,11 +55,22 @@ from mergeflow.tensors import (
     parse_size,
     plan_shards,
 )
+from mergeflow.vocabulary import (
+    TOKENIZER_FILES,
+    TokenRule,
+    VocabInput,
+    VocabularyPlan,
+    chat_template_of,
+    describe_differences,
+    has_tokenizer,
+    load_tokenizer,
+    plan_vocabulary,
+    read_vocab_size,
+    vocabulary_tensors,
+)
 
 DEFAULT_SHARD_SIZE = "1GB"
 _COPIED_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,10 @@ class MergePlan:
     coefficients: list[Coefficients] = field(default_factory=list)  # data-aware artifacts the kernels consume
     coefficient_source: CoefficientSource | None = None
     tokenizer: Snapshot | None = None  # the recipe's tokenizer_source when it is not one of the inputs
+    # tokenizer_source / tokenizer: the output vocabulary and each input's rows in it (None: rows by index)
+    vocabulary: VocabularyPlan | None = None
+    vocab_tensors: frozenset[str] = frozenset()  # the reference's embedding / head tensors (vocabulary on dim 0)
+    out_tokenizer: Any = None  # a tokenizer to save beside the weights (a union, added tokens, a chat template)
 
     @property
     def canonical_order(self) -> list[int]:
@@ -124,6 +139,20 @@ class MergePlan:
     @property
     def inputs(self) -> list[Input]:
         return ([self.base] if self.base else []) + self.experts
+
+    def out_shape(self, name: str) -> tuple[int, ...]:
+        if self.vocabulary is not None and name in self.vocab_tensors:
+            return (self.vocabulary.rows, *self.reference.reader.specs[name].shape[1:])
+        return tuple(self.reference.reader.specs[name].shape)
+
+    def realigns(self, name: str) -> bool:
+        """Whether tensor ``name``'s rows are re-indexed to the output vocabulary before the merge."""
+        return self.vocabulary is not None and not self.vocabulary.identity and name in self.vocab_tensors
+
+    def aligned(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` (every input's ``name``, base first, in one dtype) re-indexed to the output vocabulary."""
+        assert self.vocabulary is not None
+        return self.vocabulary.align(tensors)
 
     def input_hashes(self) -> dict[str, str]:
         return {i.snapshot.reference: i.snapshot.content_hash for i in self.inputs}
@@ -206,13 +235,31 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
     reference = base if base is not None else experts[0]
     summaries = {id(i): summarize(i.role, i.snapshot.reference, i.snapshot.content_hash, i.arch, i.reader,
                                   adapter_base=_adapter_base(i.snapshot)) for i in [reference, *experts]}
+    aligned = recipe.vocabulary_source is not None
     problems, warnings = compare(
         (summaries[id(reference)], reference.arch, reference.reader),
         [(summaries[id(e)], e.arch, e.reader) for e in experts if e is not reference],
-        vocab_policy=recipe.vocab_policy,
+        vocab_policy="tokenizer" if aligned else recipe.vocab_policy,
     )
+    if recipe.vocab_policy == "base":
+        warnings.append("vocab_policy: base is deprecated: it merges embedding rows by index; tokenizer_source: "
+                        "base keeps the base's vocabulary and aligns every model's rows by token")
     report = CompatibilityReport([summaries[id(reference)]] + [summaries[id(e)] for e in experts
                                                                  if e is not reference], problems, warnings)
+    all_inputs = ([base] if base is not None else []) + experts
+    vocab_names = frozenset(vocabulary_tensors(reference.arch))
+    vocabulary = None
+    if not problems:
+        vocab_inputs = [_vocab_input(i, vocab_names) for i in all_inputs]
+        if aligned:
+            vocabulary = _plan_vocabulary(recipe, all_inputs, vocab_inputs, base is not None, inputs.tokenizer)
+            report.vocabulary = list(vocabulary.summary)
+        else:
+            differences = describe_differences(vocab_inputs, trust_remote_code=recipe.trust_remote_code)
+            if differences:
+                report.vocabulary = differences
+                warnings.append("the models' vocabularies differ (see vocabulary) but their rows are merged by "
+                                "index; set tokenizer_source: base, union or a model to align them by token")
     if strict and problems:
         raise IncompatibleModelsError("; ".join(problems))
 
@@ -224,7 +271,10 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
     params = {}
     for name, spec in reference.reader.specs.items():
         floating = spec.dtype.is_floating_point
-        specs.append(TensorSpec(name, spec.shape, out_dtype if (floating and out_dtype) else spec.dtype))
+        shape = spec.shape
+        if vocabulary is not None and name in vocab_names:
+            shape = (vocabulary.rows, *spec.shape[1:])
+        specs.append(TensorSpec(name, shape, out_dtype if (floating and out_dtype) else spec.dtype))
         if floating:
             per_model, shared = recipe.tensor_params(name, layer_fraction(reference.arch, name))
             _check_tensor_params(method, name, per_model, shared, recipe.mergekit_compat)
@@ -235,7 +285,11 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
                                 for p in dict.fromkeys([i.snapshot.path, i.snapshot.model_folder])],
                           overwrite=options.overwrite)
     plan = MergePlan(recipe, method, base, experts, reference, specs, params, compute_dtype, device, report,
-                     tokenizer=inputs.tokenizer)
+                     tokenizer=inputs.tokenizer, vocabulary=vocabulary, vocab_tensors=vocab_names)
+    if recipe.chat_template is not None and not problems:
+        plan.out_tokenizer = _with_chat_template(plan)
+    elif vocabulary is not None and vocabulary.copy_from is None:
+        plan.out_tokenizer = vocabulary.tokenizer
     if out is not None and not problems:
         _support_files(plan)  # a config or tokenizer file linked outside its checkpoint: refused before any work
     if problems:  # only reachable with strict=False (a report for `mergeflow check`): read no tensor data
@@ -252,6 +306,94 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
     if not recipe.mergekit_compat and any(method.needs_global_threshold(sh) for _, sh in params.values()):
         plan.thresholds = _global_thresholds(plan)
     return plan
+
+
+def _vocab_input(i: Input, vocab_names: frozenset[str]) -> VocabInput:
+    rows = next((i.reader.specs[n].shape[0] for n in sorted(vocab_names) if n in i.reader.specs), 0)
+    path = i.snapshot.model_folder  # a LoRA adapter reads its base's tokenizer and config
+    return VocabInput(i.role, i.snapshot.reference, path if has_tokenizer(path) else None,
+                      read_vocab_size(path, rows), rows)
+
+
+def _input_index(recipe: Recipe, inputs: list[Input], ref: str) -> int | None:
+    """The index among ``inputs`` of the model a recipe names by ``ref`` (as written or resolved), else None."""
+    wanted = {ref, recipe.resolve_reference(ref)}
+    for k, i in enumerate(inputs):
+        if i.snapshot.reference in wanted or recipe.resolve_reference(i.snapshot.reference) in wanted:
+            return k
+    return None
+
+
+def _plan_vocabulary(recipe: Recipe, inputs: list[Input], vocab_inputs: list[VocabInput], has_base: bool,
+                     tokenizer: Snapshot | None) -> VocabularyPlan:
+    """The output vocabulary of the recipe's tokenizer_source / tokenizer section over the plan's inputs."""
+    source = recipe.vocabulary_source
+    assert source is not None
+    spec = recipe.tokenizer
+    rules: dict[str, TokenRule] = {}
+    for token, entry in (spec.tokens.items() if spec is not None else ()):
+        where = f"tokenizer.tokens[{token!r}].source"
+        src = entry.source
+        if isinstance(src, str):
+            k = _input_index(recipe, inputs, src)
+            if k is None:
+                raise RecipeError(f"{where}: {src!r} is not one of the merge's models")
+            rules[token] = TokenRule("model", k, force=entry.force)
+        elif src.kind == "zero":
+            rules[token] = TokenRule("zero", force=entry.force)
+        else:
+            k = _input_index(recipe, inputs, src.model)
+            if k is None:
+                raise RecipeError(f"{where}.model: {src.model!r} is not one of the merge's models")
+            rules[token] = TokenRule("model_token", k, src.token, src.token_id, entry.force)
+    source_input = source_path = None
+    kind = source if source in ("base", "union") else "model"
+    if kind == "model":
+        source_input = _input_index(recipe, inputs, source)
+        if source_input is None:
+            if tokenizer is None:
+                raise RecipeError(f"tokenizer_source: {source!r} is not among the merge's inputs and was not "
+                                  "resolved")
+            source_path = tokenizer.model_folder
+    n = len(inputs)
+    experts = list(range(1, n)) if has_base else list(range(n))
+    if recipe.mergekit_compat:
+        order = experts
+        # mergekit sums in its config's order: the base where `models` lists it, else last
+        listed = [m.model for m in recipe.models]
+        sum_order = []
+        k = iter(experts)
+        for ref in listed:
+            sum_order.append(0 if has_base and ref == recipe.base_model else next(k))
+        if has_base and 0 not in sum_order:
+            sum_order.append(0)
+    else:
+        order = sorted(experts, key=lambda j: inputs[j].rng_id)
+        sum_order = ([0] if has_base else []) + order
+    union_order = [0] + [j for j in order if j != 0]  # the base's tokenizer (the first model's without one) first
+    return plan_vocabulary(vocab_inputs, source=kind, base_index=0 if has_base else None, source_path=source_path,
+                           source_input=source_input, tokens=rules,
+                           pad_to_multiple_of=spec.pad_to_multiple_of if spec is not None else None,
+                           union_order=union_order, sum_order=sum_order,
+                           trust_remote_code=recipe.trust_remote_code)
+
+
+def _with_chat_template(plan: MergePlan) -> Any:
+    """The output tokenizer with the recipe's chat_template (its Jinja text, or ``auto``: the template most inputs
+    share, the first of them on a tie)."""
+    recipe = plan.recipe
+    if plan.vocabulary is not None:
+        tok = plan.vocabulary.tokenizer
+    else:
+        folder = _tokenizer_folder(plan)
+        tok = load_tokenizer(folder, trust_remote_code=recipe.trust_remote_code)
+    template = recipe.chat_template
+    if template == "auto":
+        folders = [i.snapshot.model_folder for i in plan.inputs if has_tokenizer(i.snapshot.model_folder)]
+        template = chat_template_of(folders, trust_remote_code=recipe.trust_remote_code)
+    if template is not None:
+        tok.chat_template = template
+    return tok
 
 
 def _attach_coefficients(plan: MergePlan, coefficients: list[Coefficients]) -> None:
@@ -313,7 +455,16 @@ def _global_thresholds(plan: MergePlan) -> list[float]:
                               "use trim_scope: tensor for per-tensor densities")
         density = float(next(iter(densities)))
         assert plan.base is not None
-        manifest = task_vector_manifest(plan.base, expert, densities=(density,))
+        rows = None
+        if plan.vocabulary is not None and not plan.vocabulary.identity:
+            # the expert's Δ over the output vocabulary: its rows and the base's, both re-indexed by token
+            def rows(name: str, k: int = i) -> tuple[torch.Tensor, torch.Tensor] | None:
+                if name not in plan.vocab_tensors:
+                    return None
+                aligned = plan.aligned(name, [x.reader.get(name).float() for x in plan.inputs])
+                return aligned[0], aligned[k + 1]
+        manifest = task_vector_manifest(plan.base, expert, densities=(density,), rows=rows,
+                                        rows_key=plan.vocabulary.digest() if rows is not None else None)
         thresholds.append(manifest.thresholds[repr(density)])
     return thresholds
 
@@ -342,9 +493,26 @@ def _load(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.T
     models = [e.reader.get(name) for e in plan.experts]
     coeffs: dict[str, list[Any]] = {}
     if plan.coefficient_source is not None:
-        shape = plan.reference.reader.specs[name].shape
+        shape = plan.out_shape(name)  # a realigned vocabulary tensor has the output vocabulary's rows
         coeffs = plan.coefficient_source.tensor_params(name, shape)
+        if plan.realigns(name):
+            coeffs = {k: [_realign_entry(plan, i, name, v) for i, v in enumerate(values)]
+                      for k, values in coeffs.items()}
     return base, models, coeffs
+
+
+def _realign_entry(plan: MergePlan, expert: int, name: str, value: Any) -> Any:
+    """An estimator's per-entry value of expert ``expert`` over its own rows of a vocabulary tensor (a Fisher
+    diagonal), re-indexed like the weights; a token the expert lacks (and the padding) gets 0: no evidence."""
+    rows = plan.experts[expert].reader.specs[name].shape
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(rows):
+        return value
+    assert plan.vocabulary is not None
+    src = plan.vocabulary.sources[expert + (1 if plan.base is not None else 0)]
+    out = value.new_zeros((plan.vocabulary.rows, *value.shape[1:]))
+    own = src >= 0
+    out[: plan.vocabulary.n_tokens][own] = value[src[own]]
+    return out
 
 
 def _is_float8(dtype: torch.dtype) -> bool:
@@ -390,6 +558,9 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
             raw = method.streams_raw_inputs and not recipe.mergekit_compat
             base = _to_compute(base_raw, plan.device, dtype, raw) if base_raw is not None else None
             models = [_to_compute(t, plan.device, dtype, raw) for t in models_raw]
+            if plan.realigns(name):  # every input's rows re-indexed by token, in the compute dtype
+                aligned = plan.aligned(name, [t.to(dtype) for t in ([base] if base is not None else []) + models])
+                base, models = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
             if recipe.vocab_policy == "base" and base is not None:
                 models = [_fit_vocab(t, base) for t in models]
             per_model, shared = plan.params[name]
@@ -516,22 +687,31 @@ def _support_files(plan: MergePlan) -> list[tuple[str, Path]]:
         real = contained_file(src, name, "checkpoint file")
         if real is not None:
             out.append((name, real))
-    tok_ref = plan.recipe.tokenizer_source
-    tok_src = src
-    if tok_ref and tok_ref != "base":
-        match = [i for i in plan.inputs if i.snapshot.reference == plan.recipe.resolve_reference(tok_ref)
-                 or tok_ref in (i.snapshot.reference,)]
-        if match:
-            tok_src = match[0].snapshot.model_folder
-        elif plan.tokenizer is not None:
-            tok_src = plan.tokenizer.model_folder
-        else:
-            raise RecipeError(f"tokenizer_source: {tok_ref!r} is not among the merge's inputs and was not resolved")
+    if plan.out_tokenizer is not None:
+        return out  # a tokenizer built for the output (union, added tokens, chat template) is saved, not copied
+    tok_src = _tokenizer_folder(plan)
     for name in TOKENIZER_FILES:
         real = contained_file(tok_src, name, "tokenizer file")
         if real is not None:
             out.append((name, real))
     return out
+
+
+def _tokenizer_folder(plan: MergePlan) -> Path:
+    """The folder whose tokenizer files the output takes unchanged: the vocabulary's source, else the recipe's
+    tokenizer_source, else the reference's."""
+    if plan.vocabulary is not None and plan.vocabulary.copy_from is not None:
+        return plan.vocabulary.copy_from
+    src = plan.reference.snapshot.model_folder  # a LoRA adapter's tokenizer is its base's
+    tok_ref = plan.recipe.vocabulary_source
+    if tok_ref and tok_ref not in ("base", "union"):
+        k = _input_index(plan.recipe, plan.inputs, tok_ref)
+        if k is not None:
+            return plan.inputs[k].snapshot.model_folder
+        if plan.tokenizer is not None:
+            return plan.tokenizer.model_folder
+        raise RecipeError(f"tokenizer_source: {tok_ref!r} is not among the merge's inputs and was not resolved")
+    return src
 
 
 def _check_merged_finite(name: str, tensor: torch.Tensor) -> None:
@@ -554,8 +734,16 @@ def _write_finite(writer: ShardedWriter, name: str, tensor: torch.Tensor) -> Non
 def _copy_support_files(plan: MergePlan, dest: Path) -> None:
     for name, real in _support_files(plan):
         shutil.copy2(real, dest / name)  # the checked real path: the copy is a plain file, never a link
+    if plan.out_tokenizer is not None:
+        plan.out_tokenizer.save_pretrained(str(dest))
     config_path = dest / "config.json"
     config = json.loads(config_path.read_text())
+    if plan.vocabulary is not None:
+        key = "vocab_size" if "vocab_size" in config or "text_config" not in config else None
+        if key is None:
+            config["text_config"]["vocab_size"] = plan.vocabulary.rows
+        else:
+            config[key] = plan.vocabulary.rows
     float_dtypes = {s.dtype for s in plan.specs if s.dtype.is_floating_point}
     if len(float_dtypes) == 1:
         out = dtype_name(next(iter(float_dtypes)))
@@ -579,6 +767,10 @@ def provenance_of(plan: MergePlan) -> dict[str, Any]:
         "inputs": [_provenance_input(i) for i in plan.inputs],
         "global_thresholds": plan.thresholds,
         "coefficients": [c.summary() for c in plan.coefficients],
+        # tokenizer_source: the output vocabulary and how every input's rows were aligned to it
+        "vocabulary": None if plan.vocabulary is None else {
+            "source": recipe.vocabulary_source, "tokens": plan.vocabulary.n_tokens, "rows": plan.vocabulary.rows,
+            "alignment": plan.vocabulary.digest(), "summary": plan.vocabulary.summary},
         "torch_version": torch.__version__,
     }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,8 +56,17 @@ def _float_names(base: Input) -> list[str]:
     return [n for n, s in base.reader.specs.items() if s.dtype.is_floating_point]
 
 
-def _deltas(base: Input, expert: Input, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+# the base's and the expert's tensor ``name`` re-indexed to a merge's output vocabulary (None: not a vocabulary one)
+AlignedRows = Callable[[str], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def _deltas(base: Input, expert: Input, names: Iterable[str],
+            rows: AlignedRows | None = None) -> Iterable[tuple[str, torch.Tensor]]:
     for name in names:
+        pair = rows(name) if rows is not None else None
+        if pair is not None:
+            yield name, pair[1] - pair[0]
+            continue
         b = base.reader.get(name).float()
         e = expert.reader.get(name).float()
         if e.shape != b.shape:  # vocab_policy base: compare the rows both have
@@ -66,7 +75,8 @@ def _deltas(base: Input, expert: Input, names: Iterable[str]) -> Iterable[tuple[
         yield name, e - b  # never in place: reader tensors may be views of the file mapping
 
 
-def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = ()) -> TaskVectorManifest:
+def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = (),
+                     rows: AlignedRows | None = None) -> TaskVectorManifest:
     start = time.perf_counter()
     names = _float_names(base)
     densities = sorted(set(densities))
@@ -79,7 +89,7 @@ def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = ()
         rank = trim_rank(numel, d)
         if rank > 0:
             selectors[d] = KthSmallest(rank)
-    for name, delta in _deltas(base, expert, names):
+    for name, delta in _deltas(base, expert, names, rows):
         a = delta.abs_()
         l2 = float(torch.linalg.vector_norm(a))
         tensors[name] = {"shape": list(delta.shape), "numel": delta.numel(), "l2": l2,
@@ -92,7 +102,7 @@ def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = ()
     if selectors:
         for sel in selectors.values():
             sel.finish_first()
-        for _, delta in _deltas(base, expert, names):
+        for _, delta in _deltas(base, expert, names, rows):
             a = delta.abs_()
             for sel in selectors.values():
                 sel.add_second(a)
@@ -105,15 +115,20 @@ def compute_manifest(base: Input, expert: Input, densities: Iterable[float] = ()
 
 
 def task_vector_manifest(base: Input, expert: Input, densities: Iterable[float] = (),
-                         cache: Cache | None = None) -> TaskVectorManifest:
-    """The manifest of ``expert − base`` with thresholds for ``densities``, computed once per content."""
+                         cache: Cache | None = None, rows: AlignedRows | None = None,
+                         rows_key: str | None = None) -> TaskVectorManifest:
+    """The manifest of ``expert − base`` with thresholds for ``densities``, computed once per content.
+
+    ``rows``: the vocabulary tensors re-indexed to a merge's output vocabulary (tokenizer_source), identified in the
+    cache key by ``rows_key``."""
     densities = tuple(sorted(set(float(d) for d in densities)))
     cache = cache or Cache()
+    extra = {"vocabulary": rows_key} if rows is not None else {}
     key = cache_key("task_vector", base=base.snapshot.content_hash, expert=expert.snapshot.content_hash,
-                    densities=[repr(d) for d in densities])
+                    densities=[repr(d) for d in densities], **extra)
 
     def build(folder: Path) -> None:
-        (folder / MANIFEST_FILE).write_text(compute_manifest(base, expert, densities).to_json())
+        (folder / MANIFEST_FILE).write_text(compute_manifest(base, expert, densities, rows).to_json())
 
     # the entry's files are checked against their recorded hashes first (an edited threshold is a damaged entry);
     # a manifest that still cannot be read is built again rather than failing every later merge

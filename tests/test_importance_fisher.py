@@ -97,8 +97,8 @@ def test_fisher_merge_end_to_end(families, tmp_path):
     })
     merged = merge_state_dict(recipe, threads=1)
     eps = 1e-6
-    # the run renders every expert's data with one tokenizer (the first expert's without a base; the test
-    # family's tokenizers are trained per model and need not agree)
+    # the run renders every expert's data with one tokenizer (the first expert's without a base; the family's
+    # experts share it)
     tok = AutoTokenizer.from_pretrained(str(experts[0]))
     for name in ("model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
         fishers, thetas = [], []

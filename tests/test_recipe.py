@@ -339,10 +339,21 @@ ERROR_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "slices": ({**BASIC, "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}]},
                ["slices", "not supported"]),
     "modules": ({**BASIC, "modules": {"text_decoder": {"models": [{"model": "org/a"}]}}}, ["modules", "not supported"]),
-    "tokenizer_union": ({**BASIC, "tokenizer": {"source": "union"}}, ["tokenizer", "not supported"]),
     # mergekit's nested reference is read as BASE+ADAPTER (tests/test_adapters.py); a revision in it is not
     "nested_revision": ({**BASIC, "models": [{"model": {"model": {"path": "org/a", "revision": "main"}}},
                                              {"model": "org/b"}]}, ["models[0].model", "revisions"]),
+    "tokenizer_and_tokenizer_source": ({**BASIC, "tokenizer_source": "base", "tokenizer": {"source": "union"}},
+                                       ["tokenizer_source", "not both"]),
+    "tokenizer_unknown_field": ({**BASIC, "tokenizer": {"source": "union", "pad_to": 8}},
+                                ["tokenizer.pad_to", "unknown field"]),
+    "tokenizer_pad_zero": ({**BASIC, "tokenizer": {"pad_to_multiple_of": 0}}, ["tokenizer.pad_to_multiple_of"]),
+    "tokenizer_token_without_source": ({**BASIC, "tokenizer": {"tokens": {"<x>": {"force": True}}}},
+                                       ["tokenizer.tokens.<x>.source", "required"]),
+    "tokenizer_model_token_both": ({**BASIC, "tokenizer": {"tokens": {"<x>": {"source": {
+        "kind": "model_token", "model": "org/a", "token": "<s>", "token_id": 1}}}}}, ["exactly one of token_id"]),
+    "vocab_policy_with_tokenizer_source": ({**BASIC, "vocab_policy": "base", "tokenizer_source": "base"},
+                                           ["vocab_policy", "deprecated"]),
+    "chat_template_builtin_name": ({**BASIC, "chat_template": "chatml"}, ["chat_template", "Jinja"]),
     "bad_dtype": ({**BASIC, "dtype": "float8"}, ["dtype", "float8"]),
     "bad_out_dtype": ({**BASIC, "out_dtype": "int8"}, ["out_dtype", "int8"]),
     "linear_weights_sum_to_zero": (
@@ -381,8 +392,21 @@ def test_unknown_method_names_the_field() -> None:
     assert "merge_method" in error_of({**BASIC, "merge_method": "tiez"})
 
 
-def test_tokenizer_source_union_is_refused_naming_the_field() -> None:
-    assert "tokenizer_source" in error_of({**BASIC, "tokenizer_source": "union"})
+def test_tokenizer_sources_and_mergekit_tokenizer_section_load() -> None:
+    assert parse_recipe({**BASIC, "tokenizer_source": "union"}).vocabulary_source == "union"
+    assert parse_recipe({**BASIC, "tokenizer_source": "org/a"}).vocabulary_source == "org/a"
+    assert parse_recipe(BASIC).vocabulary_source is None
+    recipe = parse_recipe({**BASIC, "chat_template": "auto", "tokenizer": {
+        "pad_to_multiple_of": 64,
+        "tokens": {"<|im_start|>": {"source": "org/a"},
+                   "<|im_end|>": {"source": {"kind": "zero"}, "force": True},
+                   "<tool>": {"source": {"kind": "model_token", "model": "org/b", "token": "</s>"}}}}})
+    assert recipe.vocabulary_source == "union"  # mergekit's default source of a tokenizer section
+    assert recipe.tokenizer is not None and recipe.tokenizer.pad_to_multiple_of == 64
+    assert recipe.tokenizer.tokens["<|im_end|>"].force
+    assert recipe.chat_template == "auto"
+    # the tokenizer settings make another model: they are part of the recipe hash
+    assert recipe.recipe_hash() != parse_recipe({**BASIC, "chat_template": "auto"}).recipe_hash()
 
 
 def test_required_per_model_parameter_may_be_given_per_model() -> None:
@@ -411,6 +435,26 @@ def test_confine_paths_refuses_a_model_outside_the_recipe_folder(tmp_path: Path)
     # without confine_paths the same reference resolves
     assert load_recipe(write(folder, "free.yaml", text.replace("true", "false"))).resolve_reference(
         "../outside") == str((tmp_path / "outside").resolve())
+
+
+def test_confine_paths_covers_the_tokenizer_settings(tmp_path: Path) -> None:
+    folder = tmp_path / "recipes"
+    text = """
+        merge_method: task_arithmetic
+        base_model: ./base
+        confine_paths: true
+        models:
+          - model: ./inside
+        tokenizer:
+          source: union
+          tokens:
+            "<x>": {source: {kind: model_token, model: ../outside, token: "</s>"}}
+        """
+    with pytest.raises(RecipeError, match=r"tokenizer\.tokens\['<x>'\]\.source: model '\.\./outside'.*outside"):
+        load_recipe(write(folder, "r.yaml", text))
+    with pytest.raises(RecipeError, match=r"tokenizer\.source: model '\.\./elsewhere'.*outside"):
+        load_recipe(write(folder, "r2.yaml", text.replace("source: union", "source: ../elsewhere")
+                          .replace("../outside", "./inside")))
 
 
 def test_confine_paths_is_checked_when_the_recipe_loads(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ perturbation, so task vectors are small, dense and different per expert, as they
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -42,7 +43,8 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def make_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+@functools.cache
+def _trained(vocab_size: int) -> str:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -52,8 +54,16 @@ def make_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:40],
     )
     tok.train_from_iterator(_CORPUS, trainer)
+    return tok.to_str()
+
+
+def make_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer, trained once per process: BPE training breaks ties between equally frequent
+    pairs differently from run to run, and the models of a family share one tokenizer, as fine-tunes of one base
+    do (experts that add tokens are built by :func:`make_expert_with_tokens`)."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=Tokenizer.from_str(_trained(vocab_size)), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>"
     )
 
 
@@ -115,3 +125,35 @@ def make_family(family: str, root: Path, *, n_experts: int = 3, dtype: torch.dty
     base = make_model(family, root / "base", seed=0, vocab_size=vocab_size, dtype=dtype)
     experts = [make_expert(base, root / f"expert{i}", seed=100 + i) for i in range(n_experts)]
     return base, experts
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_expert_with_tokens(base: Path, path: Path, *, seed: int, special: tuple[str, ...] = (),
+                            plain: tuple[str, ...] = (), chat_template: str | None = None,
+                            scale: float = 0.02) -> Path:
+    """An expert fine-tuned from ``base`` that added tokens, as chat and tool fine-tunes do: the base's tokenizer
+    plus ``special`` (special) and ``plain`` (ordinary added) tokens, the embeddings (and an untied head) resized
+    by transformers for them, then every weight perturbed by seeded noise; ``chat_template`` saved with it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    if special:
+        tok.add_tokens(list(special), special_tokens=True)
+    if plain:
+        tok.add_tokens(list(plain))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    torch.manual_seed(seed)  # the new rows' initialisation
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

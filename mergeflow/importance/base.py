@@ -43,6 +43,7 @@ from mergeflow.errors import RecipeError
 from mergeflow.importance.data import TaskData
 from mergeflow.methods.base import ParamSpec
 from mergeflow.registry import Registry
+from mergeflow.vocabulary import has_tokenizer, load_tokenizer, tokenizer_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -94,22 +95,29 @@ class ImportanceRun:
     _folder: Path | None = None    # measure stage: the measurements folder being written
     load_seconds: float = 0.0      # time spent reading models from disk (the cost report separates it)
     _kept: dict[str, Any] = field(default_factory=dict)  # models loaded with keep=True, shared by a run's shards
+    _own: dict[str, Any] = field(default_factory=dict)  # expert content hash -> its own tokenizer (None: the base's)
 
     @property
     def k(self) -> int:
         return len(self.experts)
 
-    def tokenizer(self) -> PreTrainedTokenizerBase:
+    def tokenizer(self, ref: ModelRef | None = None) -> PreTrainedTokenizerBase:
+        """The tokenizer that encodes the data model ``ref`` reads: the base's (the first expert's without a base),
+        or ``ref``'s own when its vocabulary differs from it (an expert that added tokens). Loaded once each."""
         if self._tokenizer is None:
-            # transformers costs seconds to import, and importing this module (to validate a recipe's importance
-            # section) must not: imported when a run first needs it
-            from transformers import AutoTokenizer
+            self._tokenizer = _padded(load_tokenizer(self.default_tokenizer_path()))
+        if ref is None:
+            return self._tokenizer
+        if ref.content_hash not in self._own:
+            self._own[ref.content_hash] = own_tokenizer(ref.model_folder, self.default_tokenizer_path(),
+                                                         self._tokenizer)
+        own = self._own[ref.content_hash]
+        return self._tokenizer if own is None else own
 
-            source = (self.base or self.experts[0]).model_folder
-            self._tokenizer = AutoTokenizer.from_pretrained(str(source))
-            if self._tokenizer.pad_token_id is None:
-                self._tokenizer.pad_token = self._tokenizer.eos_token
-        return self._tokenizer
+    def default_tokenizer_path(self) -> Path:
+        """The folder whose tokenizer encodes the data by default: the base's (the first expert's without a base);
+        for a LoRA adapter, the folder of the model it applies to."""
+        return (self.base if self.base is not None else self.experts[0]).model_folder
 
     def load_model(self, ref: ModelRef, *, dtype: torch.dtype = torch.float32, keep: bool = False) -> PreTrainedModel:
         """A model in eval mode on the run's device, in fp32 unless asked otherwise (statistics need fp32).
@@ -352,6 +360,9 @@ class Estimator:
     default_split: str = "fewshot"   # which split of each task it reads by default
     default_n: int | None = 5        # examples per task by default (None: the whole split)
     supports_ood: bool = False
+    # scores each model alone, so each expert reads its data in its own tokenizer when the vocabularies differ;
+    # the others run several models on one encoding (or mix their weights) and need one shared vocabulary
+    own_tokenizers: bool = False
 
     def __post_init__(self) -> None:
         if self.two_stage:
@@ -430,6 +441,40 @@ def get_estimator(name: str) -> Estimator:
     return ESTIMATORS.lookup(name)
 
 
+def _padded(tok: Any) -> Any:
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def own_tokenizer(path: Path, default_path: Path, default: Any) -> Any | None:
+    """The tokenizer of the model at ``path`` when its vocabulary differs from ``default``'s (the tokenizer at
+    ``default_path``), else None. Identical tokenizer files are not loaded."""
+    if not has_tokenizer(path) or tokenizer_digest(path) == tokenizer_digest(default_path):
+        return None
+    own = load_tokenizer(path)
+    return None if own.get_vocab() == default.get_vocab() else _padded(own)
+
+
+def check_vocabularies(est: Estimator, base: ModelRef | None, experts: Sequence[ModelRef]) -> None:
+    """Refuse, before any model is read, an estimator that needs one shared vocabulary over experts whose
+    vocabularies differ from the base's."""
+    if est.own_tokenizers:
+        return
+    default_path = (base if base is not None else experts[0]).model_folder
+    if not any(has_tokenizer(e.model_folder) and tokenizer_digest(e.model_folder) != tokenizer_digest(default_path)
+               for e in experts):
+        return
+    default = load_tokenizer(default_path)
+    for e in experts:
+        if own_tokenizer(e.model_folder, default_path, default) is not None:
+            own = sorted(x.name for x in ESTIMATORS.unique() if x.own_tokenizers)
+            raise RecipeError(f"importance: {est.name} runs the base and the experts on one encoding of the data "
+                              f"(or mixes their weights), but the vocabulary of {e.reference} differs from the "
+                              f"{'base' if base is not None else 'first expert'}'s; use an estimator that scores "
+                              f"each expert in its own tokenizer ({', '.join(own)})")
+
+
 def all_estimators() -> list[Estimator]:
     return sorted(ESTIMATORS.unique(), key=lambda e: e.name)
 
@@ -504,7 +549,8 @@ def _measured_job(est: Estimator, job: MeasureJob, *, base: ModelRef | None, exp
         run = ImportanceRun(est.name, base, [experts[i] for i in job.experts], [tasks[i] for i in job.experts],
                             dict(job.params), device, seed, ood, part=job.part.name, _folder=folder,
                             _tokenizer=tokenizer_of._tokenizer if tokenizer_of is not None else None,
-                            _kept=tokenizer_of._kept if tokenizer_of is not None else {})
+                            _kept=tokenizer_of._kept if tokenizer_of is not None else {},
+                            _own=tokenizer_of._own if tokenizer_of is not None else {})
         start = time.perf_counter()
         torch.manual_seed(seed)  # each part and shard as if measured alone: the same numbers whatever else is
         m = est.measure(run)
@@ -544,6 +590,7 @@ def measure_shard(estimator: str, *, base: ModelRef | None, experts: Sequence[Mo
     in the cache. Returns ``{"part", "experts", "key", "reused", "seconds", "passes"}``."""
     est = get_estimator(estimator)
     resolved = est.resolve_params(params or {})
+    check_vocabularies(est, base, experts)
     jobs = measure_jobs(est, resolved, base_hash=base.content_hash if base else None,
                         expert_hashes=[e.content_hash for e in experts], tasks=tasks, seed=seed, ood=ood)
     job = next((j for j in jobs if j.part.name == part and j.experts == tuple(shard)), None)
@@ -579,6 +626,7 @@ def compute_coefficients(estimator: str, *, base: ModelRef | None, experts: Sequ
         raise RecipeError(f"importance: {estimator} has no out-of-domain mode")
     if not experts:
         raise RecipeError("importance: no experts")
+    check_vocabularies(est, base, experts)
     device = torch.device(device)
     base_hash = base.content_hash if base else None
     expert_hashes = [e.content_hash for e in experts]

@@ -24,7 +24,7 @@ way reuses them) and ``temperature`` and ``include_base`` are applied afterwards
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -101,10 +101,14 @@ def _measure(run: ImportanceRun) -> Measurements:
         members = [run.base]
     else:
         members = list(run.experts)
-    enc = encode_with_eos(run.tokenizer(), cocktail_examples(run), max_length=p["max_length"],
-                          append_eos=p["append_eos"])
+    examples = cocktail_examples(run)
+    encoded: dict[int, Any] = {}  # one encoding per distinct tokenizer (each member reads the text in its own)
     losses = []
     for ref in members:
+        tok = run.tokenizer(ref)
+        if id(tok) not in encoded:
+            encoded[id(tok)] = encode_with_eos(tok, examples, max_length=p["max_length"], append_eos=p["append_eos"])
+        enc = encoded[id(tok)]
         model = run.load_model(ref)
         loss, n_batches = cocktail_loss(model, enc, p["batch_size"])
         run.count(forward=n_batches)
@@ -150,4 +154,5 @@ COCKTAIL = register_estimator(Estimator(
     default_split="fewshot",
     default_n=5,
     supports_ood=True,
+    own_tokenizers=True,
 ))

@@ -200,11 +200,10 @@ def state_dict_tensors(model: PreTrainedModel, per_param: dict[str, torch.Tensor
 def _measure(run: ImportanceRun) -> Measurements:
     """Each expert's Fisher diagonal, written to the measurements as soon as it is computed (entry ``fisher``)."""
     p = run.params
-    tokenizer = run.tokenizer()
     per_expert: list[dict[str, Any]] = []
     for i, (ref, task) in enumerate(zip(run.experts, run.tasks)):
         model = run.load_model(ref)
-        enc = encode(tokenizer, task.examples, max_length=p["max_length"])
+        enc = encode(run.tokenizer(ref), task.examples, max_length=p["max_length"])
         if p["fisher"] == "sampled":
             gen = torch.Generator().manual_seed(label_seed(run.seed, ref.content_hash))
             targets = sample_targets(model, enc, gen, batch_size=p["batch_size"],
@@ -272,4 +271,5 @@ FISHER = register_estimator(Estimator(
     needs_base=False,
     default_split="calib",
     default_n=128,
+    own_tokenizers=True,
 ))

@@ -111,7 +111,6 @@ def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 def _measure(run: ImportanceRun) -> Measurements:
     """Each expert's raw Grams, written to the measurements as soon as they are computed (entry ``gram``)."""
     p = run.params
-    tokenizer = run.tokenizer()
     per_expert: list[dict[str, Any]] = []
     tied: list[str] = []
     transposed: list[list[str]] = []
@@ -120,7 +119,7 @@ def _measure(run: ImportanceRun) -> Measurements:
         model = run.load_model(ref)
         layers, tied = linear_layers(model)
         transposed.append(sorted(n for n, m in layers.items() if is_transposed(m)))
-        enc = encode(tokenizer, task.examples, max_length=p["max_length"], answer_only=False)
+        enc = encode(run.tokenizer(ref), task.examples, max_length=p["max_length"], answer_only=False)
         raw, rows = gram_matrices(model, enc, batch_size=p["batch_size"], on_batch=lambda: run.count(forward=1))
         del model
         if not raw:
@@ -173,4 +172,5 @@ REGMEAN = register_estimator(Estimator(
     needs_base=False,
     default_split="calib",
     default_n=128,
+    own_tokenizers=True,
 ))
