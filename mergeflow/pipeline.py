@@ -498,12 +498,20 @@ def _setting(value: Any) -> str:
 
 
 def version_description(recipe: Recipe, selection_metric: str, value: float, higher_is_better: bool) -> str:
-    """What a registry user reads in the versions list: the method, its key parameters, the importance
-    estimators, how many experts over which base, the selection score and the recipe hash, on one line."""
+    """What a registry user reads in the versions list: the method and its parameters (global, then per expert:
+    once when every expert has the same), the importance estimators, how many experts over which base, the
+    selection score and the recipe hash, on one line."""
     method = recipe.merge_method
     if recipe.parameters:
         method += " (" + ", ".join(f"{k}={_setting(v)}" for k, v in sorted(recipe.parameters.items())) + ")"
     parts = [method]
+    knobs = [", ".join(f"{k}={_setting(v)}" for k, v in sorted(e.parameters.items())) for e in recipe.experts]
+    if any(knobs):
+        if len(set(knobs)) == 1:
+            parts.append(f"each expert {knobs[0]}")
+        else:
+            parts.append("experts " + ", ".join(f"{e.task or Path(e.model).name} ({k or 'defaults'})"
+                                                for e, k in zip(recipe.experts, knobs)))
     for entry in recipe.importance:
         knobs = ", ".join(f"{k}={_setting(v)}" for k, v in sorted(entry.parameters.items()))
         parts.append(f"importance {entry.estimator}" + (f" ({knobs})" if knobs else ""))

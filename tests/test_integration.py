@@ -63,7 +63,8 @@ EVALUATION = "evaluate/evaluate-gpu"
 DEPLOYMENTS = (PIPELINE, "merge-sweep/sweep-weekly", IMPORTANCE, EVALUATION)
 STAGES = ("resolve", "task_vectors", "merge", "evaluate", "register")
 BIN = Path(sys.executable).parent  # the venv's scripts (prefect, mlflow) next to this interpreter
-RUN_TIMEOUT = 240.0
+# seconds a flow run may take; raise it on a loaded machine (the runs' stages are minutes of CPU there)
+RUN_TIMEOUT = float(os.environ.get("MERGEFLOW_IT_RUN_TIMEOUT", "240"))
 
 
 # ----------------------------------------------------------------------------------------------- processes
