@@ -161,6 +161,7 @@ class Registration(Manifest):
     champion: bool = False
     previous_champion: str | None = None
     reused: bool = False
+    model_id: str | None = None  # the MLflow logged model (None for versions registered as a plain folder)
     selection_metric: str
     selection_value: float
     higher_is_better: bool = True

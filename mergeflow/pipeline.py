@@ -505,6 +505,60 @@ def accuracy_table(evaluations: Sequence[Evaluation]) -> str:
                      for r in [header, *rows]) + "\naccuracy (%)"
 
 
+def _setting(value: Any) -> str:
+    """A recipe setting in a description: numbers and strings as written, lists and mappings as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+
+
+def version_description(recipe: Recipe, selection_metric: str, value: float, higher_is_better: bool) -> str:
+    """What a registry user reads in the versions list: the method and its parameters (global, then per expert:
+    once when every expert has the same), the importance estimators, how many experts over which base, the
+    selection score and the recipe hash, on one line."""
+    method = recipe.merge_method
+    if recipe.parameters:
+        method += " (" + ", ".join(f"{k}={_setting(v)}" for k, v in sorted(recipe.parameters.items())) + ")"
+    parts = [method]
+    knobs = [", ".join(f"{k}={_setting(v)}" for k, v in sorted(e.parameters.items())) for e in recipe.experts]
+    if any(knobs):
+        if len(set(knobs)) == 1:
+            parts.append(f"each expert {knobs[0]}")
+        else:
+            parts.append("experts " + ", ".join(f"{e.task or Path(e.model).name} ({k or 'defaults'})"
+                                                for e, k in zip(recipe.experts, knobs)))
+    for entry in recipe.importance:
+        knobs = ", ".join(f"{k}={_setting(v)}" for k, v in sorted(entry.parameters.items()))
+        parts.append(f"importance {entry.estimator}" + (f" ({knobs})" if knobs else ""))
+    experts = len(recipe.experts)
+    parts.append(f"{experts} expert{'s' if experts != 1 else ''}" + (f" over {recipe.base_model}"
+                                                                      if recipe.base_model else ""))
+    parts.append(f"selection {selection_metric} = {value:.2f} ({'higher' if higher_is_better else 'lower'} is "
+                 f"better)")
+    parts.append(f"recipe {recipe.recipe_hash().split(':')[-1][:12]}")
+    return "; ".join(parts)
+
+
+def evaluation_datasets(recipe: Recipe, evaluations: Sequence[tuple[str, Evaluation]]) -> list[Any]:
+    """The zoo data files the evaluations scored, as :class:`mergeflow.tracking.EvaluationData` (the first
+    ``limit`` rows of each task's split), each linked to its per-task accuracy metric (``prefix`` + ``SPLIT_acc_TASK``,
+    as :func:`merge_metrics` names them). Tasks that are not zoo tasks (lm-eval's own) have no local file here and
+    are left out."""
+    from mergeflow.evaluation import resolve_zoo, split_task_names
+    from mergeflow.tracking import EvaluationData
+
+    spec = evaluation_spec(recipe)
+    zoo = resolve_zoo(resolve_path(spec.zoo, recipe.recipe_dir) if spec.zoo else None, split_task_names(spec.tasks))
+    if zoo is None:
+        return []
+    out = []
+    for prefix, ev in evaluations:
+        for task in ev.accuracy:
+            if task in zoo.tasks:
+                name = f"{task}/{ev.split}" + (f"[:{ev.limit}]" if ev.limit else "")
+                out.append(EvaluationData(name=name, path=zoo.data_file(task, ev.split), limit=ev.limit,
+                                          metrics=(f"{prefix}{ev.split}_acc_{task}",)))
+    return out
+
+
 def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[ResolvedModel], reported: Evaluation,
                    selection: Evaluation | None = None, coefficients: Sequence[CoefficientsRef] = (), *,
                    registered_name: str | None = None, tags: Mapping[str, str] | None = None,
@@ -539,13 +593,17 @@ def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[Resolve
     metrics = {**merge_metrics(reported, selection, merged), **(extra_metrics or {})}
     for i, c in enumerate(coefficients):
         metrics[f"importance_{i}_{c.estimator}_seconds"] = float(c.seconds)
+    datasets = evaluation_datasets(recipe, [(p, e) for p, e in (("", reported), ("selection_", selection))
+                                            if e is not None])
+    description = version_description(recipe, f"{ev.split}_{sel.metric}", value, sel.higher_is_better)
     with scratch:
         registration = tracking.log_merge(
             model_dir, recipe=recipe.canonical(), recipe_hash=recipe.recipe_hash(),
             input_hashes={m.reference: m.content_hash for m in inputs}, experiment=spec.experiment,
             registered_name=spec.name, metrics=metrics, selection_metric=(f"{ev.split}_{sel.metric}", value),
             higher_is_better=sel.higher_is_better, alias=spec.alias, tags=dict(tags or {}), artifacts=files,
-            run_name=recipe.name, promote=promote, flow_run_id=flow_run_id)
+            run_name=recipe.name, promote=promote, flow_run_id=flow_run_id, description=description,
+            datasets=datasets)
     return Registration(**registration.to_dict(), selection_metric=f"{ev.split}_{sel.metric}", selection_value=value,
                         higher_is_better=sel.higher_is_better, alias=spec.alias)
 

@@ -1,16 +1,28 @@
-"""MLflow layer: every merged model is one run and one registered model version; an alias marks the best one.
+"""MLflow layer: every merged model is one run, one MLflow Model and one registered version; an alias marks the best.
 
 A run holds the flattened recipe as params, provenance as tags (recipe hash, input content hashes, library version,
-the caller's flow-run id), the caller's numbers as metrics, its files as artifacts, and the model folder under
-``model/``. The registered version points at that folder (``source = <run artifact uri>/model``), so the weights are
-stored once however many aliases point at them.
+the caller's flow-run id), the caller's numbers as metrics, the evaluation data as dataset inputs (context
+``evaluation``) and its files as artifacts. The model is an MLflow 3 *logged model* of the ``transformers`` flavor
+(``task: text-generation``, with the ``python_function`` flavor), linked to the run as its output, with the recipe
+as its params and the run's metrics on it. It is logged straight from the merged folder, whose files (weights,
+config, tokenizer, card) sit unchanged under the model's ``model/`` folder beside ``MLmodel``: the weights are
+uploaded once, and the standard loaders (``mlflow.pyfunc.load_model``, ``mlflow.transformers.load_model``) and
+``mlflow models serve`` accept ``models:/NAME@champion``. The registered version points at the logged model
+(``source = models:/<model id>``) and carries a one-line description: the method, its key parameters and the
+selection score.
+
+A run spans only the register stage (the model upload included); how long the merge and the evaluations took is in
+its ``*_seconds`` metrics, as they were computed (a cached stage reports the time it cost when it ran). The
+experiment is tagged as a model-development experiment, so MLflow 3's UI opens it on runs and models, not on the
+GenAI (traces) view.
 
 Safety rules:
 
 - The registry never points at a partial model: the folder is checked first (config.json, every safetensors header
-  consistent with its file size) and the version is created only after the whole folder is logged.
+  consistent with its file size) and the version is created only after the whole model is logged.
 - Registering is idempotent: a version whose ``mergeflow.model_hash`` tag equals the folder's content hash is reused,
   not logged again, so re-running a pipeline after a crash is safe (the promotion rule is still applied).
+- A ``models:/`` reference resolves to the weights only if they hash to the version's ``mergeflow.model_hash``.
 - An alias moves only to a strictly better version. The value of a version on a selection metric is stored as a
   model-version tag (``mergeflow.selection.<metric>``), so comparing never depends on run metrics; the rule of an
   alias (metric, direction) is stored on the registered model (``mergeflow.alias.<alias>``) and a later promotion
@@ -23,13 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata as package_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 from urllib.parse import unquote
@@ -38,9 +53,12 @@ try:
     import mlflow
     import mlflow.artifacts
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunStatus, RunTag
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
     from mlflow.entities.model_registry import ModelVersion, RegisteredModel
     from mlflow.exceptions import MlflowException
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_MODEL_VERSIONS, MLFLOW_RUN_NOTE
     from mlflow.utils.validation import (
         MAX_ENTITY_KEY_LENGTH,
         MAX_PARAM_VAL_LENGTH,
@@ -59,7 +77,22 @@ from mergeflow.errors import CheckpointError, TrackingError
 ENV_PROJECT_DIR = "MERGEFLOW_PROJECT_DIR"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-MODEL_ARTIFACT = "model"  # the model folder's place in the run's artifacts; registered versions point here
+MODEL_ARTIFACT = "model"  # the logged model's name; its weights sit in the transformers flavor's model/ folder
+MODEL_TASK = "text-generation"  # the transformers pipeline the pyfunc flavor and `mlflow models serve` run
+# What the pyfunc flavor accepts besides the prompts (without a params schema it ignores them, STACK.md)
+GENERATION_PARAMS = ParamSchema([ParamSpec("max_new_tokens", "long", 32), ParamSpec("do_sample", "boolean", False),
+                                 ParamSpec("return_full_text", "boolean", False)])
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                           params=GENERATION_PARAMS)
+# The packages a fresh environment needs to load the model (`mlflow models serve --env-manager virtualenv|uv`);
+# the flavor's default list adds torchvision, which is not installed here and not needed for text generation.
+MODEL_REQUIREMENTS = ("transformers", "torch", "safetensors", "tokenizers")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them: a folder AutoTokenizer can load
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI: which view an experiment opens in
+EXPERIMENT_KIND = "custom_model_development"  # runs, metrics and models (not the GenAI traces view)
+EVALUATION_CONTEXT = "evaluation"  # the dataset inputs' mlflow.data.context
+RUN_NOTE = ("Registration of one merge. The run spans the register stage only (logging and the model upload); the "
+            "merge, importance and evaluation times are the *_seconds metrics, as first computed.")
 
 TAG_RECIPE_HASH = "mergeflow.recipe_hash"
 TAG_MODEL_HASH = "mergeflow.model_hash"
@@ -83,15 +116,27 @@ class Registration:
     version: str
     run_id: str
     model_uri: str  # "models:/<name>/<version>", resolvable by mergeflow.checkpoints.resolve
-    source: str  # where the version's files are: "<run artifact uri>/model"
+    source: str  # where the version's files are: "models:/<logged model id>" (older versions: "<run uri>/model")
     model_hash: str  # content hash of the weights ("sha256:...")
     champion: bool  # the version holds the alias after the call
     previous_champion: str | None  # the version that held the alias before the call
     reused: bool  # an existing version with the same weights was returned; nothing was logged
+    model_id: str | None = None  # the MLflow 3 logged model (None for versions registered as a plain folder)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for task manifests."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    """One evaluation data file as an MLflow dataset input of the run: ``name`` (e.g. ``topic/validation``), the
+    jsonl file, how many leading rows were scored (None: all) and the run metrics computed on it (linked to it)."""
+
+    name: str
+    path: Path
+    limit: int | None = None
+    metrics: tuple[str, ...] = ()
 
 
 class Promotion(NamedTuple):
@@ -164,6 +209,10 @@ def resolve_model_uri(uri: str) -> tuple[Path, str]:
     """The local folder of a registered model version (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) and
     its version: downloaded once into the mergeflow cache (versions are immutable), from the project's store.
 
+    The folder is the one holding the weights: the transformers flavor's ``model/`` of an MLflow Model, or the
+    download itself for versions registered as a plain folder. A version tagged with ``mergeflow.model_hash`` (all
+    that mergeflow registers) resolves only if the weights hash to it.
+
     This is the ``models`` resolver of :mod:`mergeflow.resolvers`, so ``mergeflow.checkpoints.resolve`` accepts
     these URIs without the checkpoint reader importing MLflow.
     """
@@ -173,12 +222,14 @@ def resolve_model_uri(uri: str) -> tuple[Path, str]:
     configure()  # the project's store (MLFLOW_TRACKING_URI, else the project folder's mlflow.db), as when logging
     name, version, alias = match["name"], match["version"], match["alias"]
     try:
+        client = MlflowClient()
         if alias is not None:
             # An alias moves; resolve it now so the download is cached under the immutable version.
-            version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
+            version = str(client.get_model_version_by_alias(name, alias).version)
         if not version or not version.isdigit():
             raise CheckpointError(f"cannot resolve {uri!r}: version must be a number (stages are not supported); "
                                   f"use models:/{name}/<version> or models:/{name}@<alias>")
+        expected = client.get_model_version(name, version).tags.get(TAG_MODEL_HASH)
         key = cache_key("mlflow-model", registry=mlflow.get_registry_uri(), name=name, version=version)
         root = Cache().get_or_create(
             "mlflow-model", key,
@@ -188,11 +239,36 @@ def resolve_model_uri(uri: str) -> tuple[Path, str]:
         raise
     except Exception as e:  # MLflow raises its own MlflowException and plain OSErrors for connection problems
         raise CheckpointError(f"cannot resolve {uri!r}: MLflow could not provide it ({type(e).__name__}: {e})") from e
-    return _find_model_dir(root, uri), version
+    folder = _find_model_dir(root, uri)
+    if expected:
+        found = resolve(folder, scan_finite=False).content_hash  # memoised: the caller's resolve() hashes it again
+        if found != expected:
+            raise CheckpointError(f"cannot resolve {uri!r}: the downloaded weights hash to {found}, not to the "
+                                  f"version's {TAG_MODEL_HASH} {expected}")
+    return folder, version
 
 
 def _find_model_dir(root: Path, reference: str) -> Path:
-    """The shallowest folder under ``root`` holding a config.json (MLflow flavours nest the weights, e.g. model/)."""
+    """The weights' folder in a download: an MLflow Model's transformers ``model_binary`` folder (read from
+    ``MLmodel``), else the shallowest folder under ``root`` holding a config.json (a plain folder version)."""
+    mlmodel = root / "MLmodel"
+    if mlmodel.is_file():
+        import yaml
+
+        try:
+            flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise CheckpointError(f"cannot resolve {reference!r}: unreadable MLmodel ({e})") from e
+        binary = (flavors.get("transformers") or {}).get("model_binary")
+        if not binary:
+            raise CheckpointError(f"cannot resolve {reference!r}: an MLflow Model without a transformers flavor "
+                                  f"folder (flavors: {', '.join(flavors) or 'none'})")
+        folder = root / str(binary)
+        if not folder.resolve().is_relative_to(root.resolve()):
+            raise CheckpointError(f"cannot resolve {reference!r}: the MLflow Model's folder {binary!r} leaves it")
+        if not (folder / CONFIG).is_file():
+            raise CheckpointError(f"cannot resolve {reference!r}: the MLflow Model's {binary}/ holds no {CONFIG}")
+        return folder
     for depth in range(4):
         hits = sorted(p.parent for p in root.glob("/".join(["*"] * depth + [CONFIG])) if p.is_file())
         if len(hits) == 1:
@@ -303,6 +379,8 @@ def log_merge(
     run_name: str | None = None,
     flow_run_id: str | None = None,
     promote: bool = True,
+    description: str | None = None,
+    datasets: Sequence[EvaluationData] = (),
 ) -> Registration:
     """Log a merged model folder as one MLflow run, register it as a version, and apply the promotion rule.
 
@@ -312,7 +390,8 @@ def log_merge(
     reserved for the model. ``selection_metric`` is ``(metric name, value)``: the number the alias is awarded on
     (``higher_is_better`` says which way); without it no alias is touched. With ``promote=False`` the value is
     recorded on the version but the alias is left alone (a sweep promotes only its best merge, with
-    :func:`promote`).
+    :func:`promote`). ``description`` becomes the version's description; ``datasets`` are logged as the run's
+    evaluation inputs, and the metrics each names are linked to it.
 
     Everything that can be checked is checked before anything is written: a refused call leaves no experiment, run
     or version behind, and a failure while logging ends the run FAILED with no version pointing at it. If the
@@ -326,6 +405,7 @@ def log_merge(
     model_hash = _check_model(model_dir)
     extra = _check_artifacts(artifacts or {})
     numbers = _check_metrics(metrics or {})
+    data = _check_datasets(datasets, numbers)
     uri = configure()
     with _mlflow_errors(f"registering {model_dir} as {registered_name!r}"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -336,7 +416,8 @@ def log_merge(
             version = _log_and_register(
                 client, uri, model_dir, model_hash=model_hash, recipe=recipe, recipe_hash=recipe_hash,
                 input_hashes=input_hashes, experiment=experiment, registered_name=registered_name,
-                metrics=numbers, tags=tags or {}, artifacts=extra, run_name=run_name, flow_run_id=flow_run_id)
+                metrics=numbers, tags=tags or {}, artifacts=extra, run_name=run_name, flow_run_id=flow_run_id,
+                description=description, datasets=data)
         else:
             version = existing
         number = str(version.version)
@@ -350,14 +431,16 @@ def log_merge(
     return Registration(
         name=registered_name, version=number, run_id=str(version.run_id),
         model_uri=f"models:/{registered_name}/{number}", source=str(version.source), model_hash=model_hash,
-        champion=moved or previous == number, previous_champion=previous, reused=existing is not None)
+        champion=moved or previous == number, previous_champion=previous, reused=existing is not None,
+        model_id=_model_id(version))
 
 
 def _log_and_register(client: MlflowClient, uri: str, model_dir: Path, *, model_hash: str,
                       recipe: Mapping[str, Any], recipe_hash: str, input_hashes: Mapping[str, str], experiment: str,
                       registered_name: str, metrics: Mapping[str, float], tags: Mapping[str, str],
-                      artifacts: Mapping[str, Path], run_name: str | None, flow_run_id: str | None) -> ModelVersion:
-    """One run with everything in it, then the version; the run ends FAILED if any step fails."""
+                      artifacts: Mapping[str, Path], run_name: str | None, flow_run_id: str | None,
+                      description: str | None, datasets: Sequence[EvaluationData]) -> ModelVersion:
+    """One run with everything in it, the logged model, then the version; the run ends FAILED if any step fails."""
     # The caller's tags first: provenance tags written after them cannot be overridden by accident.
     run_tags = {_key(key): str(value) for key, value in tags.items()}
     run_tags |= {
@@ -370,34 +453,147 @@ def _log_and_register(client: MlflowClient, uri: str, model_dir: Path, *, model_
         run_tags[_unique(_key(TAG_INPUT_PREFIX + reference), run_tags)] = digest
     if flow_run_id:
         run_tags[TAG_FLOW_RUN_ID] = flow_run_id
+    run_tags.setdefault(MLFLOW_RUN_NOTE, RUN_NOTE)
+    params = flatten_params(recipe)
     experiment_id = _experiment_id(client, experiment, uri)
     run = client.create_run(experiment_id, run_name=run_name or f"{registered_name}-{recipe_hash.split(':')[-1][:12]}")
     run_id = run.info.run_id
     try:
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            params=[Param(k, v) for k, v in flatten_params(recipe).items()],
-            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-            tags=[RunTag(k, _truncate(v, MAX_TAG_VAL_LENGTH)) for k, v in run_tags.items()])
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                         tags=[RunTag(k, _truncate(v, MAX_TAG_VAL_LENGTH)) for k, v in run_tags.items()])
+        linked = _log_datasets(client, run_id, datasets)
         for name, path in artifacts.items():
             if path.is_dir():
                 client.log_artifacts(run_id, str(path), artifact_path=name)
             else:
                 client.log_artifact(run_id, str(path), artifact_path=name)
-        # The model goes last and the version after it: the registry must never point at a half-logged folder.
-        client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT)
+        # The model goes last and the version after it: the registry must never point at a half-logged model.
+        model_id = _log_model(client, experiment_id, run_id, model_dir, model_hash=model_hash,
+                              recipe_hash=recipe_hash, params=params)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[
+            Metric(k, v, now, 0, model_id=model_id, run_id=run_id,
+                   dataset_name=linked[k][0] if k in linked else None,
+                   dataset_digest=linked[k][1] if k in linked else None)
+            for k, v in metrics.items()])
         _ensure_registered_model(client, registered_name)
         version = client.create_model_version(
-            registered_name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+            registered_name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+            description=description or None,
             tags={TAG_MODEL_HASH: model_hash, TAG_RECIPE_HASH: recipe_hash, TAG_VERSION: __version__})
         version = _await_ready(client, version)
+        # The logged model's page lists the versions it was registered as (what mlflow.register_model records).
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [{"name": registered_name, "version": str(version.version)}])})
     except BaseException:
         with contextlib.suppress(Exception):  # keep the original error; the run state is secondary
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     return version
+
+
+def _log_model(client: MlflowClient, experiment_id: str, run_id: str, model_dir: Path, *, model_hash: str,
+               recipe_hash: str, params: Mapping[str, str]) -> str:
+    """Log ``model_dir`` as an MLflow Model of the transformers flavor, as the run's output; returns its model id.
+
+    The logged model is created here, in the run's experiment: left to MLflow it would go to the process's active
+    experiment (``mlflow.set_experiment``), which need not be the run's. MLflow copies the folder into a temporary
+    MLflow Model (``model/`` beside ``MLmodel``), uploads it and marks the logged model READY (FAILED on error).
+    """
+    import mlflow.transformers  # transformers (~3 s to import): only when a model is logged
+
+    logged = client.create_logged_model(
+        experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id, params=dict(params), model_type=MODEL_TASK,
+        tags={TAG_MODEL_HASH: model_hash, TAG_RECIPE_HASH: recipe_hash, TAG_VERSION: __version__})
+    with _pipeline_classes_for_mlflow():
+        mlflow.transformers.log_model(
+            str(model_dir), name=MODEL_ARTIFACT, model_id=logged.model_id, run_id=run_id, task=MODEL_TASK,
+            signature=SIGNATURE, pip_requirements=model_requirements(), save_pretrained=True,
+            metadata={TAG_MODEL_HASH: model_hash, TAG_RECIPE_HASH: recipe_hash, TAG_VERSION: __version__})
+    return logged.model_id
+
+
+_CHECK_TASK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pipeline_classes_for_mlflow() -> Iterator[None]:
+    """While logging a checkpoint folder, ``transformers.pipelines.check_task`` lists each pipeline's class, not its
+    dotted path.
+
+    MLflow 3.17.2 logs a folder (no model load, the files copied as they are) by reading
+    ``check_task(task)[1]["impl"].__name__``; transformers 5 (5.23 here, above MLflow's tested 5.17) lists ``impl``
+    as a dotted-path string, so that fails with ``'str' object has no attribute '__name__'``. The other way in,
+    a loaded pipeline, would load the whole model into memory and write re-serialised weights (another content
+    hash). transformers resolves ``impl`` itself and passes a class through unchanged, so other callers see the same
+    behaviour; the lock keeps concurrent registrations from restoring each other's wrapper early.
+    """
+    import transformers.pipelines as pipelines
+
+    original = pipelines.check_task
+    if not isinstance(original(MODEL_TASK)[1].get("impl"), str):  # a transformers that already lists classes
+        yield
+        return
+
+    def check_task(task: str) -> tuple[str, dict[str, Any], Any]:
+        name, targeted, options = original(task)
+        impl = targeted.get("impl")
+        if isinstance(impl, str):
+            module, _, cls = impl.rpartition(".")
+            targeted = {**targeted, "impl": getattr(importlib.import_module(module), cls)}  # a copy: never the table
+        return name, targeted, options
+
+    with _CHECK_TASK_LOCK:
+        pipelines.check_task = check_task
+        try:
+            yield
+        finally:
+            pipelines.check_task = original
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements: the installed versions, without local labels (``2.13.0+cpu``), which
+    an index cannot serve."""
+    out = []
+    for package in MODEL_REQUIREMENTS:
+        try:
+            out.append(f"{package}=={package_metadata.version(package).split('+', 1)[0]}")
+        except package_metadata.PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+def _log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[EvaluationData]) -> dict[str, tuple[str, str]]:
+    """Log each evaluation file as a dataset input of the run (context ``evaluation``: the rows scored, with their
+    schema and digest); returns metric name -> (dataset name, digest) for the metrics computed on one dataset."""
+    if not datasets:
+        return {}
+    import mlflow.data  # pandas: only when there are datasets
+    import pandas as pd
+
+    inputs: list[DatasetInput] = []
+    linked: dict[str, tuple[str, str]] = {}
+    for item in datasets:
+        frame = pd.read_json(item.path, lines=True)
+        if item.limit is not None:
+            frame = frame.head(item.limit)
+        dataset = mlflow.data.from_pandas(frame, source=item.path.as_uri(), name=item.name)
+        entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends; the client API takes the entity
+        inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, EVALUATION_CONTEXT)]))
+        for metric in item.metrics:
+            linked[metric] = (entity.name, entity.digest)
+    client.log_inputs(run_id, datasets=inputs)
+    return linked
+
+
+def _model_id(version: ModelVersion) -> str | None:
+    """The logged model a version was registered from (the registry's field, else its ``models:/<id>`` source; some
+    stores do not return the field); None for a plain-folder version."""
+    if getattr(version, "model_id", None):
+        return str(version.model_id)
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", str(version.source or ""))
+    return match[1] if match else None
 
 
 def _check_model(model_dir: Path) -> str:
@@ -415,6 +611,17 @@ def _check_model(model_dir: Path) -> str:
         raise TrackingError(f"cannot register {model_dir}: incomplete or corrupt model folder: {e}") from e
     if snapshot.format != "safetensors":
         raise TrackingError(f"cannot register {model_dir}: weights are {snapshot.format}, expected safetensors")
+    # What the transformers flavor reads when logging a folder; refused here rather than half-way through a run.
+    try:
+        architectures = json.loads((model_dir / CONFIG).read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        architectures = None
+    if not architectures or not isinstance(architectures, list):
+        raise TrackingError(f"cannot register {model_dir}: {CONFIG} names no 'architectures' (the MLflow "
+                            f"transformers flavor needs the model class)")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise TrackingError(f"cannot register {model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); the MLflow "
+                            f"transformers flavor needs one (merge with a tokenizer_source that has it)")
     return snapshot.content_hash
 
 
@@ -430,6 +637,26 @@ def _check_artifacts(artifacts: Mapping[str, str | Path]) -> dict[str, Path]:
         if not path.exists():
             raise TrackingError(f"artifact {name!r}: {path} does not exist")
         checked[PurePosixPath(name).as_posix()] = path
+    return checked
+
+
+def _check_datasets(datasets: Sequence[EvaluationData], metrics: Mapping[str, float]) -> list[EvaluationData]:
+    """Each dataset an existing jsonl file with a unique name, naming only metrics that are logged."""
+    checked: list[EvaluationData] = []
+    names: set[str] = set()
+    for item in datasets:
+        path = Path(item.path)
+        if not path.is_file():
+            raise TrackingError(f"evaluation dataset {item.name!r}: {path} is not a file")
+        if not item.name or item.name in names:
+            raise TrackingError(f"evaluation dataset name {item.name!r} is empty or given twice")
+        names.add(item.name)
+        metric_keys = tuple(_key(m) for m in item.metrics)
+        unknown = [m for m in metric_keys if m not in metrics]
+        if unknown:
+            raise TrackingError(f"evaluation dataset {item.name!r} names metrics that are not logged: "
+                                f"{', '.join(unknown)}")
+        checked.append(dataclasses.replace(item, path=path, metrics=metric_keys))
     return checked
 
 
@@ -460,7 +687,8 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=_artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:  # created meanwhile by a concurrent run
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -469,6 +697,8 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
                             f"use another name")
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before experiments were tagged, or by someone else
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

@@ -150,7 +150,14 @@ def test_pipeline_artifacts_and_a_changed_knob_recomputes_only_later_stages(harn
     assert run.data.tags["mergeflow.flow_run_id"] == str(first.state_details.flow_run_id)
     assert run.data.params["importance.0.estimator"] == "cocktail"
     listed = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "model_card", "evaluation"} <= listed
+    assert {"model_card", "evaluation"} <= listed and "model" not in listed  # the model is the run's logged model
+    [output] = run.outputs.model_outputs
+    version = client.get_model_version("flow-ta", result["registration"]["version"])
+    assert version.source == f"models:/{output.model_id}" and result["registration"]["model_id"] == output.model_id
+    assert version.description.startswith("task_arithmetic (lambda=1.0); importance cocktail; 3 experts over "
+                                          "zoo:test/base; selection validation_in_domain_avg = "), version.description
+    names = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert {f"{t}/test[:30]" for t in TASKS} | {f"{t}/validation[:20]" for t in TASKS} <= names, names
     assert any(p.startswith("coefficients") for p in listed) and any(p.startswith("importance_heatmaps")
                                                                       for p in listed)
 
@@ -203,3 +210,8 @@ def test_demo_flow_on_the_test_zoo(harness, test_zoo, tmp_path):  # noqa: F811
     values = versions(DEMO_MODEL)
     assert len(values) == len(DATA_FREE_MERGES + DATA_AWARE_MERGES)
     assert values[champion_version(DEMO_MODEL)] == max(values.values())
+    # the demo's champion is an MLflow Model the standard loader takes
+    import mlflow
+
+    [text] = mlflow.pyfunc.load_model(f"models:/{DEMO_MODEL}@champion").predict(["the"], params={"max_new_tokens": 2})
+    assert isinstance(text, str)

@@ -12,7 +12,8 @@ Runs of ``merge-pipeline/merge-pipeline-nightly`` (parameters overridden to ``te
 
 A. the recipe end to end, its importance stage as a flow run of ``importance/importance-gpu`` on the gpu pool;
    checked through the Prefect API (states of the flow runs and of every stage's task runs) and the MLflow server
-   (version, alias, run params, metrics and tags; the champion resolves and loads with the merged model's logits);
+   (version, alias, run params, metrics, tags, description and dataset inputs; the champion resolves and loads with
+   the merged model's logits, and ``mlflow models serve`` serves it: one completion, greedy, as transformers makes it);
 B. the recipe with one merge knob changed (lambda), its cpu worker SIGKILLed (with the flow-run process) while the
    merge runs: the registry still holds only complete versions and the champion has not moved. Nothing tells the
    server: B stays RUNNING, with its merge task run RUNNING, and keeps the deployment's only concurrency slot
@@ -62,7 +63,8 @@ EVALUATION = "evaluate/evaluate-gpu"
 DEPLOYMENTS = (PIPELINE, "merge-sweep/sweep-weekly", IMPORTANCE, EVALUATION)
 STAGES = ("resolve", "task_vectors", "merge", "evaluate", "register")
 BIN = Path(sys.executable).parent  # the venv's scripts (prefect, mlflow) next to this interpreter
-RUN_TIMEOUT = 240.0
+# seconds a flow run may take; raise it on a loaded machine (the runs' stages are minutes of CPU there)
+RUN_TIMEOUT = float(os.environ.get("MERGEFLOW_IT_RUN_TIMEOUT", "240"))
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -485,6 +487,40 @@ def test_registered_in_mlflow_and_champion_loads(registry_client: Stack, mergefl
     assert Path(manifest.path) == merged and manifest.content_hash == model_hash
     assert champion.path != merged  # a download from the server, not the cache folder itself
     assert torch.equal(_logits(champion.path), _logits(merged))
+
+    # what a registry user sees and gets: the method in the description, the evaluation data as dataset inputs, and
+    # the champion served by `mlflow models serve` from the server's registry
+    assert versions[0].description.startswith("ties (") and "selection validation_in_domain_avg = " in \
+        versions[0].description, versions[0].description
+    assert re.fullmatch(r"models:/m-[0-9a-f]+", versions[0].source), versions[0].source  # the run's logged model
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"topic/test[:40]", "topic/validation[:20]"}, \
+        [d.dataset.name for d in run.inputs.dataset_inputs]
+    prompt = "the"
+    from transformers import pipeline
+
+    expected = pipeline("text-generation", model=str(merged))(prompt, max_new_tokens=4, do_sample=False,
+                                                              return_full_text=False)[0]["generated_text"]
+    assert _serve_champion(st, prompt, max_new_tokens=4) == expected
+
+
+def _serve_champion(st: Stack, prompt: str, *, max_new_tokens: int) -> str:
+    """``mlflow models serve -m models:/MODEL@champion --env-manager local`` on 127.0.0.1: one completion, then the
+    server's process group is killed."""
+    import httpx
+
+    port = _free_port()
+    proc = _start("mlflow-models-serve", [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+                                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                  st.env, st.logs)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping", proc, 180)
+        reply = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                           json={"inputs": [prompt], "params": {"max_new_tokens": max_new_tokens}})
+        assert reply.status_code == 200, f"{reply.status_code} {reply.text}\n{proc.tail()}"
+        [text] = reply.json()["predictions"]
+        return text
+    finally:
+        _kill(proc)
 
 
 def test_killed_worker_then_rerun(registry_client: Stack) -> None:

@@ -65,6 +65,21 @@ def test_registry_defaults():
     assert pipeline.registry_spec(parse_recipe(zoo_recipe()), "given").name == "given"
 
 
+def test_version_description_names_method_parameters_and_score():
+    """The one line a registry user reads in the versions list (the registry's description of each version)."""
+    same = parse_recipe(zoo_recipe(importance=[{"estimator": "sens", "data": {"zoo": "zoo:test", "n": 8}}]))
+    short = same.recipe_hash().split(":")[-1][:12]
+    assert pipeline.version_description(same, "validation_in_domain_avg", 71.254, True) == (
+        f"ties (lambda=1.0); each expert density=0.3; importance sens; 3 experts over zoo:test/base; "
+        f"selection validation_in_domain_avg = 71.25 (higher is better); recipe {short}")
+    models = [{"model": "zoo:test/topic", "task": "topic", "parameters": {"weight": [0.2, 0.4]}},
+              {"model": "zoo:test/nli", "task": "nli"}]
+    mixed = parse_recipe(zoo_recipe(merge_method="linear", models=models, parameters={}, base_model=None))
+    assert pipeline.version_description(mixed, "validation_avg", 2.0, False).startswith(
+        "linear; experts topic (weight=[0.2,0.4]), nli (defaults); 2 experts; "
+        "selection validation_avg = 2.00 (lower is better); recipe ")
+
+
 # ------------------------------------------------------------------------------------------------------ grid
 
 

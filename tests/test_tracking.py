@@ -1,4 +1,5 @@
-"""MLflow layer against a real SQLite-backed MLflow store: runs, params, tags, artifacts, registry, aliases.
+"""MLflow layer against a real SQLite-backed MLflow store: runs, params, tags, artifacts, the logged MLflow Model
+(transformers flavor) and what the standard loaders make of it, dataset inputs, registry, aliases.
 
 One store per module (MLflow's first touch of a new database runs its migrations, about 5 s); each test registers
 under its own model name so the tests do not depend on each other's order.
@@ -16,6 +17,7 @@ import torch
 mlflow = pytest.importorskip("mlflow")
 
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import LoggedModelStatus  # noqa: E402
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH  # noqa: E402
 
 from mergeflow import __version__  # noqa: E402
@@ -23,11 +25,14 @@ from mergeflow.checkpoints import resolve  # noqa: E402
 from mergeflow.errors import TrackingError  # noqa: E402
 from mergeflow.tracking import (  # noqa: E402
     ENV_PROJECT_DIR,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     TAG_FLOW_RUN_ID,
     TAG_INPUT_HASHES,
     TAG_MODEL_HASH,
     TAG_RECIPE_HASH,
     TAG_VERSION,
+    EvaluationData,
     Registration,
     champion,
     configure,
@@ -94,12 +99,17 @@ def first(store: Path, models: list[Path], tmp_path_factory: pytest.TempPathFact
     (extra / "coefficients" / "coefficients.json").write_text("{}\n")
     (extra / "heatmap.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (extra / "accuracy.csv").write_text("task,acc\narith,0.5\n")
+    rows = [{"context": f"{i} plus 1 is", "choices": [str(i + 1), str(i)], "label": 0} for i in range(5)]
+    (extra / "arith-validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     registration = log_merge(
         models[0], recipe=RECIPE, recipe_hash=RECIPE_HASH, input_hashes=INPUTS, experiment="merges",
         registered_name="tiny-first", metrics={"val/avg_acc": 0.5, "arith/acc": 0.25, "seconds": 1.5},
         selection_metric=("val/avg_acc", 0.5), tags={"team": "merging"}, flow_run_id="flow-run-123",
         artifacts={"coefficients": extra / "coefficients", "plots": extra / "heatmap.png",
-                   "tables": extra / "accuracy.csv"})
+                   "tables": extra / "accuracy.csv"},
+        description="ties (lambda=0.5); selection val/avg_acc = 0.50",
+        datasets=[EvaluationData("arith/validation[:3]", extra / "arith-validation.jsonl", limit=3,
+                                 metrics=("arith/acc",))])
     return registration
 
 
@@ -141,19 +151,43 @@ def test_log_merge_records_run_and_registers_champion(store: Path, first, models
     assert tags["team"] == "merging"
     assert run.data.metrics == {"val/avg_acc": 0.5, "arith/acc": 0.25, "seconds": 1.5}
 
-    assert {a.path for a in client.list_artifacts(first.run_id)} == {"coefficients", "plots", "tables", "model"}
+    assert run.data.tags["mlflow.note.content"].startswith("Registration of one merge")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # MLflow 3's model view, not the GenAI one
+
+    # the evaluation data: one dataset input (the 3 rows scored), its metric linked to it
+    [data] = run.inputs.dataset_inputs
+    assert data.dataset.name == "arith/validation[:3]" and json.loads(data.dataset.profile)["num_rows"] == 3
+    assert {t.key: t.value for t in data.tags} == {"mlflow.data.context": "evaluation"}
+
+    # the run's own files; the model is an MLflow 3 logged model, the run's output
+    assert {a.path for a in client.list_artifacts(first.run_id)} == {"coefficients", "plots", "tables"}
     assert [a.path for a in client.list_artifacts(first.run_id, "plots")] == ["plots/heatmap.png"]
     assert [a.path for a in client.list_artifacts(first.run_id, "coefficients")] == ["coefficients/coefficients.json"]
-    logged = {Path(a.path).name for a in client.list_artifacts(first.run_id, "model")}
-    assert logged == {p.name for p in models[0].iterdir()}  # the folder as is, nothing added
-    assert {"config.json", "model.safetensors", "README.md", "mergeflow.json", "tokenizer.json"} <= logged
-
+    assert [o.model_id for o in run.outputs.model_outputs] == [first.model_id]
+    logged = client.get_logged_model(first.model_id)
+    assert (logged.source_run_id, logged.experiment_id) == (first.run_id, experiment.experiment_id)
+    assert logged.status == LoggedModelStatus.READY
+    assert logged.params["parameters.lambda"] == "0.5" and logged.tags[TAG_MODEL_HASH] == first.model_hash
+    assert {m.key: m.value for m in logged.metrics} == {"val/avg_acc": 0.5, "arith/acc": 0.25, "seconds": 1.5}
+    on_data = {m.key: (m.dataset_name, m.dataset_digest) for m in logged.metrics}
+    assert on_data["arith/acc"] == (data.dataset.name, data.dataset.digest) and on_data["seconds"] == (None, None)
     # artifacts live beside the SQLite database, not in ./mlruns
-    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri() + "/")
+    assert logged.artifact_location.startswith((store / "mlartifacts").as_uri() + "/")
+    folder = Path(logged.artifact_location.removeprefix("file://"))
+    mlmodel = (folder / "MLmodel").read_text()
+    assert "transformers:" in mlmodel and "python_function:" in mlmodel and "task: text-generation" in mlmodel
+    assert {p.name for p in (folder / "model").iterdir()} == {p.name for p in models[0].iterdir()}  # the folder as is
+    assert (folder / "model" / "model.safetensors").read_bytes() == (models[0] / "model.safetensors").read_bytes()
+    assert [p.name for p in folder.rglob("*.safetensors")] == ["model.safetensors"]  # the weights once
+
     version = client.get_model_version("tiny-first", "1")
-    assert version.source == first.source == f"{run.info.artifact_uri}/model"
+    assert version.source == first.source == f"models:/{first.model_id}"
+    assert version.description == "ties (lambda=0.5); selection val/avg_acc = 0.50"
     assert version.run_id == first.run_id and version.status == "READY"
     assert version.tags[TAG_MODEL_HASH] == first.model_hash
+    assert json.loads(client.get_logged_model(first.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "tiny-first", "version": "1"}]
     assert str(client.get_model_version_by_alias("tiny-first", "champion").version) == "1"
     held = champion("tiny-first")
     assert held is not None
@@ -177,6 +211,41 @@ def test_champion_loads_back_with_identical_logits(store: Path, first, models: l
     text = "the quick brown fox"
     assert (AutoTokenizer.from_pretrained(snapshot.path)(text).input_ids
             == AutoTokenizer.from_pretrained(models[0])(text).input_ids)
+
+
+def test_champion_loads_with_pyfunc_and_generates(store: Path, first, models: list[Path]) -> None:
+    """What a registry user does: the standard pyfunc loader on models:/NAME@champion, then generate; the text is
+    what transformers' own pipeline makes of the original folder (greedy, same settings)."""
+    from transformers import pipeline
+
+    prompt = "the quick brown fox"
+    loaded = mlflow.pyfunc.load_model("models:/tiny-first@champion")
+    assert loaded.metadata.model_id == first.model_id
+    assert loaded.metadata.metadata[TAG_MODEL_HASH] == first.model_hash
+    [text] = loaded.predict([prompt], params={"max_new_tokens": 6})
+    expected = pipeline("text-generation", model=str(models[0]))(prompt, max_new_tokens=6, do_sample=False,
+                                                                  return_full_text=False)[0]["generated_text"]
+    assert text == expected and text.strip()
+
+
+def test_plain_folder_versions_still_resolve_and_are_hash_checked(store: Path, models: list[Path]) -> None:
+    """Versions registered before the MLflow Model layout (the folder as run artifacts) keep resolving; a version
+    whose weights do not hash to its mergeflow.model_hash tag is refused."""
+    from mergeflow.errors import CheckpointError
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("merges").experiment_id
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(models[3]), artifact_path="model")
+    client.create_registered_model("tiny-plain")
+    good_hash = resolve(models[3], scan_finite=False).content_hash
+    for tag in (good_hash, "sha256:" + "0" * 64):
+        client.create_model_version("tiny-plain", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                    tags={TAG_MODEL_HASH: tag})
+    snapshot = resolve("models:/tiny-plain/1")
+    assert snapshot.content_hash == good_hash and (snapshot.path / "tokenizer.json").is_file()
+    with pytest.raises(CheckpointError, match="not to the version"):
+        resolve("models:/tiny-plain/2")
 
 
 def test_alias_moves_only_to_a_strictly_better_version(store: Path, models: list[Path]) -> None:
@@ -243,7 +312,11 @@ def test_partial_folder_is_refused(store: Path, models: list[Path], tmp_path: Pa
     (no_config / "config.json").unlink()
     stray = shutil.copytree(models[4], tmp_path / "stray")
     (stray / "model-00002-of-00002.safetensors").write_bytes(b"\x10\x00")
-    for folder, message in [(truncated, "truncated"), (no_config, "no config.json"), (stray, "model-00002")]:
+    no_tokenizer = shutil.copytree(models[4], tmp_path / "no_tokenizer")
+    for file in no_tokenizer.glob("tokenizer*"):
+        file.unlink()
+    for folder, message in [(truncated, "truncated"), (no_config, "no config.json"), (stray, "model-00002"),
+                            (no_tokenizer, "no tokenizer")]:
         with pytest.raises(TrackingError, match=message):
             log_merge(folder, recipe=RECIPE, recipe_hash=RECIPE_HASH, input_hashes=INPUTS, experiment="partial",
                       registered_name="tiny-partial", metrics={}, selection_metric=("val/avg_acc", 0.9))
@@ -257,6 +330,12 @@ def test_partial_folder_is_refused(store: Path, models: list[Path], tmp_path: Pa
     with pytest.raises(TrackingError, match="not a number"):
         log_merge(models[4], recipe=RECIPE, recipe_hash=RECIPE_HASH, input_hashes=INPUTS, experiment="partial",
                   registered_name="tiny-partial", metrics={"acc": "high"})
+    with pytest.raises(TrackingError, match="is not a file"):
+        _log(models[4], "tiny-partial", 0.5, datasets=[EvaluationData("arith/test", tmp_path / "missing.jsonl")])
+    (tmp_path / "rows.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(TrackingError, match="not logged: arith/acc"):
+        _log(models[4], "tiny-partial", 0.5,
+             datasets=[EvaluationData("arith/test", tmp_path / "rows.jsonl", metrics=("arith/acc",))])
     assert client.search_model_versions("name = 'tiny-partial'") == []
 
 
@@ -274,8 +353,9 @@ def test_default_store_is_sqlite_in_the_project_folder(store: Path, models: list
     assert mlflow.get_tracking_uri() == f"sqlite:///{store}/mlflow.db"
     experiment = MlflowClient().get_experiment_by_name("default-store")
     assert experiment.artifact_location == (store / "mlartifacts").as_uri()
-    assert registration.source.startswith((store / "mlartifacts").as_uri() + "/")
-    logged = store / "mlartifacts" / registration.run_id / "artifacts" / "model"  # <location>/<run id>/artifacts
-    assert (logged / "config.json").is_file() and (logged / "model.safetensors").is_file()
+    assert registration.source == f"models:/{registration.model_id}"
+    # <location>/models/<model id>/artifacts: the MLflow Model, its weights in the flavor's model/ folder
+    logged = store / "mlartifacts" / "models" / registration.model_id / "artifacts"
+    assert (logged / "MLmodel").is_file() and (logged / "model" / "model.safetensors").is_file()
     assert not (tmp_path / "mlruns").exists() and not (store / "mlruns").exists()
     assert not registration.champion  # no selection metric: no alias
