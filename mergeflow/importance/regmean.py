@@ -32,6 +32,17 @@ from mergeflow.importance.base import (
     MeasurePart,
     register_estimator,
 )
+from mergeflow.importance.costs import (
+    CostPlan,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    linear_inputs,
+    model_bytes,
+    passes_over,
+    truncated,
+)
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -174,3 +185,18 @@ REGMEAN = register_estimator(Estimator(
     default_split="calib",
     default_n=128,
 ))
+
+
+@declare_plan("regmean")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Each expert forwards its own task's full texts in batches of ``batch_size`` (one recorded forward each);
+    in memory: that expert, its Grams (``in × in`` fp32 per linear layer; the sums and the normalised copy)."""
+    p = inputs.params
+    passes = []
+    for task in inputs.tasks:
+        passes += passes_over("expert Grams", "expert", chunks(truncated(task.lengths, p["max_length"]),
+                                                                p["batch_size"]))
+    grams = sum(n * n for n in linear_inputs(inputs.arch)) * 4
+    return CostPlan("regmean", passes, {"models (1, fp32)": model_bytes(inputs.arch),
+                                        "Gram matrices (sums + normalised copy, fp32)": 2 * grams,
+                                        "activations": largest_activations(inputs.arch, passes)})
