@@ -429,7 +429,8 @@ def render(e: Mapping[str, Any]) -> list[str]:
     head = f"importance[{e['index']}] {e['estimator']}"
     if "error" in e:
         return [f"{head}: no estimate: {e['error']}"]
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(e["params"].items()) if v is not None)
+    given = e.get("given", e["params"])  # the recipe's own parameters (the JSON has every resolved one)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(given.items())) or "defaults"
     p = e["passes"]
     models = "; ".join(f"{m} {v['forward']} fwd/{v['backward']} bwd, {v['tokens']:,} tokens"
                        for m, v in p["by_model"].items())

@@ -131,7 +131,7 @@ def importance_estimates(recipe: Recipe, snapshot: Path, *, device: str | torch.
                 for i, spec in enumerate(recipe.importance)]
     expert_tasks = [e.task for e in recipe.experts]
     for i, spec in enumerate(recipe.importance):
-        row: dict[str, Any] = {"index": i, "estimator": spec.estimator}
+        row: dict[str, Any] = {"index": i, "estimator": spec.estimator, "given": dict(spec.parameters)}
         try:
             tasks = importance_tasks(spec, expert_tasks, len(recipe.experts), recipe.resolve_reference)
             params = get_estimator(spec.estimator).resolve_params(spec.parameters)
