@@ -170,3 +170,29 @@ def test_measured_layer_costs_grow_with_tokens(llama):
     costs = measure_layer_costs(config, {"forward": [(1, 8), (8, 32)], "backward": [(2, 16)]}, repeats=2)
     assert set(costs.layer) == {"forward", "backward"}
     assert costs.layer["forward"][(8, 32)] > 0 and costs.rest["backward"][(2, 16)] > 0
+
+
+def test_check_prints_the_importance_estimate(llama, tmp_path):
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    base, experts = llama
+    tasks = _tasks(tmp_path, len(experts), 5)
+    models = "".join(f"  - {{model: {e}, task: {t.task}}}\n" for e, t in zip(experts, tasks))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: dare_linear\nbase_model: {base}\nmodels:\n{models}"
+                      "importance:\n  - {estimator: apl, parameters: {level: layer, batch_size: 2}}\n"
+                      f"  - {{estimator: fisher, data: {{n: 99}}}}\n")
+    done = CliRunner().invoke(main, ["check", str(recipe), "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    out = done.output
+    assert "importance[0] apl (batch_size=2, level=layer)" in out and "a CPU estimate" in out
+    assert "peak memory ≈" in out.split("importance[0]")[1]
+    # five examples per task, 99 asked: one line saying so, no traceback, the check still passes
+    assert "importance[1] fisher: no estimate: task" in out and "99 requested" in out and "Traceback" not in out
+    as_json = json.loads(CliRunner().invoke(main, ["check", str(recipe), "--json", "--device", "cpu"]).output)
+    first, second = as_json["importance_estimate"]
+    expected = plan_for("apl", _inputs(base, tasks, "apl", {"level": "layer", "batch_size": 2})).recorded()
+    assert first["passes"]["recorded"] == expected and first["seconds"] > 0 and first["device"] == "cpu"
+    assert "error" in second
