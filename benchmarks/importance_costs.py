@@ -32,6 +32,7 @@ from mergeflow.importance.costs import (
     TaskShape,
     estimate,
     measure_layer_costs,
+    parameter_count,
 )
 
 SHAPES = {
@@ -80,12 +81,17 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="one model shape")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/importance_costs.json"))
     ap.add_argument("--markdown", type=Path, default=Path("benchmarks/results/importance_costs.md"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown table from the JSON")
     args = ap.parse_args()
+    if args.render_only:
+        args.markdown.write_text(render(json.loads(args.json.read_text())))
+        print(f"wrote {args.markdown}")
+        return
     timed = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     report = {"device": args.device, "threads": max(1, (os.cpu_count() or 2) - 1), "cpu_count": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "experts": args.experts,
-              "tokens_per_example": args.length, "timed_shapes": [f"{r}x{w}" for r, w in timed], "models": {}}
-    lines = []
+              "tokens_per_example": args.length, "timed_shapes": [f"{r}x{w}" for r, w in timed],
+              "load_average": os.getloadavg()[0], "models": {}}
     for name, config in SHAPES.items():
         if args.only and name != args.only:
             continue
@@ -110,26 +116,33 @@ def main() -> None:
             d["label"] = f"{estimator} " + " ".join(f"{k}={v}" for k, v in params.items())
             d.pop("measured")
             rows.append(d)
-        report["models"][name] = {"config": config, "parameters": sum(
-            int(torch.Size(r.shape).numel()) for r in arch.tensors.values()), "measured": costs.describe(),
-            "measure_seconds": round(time.perf_counter() - start, 1), "estimates": rows}
-        lines.append(f"\n**{name}** ({report['models'][name]['parameters'] / 1e9:.2f} B parameters; one layer timed "
-                     f"on {args.device}, {report['threads']} thread(s))\n")
-        lines.append("| estimator | examples/task | forward | backward | tokens | time here | peak memory |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for d in rows:
+        report["models"][name] = {"config": config, "parameters": parameter_count(arch),
+                                  "measured": costs.describe(), "measure_seconds": round(time.perf_counter() - start, 1),
+                                  "estimates": rows}
+        print(render({**report, "models": {name: report["models"][name]}}), flush=True)
+    report["load_average_end"] = os.getloadavg()[0]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    args.markdown.write_text(render(report))
+    print(f"wrote {args.json} and {args.markdown}")
+
+
+def render(report: dict) -> str:
+    lines = [f"Importance stage, {report['experts']} experts, {report['tokens_per_example']} tokens per example, each "
+             f"estimator at its defaults (benchmarks/importance_costs.py; one layer timed on {report['device']} with "
+             f"{report['threads']} thread(s) of {report['cpu_count']}, load average {report.get('load_average', float('nan')):.1f})"]
+    for name, m in report["models"].items():
+        lines += [f"\n**{name}** ({m['parameters'] / 1e9:.2f} B parameters)\n",
+                  "| estimator | examples/task | forward | backward | tokens | time here | peak memory |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in m["estimates"]:
             if "error" in d:
                 lines.append(f"| {d['estimator']} | | | | | {d['error']} | |")
                 continue
             p = d["passes"]
             lines.append(f"| {d['label'].strip()} | {d['examples_per_task']} | {p['forward']:,} | {p['backward']:,} | "
-                         f"{p['tokens'] / 1e6:.1f} M | {_duration(d['seconds'])} | {d['peak_memory_bytes'] / 1e9:.1f} GB |")
-        print("\n".join(lines[-len(rows) - 3:]), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    args.markdown.write_text(f"Importance stage, {args.experts} experts, {args.length} tokens per example "
-                             "(benchmarks/importance_costs.py)\n" + "\n".join(lines) + "\n")
-    print(f"wrote {args.json} and {args.markdown}")
+                         f"{p['tokens']:,} | {_duration(d['seconds'])} | {d['peak_memory_bytes'] / 1e9:.1f} GB |")
+    return "\n".join(lines) + "\n"
 
 
 def _duration(s: float) -> str:

@@ -317,10 +317,12 @@ def one_layer_model(config: Mapping[str, Any], device: torch.device) -> torch.nn
 
 def measure_layer_costs(config: Mapping[str, Any], shapes: Mapping[str, Sequence[tuple[int, int]]], *,
                         device: str | torch.device = "cpu", repeats: int = 3, budget_s: float = 20.0,
-                        threads: int | None = None) -> LayerCosts:
+                        threads: int | None = None, max_tokens: int = 2048) -> LayerCosts:
     """Time one decoder layer and the rest of ``config``'s architecture at ``shapes`` (``{"forward": [...],
-    "backward": [...]}``; at most the smallest and the largest of each kind are measured), median of ``repeats``
-    after one warm-up; fewer repeats once a shape's runs pass ``budget_s`` seconds."""
+    "backward": [...]}``; at most the smallest and the largest of each kind are measured, the largest with fewer
+    rows when it has more than ``max_tokens`` tokens: larger passes are extrapolated linearly in tokens, so that a
+    7B check times seconds, not minutes), median of ``repeats`` after one warm-up; fewer repeats once a shape's runs
+    pass ``budget_s`` seconds."""
     from mergeflow.devices import compute_threads
 
     device = torch.device(device)
@@ -334,6 +336,7 @@ def measure_layer_costs(config: Mapping[str, Any], shapes: Mapping[str, Sequence
         for kind, wanted in shapes.items():
             picked = sorted(set(wanted), key=lambda s: (s[0] * s[1], s))
             picked = [picked[0], picked[-1]] if len(picked) > 1 else picked
+            picked = sorted({(max(1, min(r, max_tokens // w)), w) for r, w in picked})
             out.layer[kind], out.rest[kind] = {}, {}
             for rows, width in picked:
                 layer_s, rest_s = _time_shape(model, layer, vocab, rows, width, backward=kind == "backward",
