@@ -8,6 +8,7 @@ linearly in tokens to the passes' shapes (matmul-bound at these widths). Memory 
 
     .venv/bin/python benchmarks/importance_costs.py [--experts 3] [--length 256] [--device cpu]
         [--json benchmarks/results/importance_costs.json] [--markdown benchmarks/results/importance_costs.md]
+    .venv/bin/python benchmarks/importance_costs.py --validate-zoo zoo:full   # estimate vs real runs on the zoo
 """
 
 from __future__ import annotations
@@ -82,7 +83,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/importance_costs.json"))
     ap.add_argument("--markdown", type=Path, default=Path("benchmarks/results/importance_costs.md"))
     ap.add_argument("--render-only", action="store_true", help="rewrite the markdown table from the JSON")
+    ap.add_argument("--validate-zoo", default=None, metavar="ZOO",
+                    help="instead: estimate and run every estimator on ZOO (e.g. zoo:full), three experts")
     args = ap.parse_args()
+    if args.validate_zoo:
+        rows = validate_zoo(args.validate_zoo, ["sentiment", "topic", "nli"], args.device)
+        out = args.json.with_name("importance_costs_zoo_validation.json")
+        out.write_text(json.dumps({"zoo": args.validate_zoo, "device": args.device,
+                                   "load_average": os.getloadavg()[0], "rows": rows}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     if args.render_only:
         args.markdown.write_text(render(json.loads(args.json.read_text())))
         print(f"wrote {args.markdown}")
@@ -125,6 +135,52 @@ def main() -> None:
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     args.markdown.write_text(render(report))
     print(f"wrote {args.json} and {args.markdown}")
+
+
+ZOO_CHECKS = [
+    ("apl", {"level": "layer", "estimator": "causal"}),
+    ("apl", {"level": "hidden_state", "estimator": "grad"}),
+    ("sens", {}),
+    ("slta", {"level": "attn_mlp"}),
+    ("cocktail", {}),
+    ("fisher", {}),
+    ("regmean", {}),
+    ("adamerging", {"level": "layer", "steps": 40}),
+]
+
+
+def validate_zoo(zoo: str, tasks: list[str], device: str) -> list[dict]:
+    """Estimate, then run, each of ``ZOO_CHECKS`` on the zoo's base and experts of ``tasks`` (nothing cached):
+    the estimate's time against the measurement's own (model loading excluded)."""
+    from mergeflow.engine import resolve_inputs
+    from mergeflow.importance.base import ModelRef, compute_coefficients
+    from mergeflow.importance.recipes import importance_estimates, importance_tasks
+    from mergeflow.recipe import parse_recipe
+
+    rows = []
+    for estimator, params in ZOO_CHECKS:
+        recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": f"{zoo}/base",
+                               "models": [{"model": f"{zoo}/{t}", "task": t} for t in tasks],
+                               "importance": [{"estimator": estimator, "parameters": params, "data": {"zoo": zoo}}]})
+        inputs, _ = resolve_inputs(recipe)
+        (est,) = importance_estimates(recipe, inputs.base.path, device=device)
+        spec = recipe.importance[0]
+        data = importance_tasks(spec, tasks, len(tasks), recipe.resolve_reference)
+
+        def ref(snap):
+            return ModelRef(snap.reference, snap.path, snap.content_hash)
+
+        coeffs = compute_coefficients(estimator, base=ref(inputs.base), experts=[ref(e) for e in inputs.experts],
+                                      tasks=data, params=params, device=device, use_cache=False)
+        parts = coeffs.stats.get("measurements", {}).get("parts")
+        total = sum(p["seconds"] for p in parts.values()) if parts else coeffs.stats["seconds"]
+        real = total - coeffs.stats["load_seconds"]
+        rows.append({"estimator": estimator, "params": params, "estimate_seconds": est["seconds"],
+                     "real_seconds": round(real, 3), "ratio": round(est["seconds"] / real, 3),
+                     "recorded_passes": coeffs.stats["passes"], "planned_passes": est["passes"]["recorded"]})
+        print(f"{estimator} {params}: estimate {est['seconds']:.2f} s, real {real:.2f} s, "
+              f"ratio {est['seconds'] / real:.2f}", flush=True)
+    return rows
 
 
 def render(report: dict) -> str:
