@@ -149,7 +149,7 @@ def test_time_estimate_is_within_3x_of_real_runs(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(base)
     make_tokenizer().save_pretrained(base)
     experts = [make_expert(base, tmp_path / f"e{i}", seed=300 + i) for i in range(2)]
-    tasks = _tasks(tmp_path, 2, 16)
+    tasks = _tasks(tmp_path, 2, 12)
     config = json.loads((base / "config.json").read_text())
     ratios = {}
     for estimator, params in (("apl", {"level": "layer", "batch_size": 8}), ("regmean", {"batch_size": 8}),

@@ -104,7 +104,6 @@ from mergeflow.importance.costs import (
     CostPlan,
     Pass,
     PlanInputs,
-    activation_bytes,
     chunks,
     declare_plan,
     largest_activations,
@@ -1118,7 +1117,5 @@ def plan_costs(inputs: PlanInputs) -> CostPlan:
     if estimator == "causal" and tracing == "in_place" and scored:
         widest = max((r * w for t in inputs.distinct() for r, w in chunks(list(t.lengths), bs)), default=0)
         memory["recorded block outputs (fp32)"] = widest * arch.hidden_size * 4 * num_layers
-    memory["activations"] = max(largest_activations(arch, passes),
-                                max((activation_bytes(arch, q.rows, q.width, backward=q.backward)
-                                     for q in passes if q.backward), default=0))
+    memory["activations"] = largest_activations(arch, passes)
     return CostPlan("apl", passes, memory)

@@ -141,5 +141,8 @@ def importance_estimates(recipe: Recipe, snapshot: Path, *, device: str | torch.
             row["data"] = [t.describe() for t in dict((t.sha256, t) for t in tasks).values()]
         except MergeflowError as exc:
             row["error"] = str(exc)  # what is missing: task data, a zoo, a parameter; never a traceback
+        except (RuntimeError, ValueError, TypeError) as exc:  # an architecture transformers cannot build or time
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            row["error"] = f"cannot time one layer of {arch.model_type}: {type(exc).__name__}: {first}"
         out.append(row)
     return out
