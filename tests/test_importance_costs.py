@@ -132,6 +132,12 @@ def test_unbuilt_task_data_is_one_line(llama, tmp_path):
                            "importance": [{"estimator": "apl"}]})
     (row,) = importance_estimates(recipe, base)
     assert "missing.jsonl" in row["error"] and "\n" not in row["error"]
+    # a zoo that is not built is not built for an estimate: the reason, at once
+    recipe = parse_recipe({"merge_method": "dare_linear", "base_model": str(base),
+                           "models": [{"model": str(e), "task": "sentiment"} for e in experts],
+                           "importance": [{"estimator": "apl", "data": {"zoo": "zoo:test@977"}}]})
+    (row,) = importance_estimates(recipe, base)
+    assert "zoo zoo:test@977 is not built yet" in row["error"] and "\n" not in row["error"]
 
 
 def test_time_estimate_is_within_3x_of_real_runs(tmp_path):

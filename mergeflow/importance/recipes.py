@@ -133,6 +133,7 @@ def importance_estimates(recipe: Recipe, snapshot: Path, *, device: str | torch.
     for i, spec in enumerate(recipe.importance):
         row: dict[str, Any] = {"index": i, "estimator": spec.estimator, "given": dict(spec.parameters)}
         try:
+            _refuse_unbuilt_zoo(spec.data.zoo)
             tasks = importance_tasks(spec, expert_tasks, len(recipe.experts), recipe.resolve_reference)
             params = get_estimator(spec.estimator).resolve_params(spec.parameters)
             inputs = PlanInputs(params, task_shapes(tokenizer, tasks), arch, torch.device(device).type,
@@ -146,3 +147,17 @@ def importance_estimates(recipe: Recipe, snapshot: Path, *, device: str | torch.
             row["error"] = f"cannot time one layer of {arch.model_type}: {type(exc).__name__}: {first}"
         out.append(row)
     return out
+
+
+def _refuse_unbuilt_zoo(zoo: str | None) -> None:
+    """An estimate reads the task data, but must not build a zoo for it (minutes): a ``zoo:`` reference whose zoo
+    is not built yet is a one-line reason instead."""
+    from mergeflow.zoo.build import MANIFEST, ZOO_SCHEME, default_zoo_dir, parse_zoo_reference
+
+    if zoo is None or not zoo.startswith(ZOO_SCHEME):
+        return
+    size, seed, _ = parse_zoo_reference(zoo)
+    folder = default_zoo_dir(size, seed)
+    if not (folder / MANIFEST).exists():
+        raise RecipeError(f"importance data: zoo {zoo} is not built yet ({folder}); build it with `mergeflow zoo "
+                          "build` (or merge once) and check again")
