@@ -164,22 +164,43 @@ def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | Non
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the importance stage would run (auto: CUDA if present, else the CPU); its time estimate "
+                   "is measured there.")
 @user_errors
-def check(recipe: Path, as_json: bool) -> None:
-    """Check that the models of RECIPE can be merged: architectures, tensors, vocabularies, dtypes, memory."""
+def check(recipe: Path, as_json: bool, device: str) -> None:
+    """Check that the models of RECIPE can be merged: architectures, tensors, vocabularies, dtypes, memory; and
+    estimate the time and peak memory of each importance entry (its estimators are not run)."""
     # torch-heavy: imported when the command runs, so `mergeflow --help` and the other commands start fast
-    from mergeflow.engine import plan_merge
+    from mergeflow import streaming
+    from mergeflow.devices import pick_device
+    from mergeflow.engine import plan_merge, resolve_inputs
+    from mergeflow.importance.costs import render
+    from mergeflow.importance.recipes import importance_estimates
     from mergeflow.recipe import load_recipe
 
-    plan = plan_merge(load_recipe(recipe), strict=False)
+    r = load_recipe(recipe)
+    if r.importance:
+        # the importance stage is what is estimated here, not run (hours at 3B on a CPU)
+        inputs, _ = resolve_inputs(r)
+        plan = streaming.plan_merge(r, inputs, strict=False, require_coefficients=False)
+    else:
+        plan = plan_merge(r, strict=False)
     plan.close()
     report = plan.report
+    estimates: list[dict] = []
+    if r.importance and report.ok:
+        snapshot = (inputs.base or inputs.experts[0]).model_folder
+        estimates = importance_estimates(r, snapshot, device=pick_device(device))
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "problems": report.problems, "warnings": report.warnings,
                                "estimate": report.estimate, "vocabulary": report.vocabulary,
+                               "importance_estimate": estimates,
                                "models": [m.__dict__ for m in report.models]}, indent=2))
     else:
         click.echo(report.render())
+        for e in estimates:
+            click.echo("\n".join(render(e)))
     if not report.ok:
         sys.exit(EXIT_USER_ERROR)
 

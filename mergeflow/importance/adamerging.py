@@ -38,6 +38,15 @@ from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.costs import (
+    CostPlan,
+    Pass,
+    PlanInputs,
+    activation_bytes,
+    declare_plan,
+    model_bytes,
+    truncated,
+)
 from mergeflow.importance.scoring import Encoded, encode, lm_loss
 from mergeflow.methods.base import ParamSpec
 from mergeflow.partitions import Partitioner
@@ -163,3 +172,26 @@ ADAMERGING = register_estimator(Estimator(
     default_n=128,
     supports_ood=True,
 ))
+
+
+@declare_plan("adamerging")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """``steps`` × distinct tasks forward + backward passes of the merged model (``batch_size`` examples of the
+    task, drawn each step; the width planned is the task's longest example, an upper bound). In memory: the base,
+    the K task vectors (twice while they are stacked), the merged tensors and their gradients, fp32."""
+    p = inputs.params
+    arch = inputs.arch
+    passes = []
+    for task in inputs.distinct():
+        lengths = truncated(task.lengths, p["max_length"])
+        passes.append(Pass("merged model steps", "merged", min(p["batch_size"], len(lengths)), max(lengths),
+                           p["steps"], backward=True, recorded=(1, 1)))
+    model = model_bytes(arch)
+    k = inputs.k
+    act = max((activation_bytes(arch, q.rows, q.width, backward=True) for q in passes), default=0)
+    train = {"base model (fp32)": model, "task vectors (K, fp32)": k * model,
+             "merged tensors and their gradients (fp32)": 2 * model, "activations": act}
+    setup = {"base model (fp32)": model, "task vectors while stacked (2K, fp32)": 2 * k * model}
+    memory = train if sum(train.values()) >= sum(setup.values()) else setup
+    return CostPlan("adamerging", [q for q in passes if q.count], memory,
+                    notes=["each step also builds the merged tensors: K multiply-adds per parameter (not timed)"])

@@ -100,6 +100,16 @@ from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.importance.base import WHOLE, Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
+from mergeflow.importance.costs import (
+    CostPlan,
+    Pass,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    model_bytes,
+    passes_over,
+)
 from mergeflow.importance.scoring import Encoded, answer_logprobs, batches, encode, lm_loss
 from mergeflow.methods.base import ParamSpec
 from mergeflow.partitions import HIDDEN_STATE_MODES, Partitioner, is_block_partition
@@ -818,13 +828,19 @@ def _layout_of(path: str, content_hash: str, level: str, hidden_state_mode: str,
     """:func:`_layout` by the base's content hash: every shard of a run (and every finalize) reads the same base,
     so its architecture is inferred once per process, not once per shard (read-only: callers get list copies)."""
     arch = Architecture.from_folder(path)
+    return (arch, *_partitions_of(arch, level, hidden_state_mode, policy))
+
+
+def _partitions_of(arch: Architecture, level: str, hidden_state_mode: str,
+                   policy: str) -> tuple[Partitioner, tuple[str, ...], tuple[str, ...]]:
+    """The partitioner of the level, the partitions scored and those left uncalibrated (D-2)."""
     partitioner = Partitioner(arch, level, hidden_state_mode=hidden_state_mode)
     if level == "model":
-        return arch, partitioner, (), ()
+        return partitioner, (), ()
     all_ids = partitioner.partition_ids()
     uncalibrated = tuple(pid for pid in all_ids if not _calibrated(pid))
     scored = tuple(pid for pid in all_ids if _calibrated(pid) or policy == "own_partitions")
-    return arch, partitioner, scored, uncalibrated
+    return partitioner, scored, uncalibrated
 
 
 def _measure(run: ImportanceRun) -> Measurements:
@@ -1028,3 +1044,79 @@ APL = register_estimator(Estimator(
     default_n=5,
     supports_ood=True,
 ))
+
+
+def _first_changed_block(arch: Architecture, partitioner: Partitioner, pid: str) -> int:
+    """As :meth:`_Tracer._first_block` for a swap of every tensor of partition ``pid``."""
+    first = arch.num_layers
+    for name, _, _ in partitioner.members(pid):
+        role = arch.role(name)
+        if role.layer_index is not None:
+            first = min(first, role.layer_index)
+        elif role.module not in ("final_norm", "lm_head"):
+            return 0
+    return first
+
+
+@declare_plan("apl")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Per distinct task: the base's probability (one forward per chunk of ``batch_size``) when causal scores are
+    needed, the base's gradient (one forward + backward per chunk) for ``grad``. Per expert, causal: per chunk the
+    clean run and one forward per scored partition; in place, the clean run records the blocks' outputs, one
+    forward recomputes the last block to check them, and a swap whose first changed block is l computes L − l
+    blocks; batched, ``batch_size // rows`` variants share a forward. Planned as if every expert changed every
+    partition (a partition an expert left unchanged is skipped) and as if every decoder block is a module of its own
+    (the prefix reuse of the in-place path needs it)."""
+    prm = inputs.params
+    arch = inputs.arch
+    level, estimator, bs = prm["level"], prm["estimator"], prm["batch_size"]
+    partitioner, scored, _ = _partitions_of(arch, level, prm["hidden_state_mode"], prm["nonblock_policy"])
+    if level == "hidden_state" and estimator == "causal" and len(scored) > prm["hidden_state_budget"]:
+        raise RecipeError(f"importance.parameters: apl causal tracing over {len(scored)} hidden_state partitions is "
+                          f"above hidden_state_budget={prm['hidden_state_budget']}")
+    causal_model_score = estimator == "causal" or prm["weights"] == "mi"
+    tracing = prm["tracing"]
+    if tracing == "auto":
+        tracing = "batched" if level == "hidden_state" and inputs.device_type == "cuda" else "in_place"
+    num_layers = arch.num_layers
+    computed = [num_layers - _first_changed_block(arch, partitioner, pid) for pid in scored]
+    passes: list[Pass] = []
+    for task, experts in inputs.groups():
+        shapes = chunks(list(task.lengths), bs)
+        if causal_model_score:
+            passes += passes_over("base probability", "base", shapes)
+        if estimator == "grad":
+            passes += passes_over("base gradient", "base", shapes, backward=True, recorded=(1, 1))
+        n = len(experts)
+        if estimator != "causal":
+            if causal_model_score:
+                passes += passes_over("expert probability", "expert", shapes, times=n)
+            continue
+        variants = 1 + len(scored)
+        for rows, width in shapes:
+            if tracing == "batched":
+                per = max(1, bs // rows)
+                full, rest = divmod(variants, per)
+                passes += passes_over("swaps (batched)", "expert", [(rows * per, width)] * full, times=n)
+                passes += passes_over("swaps (batched)", "expert", [(rows * rest, width)] * (rest > 0), times=n)
+            elif scored:
+                passes += passes_over("clean run (recorded)", "expert", [(rows, width)], times=n)
+                if num_layers > 1:
+                    passes += passes_over("prefix check", "expert", [(rows, width)], times=n, layers=1)
+                by_depth: dict[int, int] = {}
+                for c in computed:
+                    by_depth[c] = by_depth.get(c, 0) + 1
+                for c, m in sorted(by_depth.items()):
+                    passes += passes_over("swaps (in place)", "expert", [(rows, width)], times=n * m,
+                                          layers=c, head=True)
+            else:
+                passes += passes_over("clean run", "expert", [(rows, width)], times=n)
+    model = model_bytes(arch)
+    memory = {"models (base + expert, fp32)": 2 * model}
+    if estimator == "grad":
+        memory["base gradient (fp32)"] = model
+    if estimator == "causal" and tracing == "in_place" and scored:
+        widest = max((r * w for t in inputs.distinct() for r, w in chunks(list(t.lengths), bs)), default=0)
+        memory["recorded block outputs (fp32)"] = widest * arch.hidden_size * 4 * num_layers
+    memory["activations"] = largest_activations(arch, passes)
+    return CostPlan("apl", passes, memory)

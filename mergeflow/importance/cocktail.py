@@ -31,6 +31,16 @@ import torch
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
 from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
+from mergeflow.importance.costs import (
+    CostPlan,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    model_bytes,
+    passes_over,
+    truncated,
+)
 from mergeflow.importance.data import Example
 from mergeflow.importance.scoring import Encoded, answer_logprobs, batches, encode
 from mergeflow.methods.base import ParamSpec
@@ -156,3 +166,18 @@ COCKTAIL = register_estimator(Estimator(
     supports_ood=True,
     own_tokenizers=True,
 ))
+
+
+@declare_plan("cocktail")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Every member (the base when ``include_base``, each expert) forwards the union of the distinct tasks'
+    examples in mini-batches of ``batch_size``: one recorded forward each; one model in memory at a time."""
+    p = inputs.params
+    lengths = [n for task in inputs.distinct() for n in task.lengths]
+    lengths = ([min(n, p["max_length"] - 1) + 1 for n in lengths] if p["append_eos"]
+               else truncated(lengths, p["max_length"]))
+    shapes = chunks(lengths, p["batch_size"])
+    passes = passes_over("base loss", "base", shapes) if p["include_base"] else []
+    passes += passes_over("expert losses", "expert", shapes, times=inputs.k)
+    return CostPlan("cocktail", passes, {"models (1, fp32)": model_bytes(inputs.arch),
+                                         "activations": largest_activations(inputs.arch, passes)})

@@ -44,6 +44,16 @@ from mergeflow.importance.base import (
     MeasurePart,
     register_estimator,
 )
+from mergeflow.importance.costs import (
+    CostPlan,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    model_bytes,
+    passes_over,
+    truncated,
+)
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -273,3 +283,28 @@ FISHER = register_estimator(Estimator(
     default_n=128,
     own_tokenizers=True,
 ))
+
+
+@declare_plan("fisher")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Per expert on its own task: sampled labels (one forward per batch, ``fisher: sampled``), then per-example
+    gradients — a vmapped chunk of ``batch_size`` examples is one recorded forward + backward; with ``batch_size``
+    1, one forward + backward per example at its own length. In memory: the expert, its Fisher diagonal and the
+    chunk's per-example gradients."""
+    p = inputs.params
+    bs = p["batch_size"]
+    passes = []
+    for task in inputs.tasks:
+        lengths = truncated(task.lengths, p["max_length"])
+        shapes = chunks(lengths, bs)
+        if p["fisher"] == "sampled":
+            passes += passes_over("sampled labels", "expert", shapes)
+        per_example = [(1, n) for n in lengths] if bs == 1 else shapes
+        passes += passes_over("per-example gradients", "expert", per_example, backward=True, recorded=(1, 1))
+    model = model_bytes(inputs.arch)
+    return CostPlan("fisher", passes, {
+        "models (1, fp32)": model, "Fisher diagonal (fp32)": model,
+        "per-example gradients (batch_size, fp32)": model * (bs if bs > 1 else 1),
+        "activations": largest_activations(inputs.arch, passes)},
+        notes=["vmapped chunks also run with eager attention; a model vmap cannot trace falls back to one "
+               "backward per example (more recorded passes than planned)"] if bs > 1 else [])

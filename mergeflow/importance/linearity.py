@@ -58,6 +58,16 @@ from mergeflow.checkpoints import find_weight_files
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import ArchitectureError, RecipeError
 from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, register_estimator
+from mergeflow.importance.costs import (
+    CostPlan,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    model_bytes,
+    passes_over,
+    truncated,
+)
 from mergeflow.importance.data import Example
 from mergeflow.importance.scoring import batches, encode
 from mergeflow.methods.base import ParamSpec
@@ -1004,3 +1014,40 @@ def projection_distance(base: str | Path, experts: Sequence[str | Path], tasks: 
         return out
     finally:
         session.close()
+
+
+@declare_plan("slta")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Per distinct task, in batches of ``batch_size``: level ``model`` runs the whole network with the base's and
+    every expert's weights (K + 1 recorded forwards per batch); the other levels run the base once to capture every
+    module's inputs (the recorded forwards), then every module with the weights of each of the K + 1 models on them
+    (not recorded: about K + 1 forwards' worth of blocks, embedding and head; at ``head_mlp`` each head's attention
+    and the shared attention module run apart, planned as 1.5 blocks). Planned as if every expert changed every
+    module. In memory: the base, the captured features of every task (fp32) and one module per model."""
+    p = inputs.params
+    arch, k = inputs.arch, inputs.k
+    level = p["level"]
+    if level == "head_mlp" and arch.gqa and p["gqa_policy"] is None:
+        raise ArchitectureError("slta at head level needs importance.parameters.gqa_policy: 'group' for "
+                                "grouped-query attention")
+    passes = []
+    features = 0
+    per_token = arch.num_layers * (2 if level in ("attn_mlp", "head_mlp") else 1) + 1
+    for task in inputs.distinct():
+        shapes = chunks(truncated(task.lengths, p["max_length"]), p["batch_size"])
+        if level == "model":
+            passes += passes_over("whole model, base weights", "base", shapes)
+            passes += passes_over("whole model, expert weights", "expert", shapes, times=k)
+            continue
+        passes += passes_over("base capture", "base", shapes)
+        passes += passes_over("module passes (K + 1 models)", "expert", shapes, times=k + 1, recorded=(0, 0),
+                              layers=arch.num_layers * (1.5 if level == "head_mlp" else 1.0))
+        features += sum(r * w for r, w in shapes) * arch.hidden_size * 4 * per_token
+    memory = {"models (base, fp32)": model_bytes(arch),
+              "modules (K + 1, one block each, fp32)": model_bytes(arch, (k + 1) / max(1, arch.num_layers)),
+              "activations": largest_activations(arch, passes)}
+    if features:
+        memory["captured features (fp32)"] = features
+    return CostPlan("slta", passes, memory,
+                    ["module weights are read from the checkpoints once per module and model (disk time not "
+                     "included)"] if level != "model" else [])

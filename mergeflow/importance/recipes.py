@@ -9,14 +9,17 @@ call lives here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergeflow.architecture import Architecture
 from mergeflow.cache import Cache
 from mergeflow.coefficients import Coefficients
-from mergeflow.errors import RecipeError
+from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.importance.base import (
     ModelRef,
     compute_coefficients,
@@ -24,6 +27,7 @@ from mergeflow.importance.base import (
     measure_shard,
     measurement_shards,
 )
+from mergeflow.importance.costs import PlanInputs, estimate, task_shapes
 from mergeflow.importance.data import TaskData, load_task_data
 
 if TYPE_CHECKING:
@@ -56,7 +60,7 @@ def coefficients_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str
     """One importance entry's artifact: each expert scored on its own task's data (``expert_tasks[i]``), or all on
     the out-of-domain ``target``. Needs only the entry, not the whole recipe, so a pipeline keys it by what it
     reads: a change elsewhere in the recipe (a merge knob) reuses it."""
-    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
+    tasks = importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
     return compute_coefficients(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
                                 device=device, seed=spec.data.seed, ood=spec.data.target is not None, cache=cache)
 
@@ -67,7 +71,7 @@ def shards_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | Non
     """The measurement shards of one importance entry that can be measured apart (``{"part", "experts", "key"}``):
     those of its by-expert parts, when there is more than one shard. A flow fans them out (one task each, on
     whichever worker is free) before the entry's own task finalizes; empty when there is nothing to fan out."""
-    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
+    tasks = importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
     return measurement_shards(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters,
                               seed=spec.data.seed, ood=spec.data.target is not None)
 
@@ -77,13 +81,13 @@ def measure_for_importance(spec: ImportanceSpec, expert_tasks: Sequence[str | No
                            resolve_reference: Callable[[str], str] = lambda ref: ref,
                            device: str | torch.device = "cpu", cache: Cache | None = None) -> dict[str, Any]:
     """Measure one shard of :func:`shards_for_importance` into the cache (or find it there)."""
-    tasks = _importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
+    tasks = importance_tasks(spec, expert_tasks, len(experts), resolve_reference)
     return measure_shard(spec.estimator, base=base, experts=experts, tasks=tasks, params=spec.parameters, part=part,
                          shard=shard, device=device, seed=spec.data.seed, ood=spec.data.target is not None,
                          cache=cache)
 
 
-def _importance_tasks(spec: ImportanceSpec, expert_tasks: Sequence[str | None], n_experts: int,
+def importance_tasks(spec: ImportanceSpec, expert_tasks: Sequence[str | None], n_experts: int,
                       resolve_reference: Callable[[str], str]) -> list[TaskData]:
     """Expert i's data for an importance entry: its own task's examples, or the out-of-domain target's."""
     est = get_estimator(spec.estimator)
@@ -104,3 +108,56 @@ def _importance_tasks(spec: ImportanceSpec, expert_tasks: Sequence[str | None], 
             by_task[task] = load_task_data(task, split, n, spec.data.seed, zoo=zoo)
         tasks.append(by_task[task])
     return tasks
+
+
+def importance_estimates(recipe: Recipe, snapshot: Path, *, device: str | torch.device = "cpu",
+                         threads: int | None = None) -> list[dict[str, Any]]:
+    """Per ``importance`` entry, the estimated passes, time on ``device`` and peak memory of its estimator
+    (:mod:`mergeflow.importance.costs`), or ``{"error": ...}`` saying why it cannot be estimated. ``snapshot``: the
+    folder of the base (else the first expert): its config, tensor shapes and tokenizer. Runs no estimator; times
+    one decoder layer of the architecture with random weights."""
+    out: list[dict[str, Any]] = []
+    if not recipe.importance:
+        return out
+    from transformers import AutoTokenizer  # seconds to import: only for recipes with importance entries
+
+    try:
+        config = json.loads((snapshot / "config.json").read_text())
+        arch = Architecture.from_folder(snapshot)
+        tokenizer = AutoTokenizer.from_pretrained(str(snapshot))
+    except (OSError, ValueError, MergeflowError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return [{"index": i, "estimator": spec.estimator, "error": f"cannot read {snapshot}: {reason}"}
+                for i, spec in enumerate(recipe.importance)]
+    expert_tasks = [e.task for e in recipe.experts]
+    for i, spec in enumerate(recipe.importance):
+        row: dict[str, Any] = {"index": i, "estimator": spec.estimator, "given": dict(spec.parameters)}
+        try:
+            _refuse_unbuilt_zoo(spec.data.zoo)
+            tasks = importance_tasks(spec, expert_tasks, len(recipe.experts), recipe.resolve_reference)
+            params = get_estimator(spec.estimator).resolve_params(spec.parameters)
+            inputs = PlanInputs(params, task_shapes(tokenizer, tasks), arch, torch.device(device).type,
+                                ood=spec.data.target is not None)
+            row.update(estimate(spec.estimator, inputs, config, device=device, threads=threads).describe())
+            row["data"] = [t.describe() for t in dict((t.sha256, t) for t in tasks).values()]
+        except MergeflowError as exc:
+            row["error"] = str(exc)  # what is missing: task data, a zoo, a parameter; never a traceback
+        except (RuntimeError, ValueError, TypeError) as exc:  # an architecture transformers cannot build or time
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            row["error"] = f"cannot time one layer of {arch.model_type}: {type(exc).__name__}: {first}"
+        out.append(row)
+    return out
+
+
+def _refuse_unbuilt_zoo(zoo: str | None) -> None:
+    """An estimate reads the task data, but must not build a zoo for it (minutes): a ``zoo:`` reference whose zoo
+    is not built yet is a one-line reason instead."""
+    from mergeflow.zoo.build import MANIFEST, ZOO_SCHEME, default_zoo_dir, parse_zoo_reference
+
+    if zoo is None or not zoo.startswith(ZOO_SCHEME):
+        return
+    size, seed, _ = parse_zoo_reference(zoo)
+    folder = default_zoo_dir(size, seed)
+    if not (folder / MANIFEST).exists():
+        raise RecipeError(f"importance data: zoo {zoo} is not built yet ({folder}); build it with `mergeflow zoo "
+                          "build` (or merge once) and check again")

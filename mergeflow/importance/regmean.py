@@ -32,6 +32,17 @@ from mergeflow.importance.base import (
     MeasurePart,
     register_estimator,
 )
+from mergeflow.importance.costs import (
+    CostPlan,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    linear_inputs,
+    model_bytes,
+    passes_over,
+    truncated,
+)
 from mergeflow.importance.scoring import Encoded, batches, encode
 from mergeflow.methods.base import ParamSpec
 
@@ -174,3 +185,25 @@ REGMEAN = register_estimator(Estimator(
     default_n=128,
     own_tokenizers=True,
 ))
+
+
+@declare_plan("regmean")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Each expert forwards its own task's full texts in batches of ``batch_size`` (one recorded forward each);
+    in memory: that expert, its Grams (``in × in`` fp32 per linear layer; the sums and the normalised copy)."""
+    p = inputs.params
+    # the hooks' XᵀX costs in² multiply-adds per token and linear layer, the layer's own matmuls in × out: a block
+    # costs (1 + Σ in² / Σ in·out) blocks' worth of forward
+    block = [(r.shape[0], r.shape[1]) if r.conv1d else (r.shape[1], r.shape[0])
+             for r in inputs.arch.tensors.values() if r.layer_index == 0 and len(r.shape) == 2
+             and not r.is_bias and r.kind not in ("norm", "embed", "pos_embed")]
+    extra = sum(i * i for i, _ in block) / max(1, sum(i * o for i, o in block))
+    passes = []
+    for task in inputs.tasks:
+        passes += passes_over("expert forward + Gram accumulation", "expert",
+                              chunks(truncated(task.lengths, p["max_length"]), p["batch_size"]),
+                              layers=inputs.arch.num_layers * (1 + extra))
+    grams = sum(n * n for n in linear_inputs(inputs.arch)) * 4
+    return CostPlan("regmean", passes, {"models (1, fp32)": model_bytes(inputs.arch),
+                                        "Gram matrices (sums + normalised copy, fp32)": 2 * grams,
+                                        "activations": largest_activations(inputs.arch, passes)})

@@ -41,6 +41,16 @@ from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
 from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
+from mergeflow.importance.costs import (
+    CostPlan,
+    PlanInputs,
+    chunks,
+    declare_plan,
+    largest_activations,
+    model_bytes,
+    passes_over,
+    truncated,
+)
 from mergeflow.importance.scoring import Encoded, batches, encode, lm_loss
 from mergeflow.methods.base import ParamSpec
 from mergeflow.partitions import Partitioner, is_block_partition
@@ -410,3 +420,40 @@ SENS = register_estimator(Estimator(
     default_n=100,
     supports_ood=False,
 ))
+
+
+@declare_plan("sens")
+def plan_costs(inputs: PlanInputs) -> CostPlan:
+    """Part ``sensitivity``: per expert on its own task, one recorded forward + backward per vmapped chunk of
+    ``batch_size`` examples (per example when ``batch_size`` is 1 or the task has one example). Part ``distance``
+    (K > 1): every task j's batches through every expert; when all reference logits fit in
+    ``REFERENCE_CACHE_BYTES`` expert j's are computed once (K forwards per batch), else recomputed for every pair
+    (2(K − 1) forwards per batch, two models in memory)."""
+    p = inputs.params
+    arch, k, bs = inputs.arch, inputs.k, p["batch_size"]
+    passes = []
+    model = model_bytes(arch)
+    memory = {"models (fp32)": model}
+    notes = []
+    if p["ablation"] != "cross_task":
+        for task in inputs.tasks:
+            lengths = truncated(task.lengths, p["max_length"])
+            step = bs if bs > 1 and len(lengths) > 1 else 1
+            passes += passes_over("sensitivity (per-example gradients)", "expert", chunks(lengths, step),
+                                  backward=True, recorded=(1, 1))
+        memory["per-example gradients (batch_size, fp32)"] = bs * model
+        if p["use_delta"]:
+            memory["models (fp32)"] += model  # the base's tensors, for Δ
+        notes.append("a model vmap cannot trace falls back to one backward per example (more passes than planned)")
+    if p["ablation"] != "task_specific" and k > 1:
+        per_task = [chunks(truncated(t.lengths, p["max_length"]), bs) for t in inputs.tasks]
+        size = sum(r * w for shapes in per_task for r, w in shapes) * arch.vocab_size * 4
+        cached = size <= REFERENCE_CACHE_BYTES
+        for shapes in per_task:
+            passes += passes_over("cross-task logits", "expert", shapes, times=k if cached else 2 * (k - 1))
+        if cached:
+            memory["reference logits (fp32)"] = size
+        else:
+            memory["models (fp32)"] = max(memory["models (fp32)"], 2 * model)
+    memory["activations"] = largest_activations(arch, passes)
+    return CostPlan("sens", passes, memory, notes)
