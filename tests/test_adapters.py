@@ -25,6 +25,7 @@ from mergeflow.pipeline import resolve_stage, task_vectors_stage
 from mergeflow.recipe import parse_recipe
 from tests.cli_helpers import cli, keep_sigterm, refused  # noqa: F401 (keep_sigterm: autouse fixture)
 from tests.tiny_models import make_expert, make_model
+from tests.zoo_fixtures import test_zoo  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -262,3 +263,23 @@ def test_an_adapter_needs_the_model_it_applies_to(bases, adapters, tmp_path: Pat
     stored = load_file(base / "model.safetensors")
     for name, tensor in got.items():
         assert torch.allclose(tensor, (merged[name] + stored[name]) / 2, atol=1e-6, rtol=0), name
+
+
+def test_evaluation_of_an_adapter_expert_is_that_of_the_merged_model(test_zoo, tmp_path: Path) -> None:  # noqa: F811
+    """The pipeline's evaluate stage (evaluate_path with the adapter's base) scores what PEFT's merge would."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeflow.evaluation import evaluate_path
+
+    adapter = tmp_path / "adapter"
+    merged = make_adapter(test_zoo.base, adapter, seed=11, r=4, lora_alpha=16,
+                          target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(test_zoo.base, dtype=torch.float32)
+    model.load_state_dict(merged)
+    model.save_pretrained(tmp_path / "materialized")
+    for f in Path(test_zoo.base).iterdir():  # the tokenizer files
+        if f.is_file() and not (tmp_path / "materialized" / f.name).exists():
+            (tmp_path / "materialized" / f.name).write_bytes(f.read_bytes())
+    got = evaluate_path(adapter, ["topic"], zoo=test_zoo, limit=20, adapter_base=test_zoo.base)
+    want = evaluate_path(tmp_path / "materialized", ["topic"], zoo=test_zoo, limit=20)
+    assert got.scores["topic"] == want.scores["topic"] and got.scores["topic"].n == 20
