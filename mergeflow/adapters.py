@@ -127,10 +127,6 @@ class LoraAdapter:
         modules, replaced = _layout(folder, config, specs)
         return cls(folder, weight_file, config, modules, replaced, specs)
 
-    @property
-    def rank(self) -> int:
-        return int(self.config["r"])
-
     def describe(self) -> dict[str, Any]:
         """What ``mergeflow check`` reports about the adapter."""
         ranks = sorted({m.rank for m in self.modules.values()})

@@ -25,6 +25,7 @@ from mergeflow.pipeline import resolve_stage, task_vectors_stage
 from mergeflow.recipe import parse_recipe
 from tests.cli_helpers import cli, keep_sigterm, refused  # noqa: F401 (keep_sigterm: autouse fixture)
 from tests.tiny_models import make_expert, make_model
+from tests.zoo_fixtures import test_zoo  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,6 +70,20 @@ def make_adapter(base: Path, out: Path, *, seed: int = 0, config: type | None = 
     if config is not None:
         return {}
     return {k: v.detach().clone() for k, v in adapted.merge_and_unload().state_dict().items()}
+
+
+def materialize(base: Path, state: dict, out: Path) -> Path:
+    """PEFT's merged model written out as a full checkpoint (what an adapter expert must equal), with the base's
+    tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+    for f in Path(base).iterdir():  # the tokenizer files
+        if f.is_file() and not (out / f.name).exists():
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -130,19 +145,12 @@ def test_scale_follows_rank_alpha_patterns_and_rslora(adapters) -> None:
 def test_mixed_recipe_merges_as_the_materialized_experts(bases, adapters, tmp_path: Path) -> None:
     """One full expert, one adapter folder on the recipe's base, one BASE+ADAPTER: the merge equals the merge of
     PEFT's merged models saved as full checkpoints."""
-    from transformers import AutoModelForCausalLM
-
     base = bases("llama")
     full = make_expert(base, tmp_path / "full", seed=7)
     lora, merged = adapters("llama")
     second = tmp_path / "lora2"
     merged2 = make_adapter(base, second, seed=3, r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"])
-    materialized = []
-    for i, state in enumerate((merged, merged2)):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        model.load_state_dict(state)
-        model.save_pretrained(tmp_path / f"materialized{i}")
-        materialized.append(tmp_path / f"materialized{i}")
+    materialized = [materialize(base, state, tmp_path / f"materialized{i}") for i, state in enumerate((merged, merged2))]
 
     def recipe(models: list[str]):
         return parse_recipe({"merge_method": "ties", "base_model": str(base), "parameters": {"lambda": 0.9},
@@ -188,6 +196,35 @@ def test_importance_estimators_load_the_adapted_model(bases, adapters) -> None:
     for name, tensor in model.state_dict().items():
         assert torch.allclose(tensor, merged[name], atol=1e-6, rtol=0), name
     assert run.tokenizer() is not None  # the base's tokenizer: the adapter folder has none
+
+
+def test_weight_reading_estimators_read_the_adapted_weights(bases, adapters, tmp_path: Path) -> None:
+    """SLTA reads expert tensors through readers, not loaded models: an adapter expert gives the coefficients its
+    materialised copy gives."""
+    from mergeflow.importance.base import compute_coefficients
+    from mergeflow.importance.data import load_task_data
+    from tests.tiny_models import write_jsonl
+
+    base = bases("llama")
+    folder, merged = adapters("llama")
+    full = make_expert(base, tmp_path / "full", seed=9)
+    copy = materialize(base, merged, tmp_path / "materialized")
+    tasks = [load_task_data(str(write_jsonl(tmp_path / f"t{i}.jsonl", rows))) for i, rows in enumerate(
+        [[("the quick brown", "fox jumps"), ("the lazy", "dog")], [("alice went to", "the kitchen"),
+                                                                   ("alice cooked", "the soup")]])]
+
+    def ref(path: Path, adapter_base: Path | None = None) -> ModelRef:
+        snap = resolve(path, adapter_base=adapter_base)
+        return ModelRef(str(path), snap.path, snap.content_hash, adapter_base=adapter_base)
+
+    def weights(expert: ModelRef) -> torch.Tensor:
+        art = compute_coefficients("slta", base=ref(base), experts=[expert, ref(full)], tasks=tasks,
+                                   params={"level": "layer", "batch_size": 2}, use_cache=False)
+        return art.fields["weight"].values
+
+    got, want = weights(ref(folder, base)), weights(ref(copy))
+    assert torch.isfinite(want).all() and not torch.equal(want[0], want[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_check_reports_adapter_experts(bases, adapters, tmp_path: Path) -> None:
@@ -262,3 +299,16 @@ def test_an_adapter_needs_the_model_it_applies_to(bases, adapters, tmp_path: Pat
     stored = load_file(base / "model.safetensors")
     for name, tensor in got.items():
         assert torch.allclose(tensor, (merged[name] + stored[name]) / 2, atol=1e-6, rtol=0), name
+
+
+def test_evaluation_of_an_adapter_expert_is_that_of_the_merged_model(test_zoo, tmp_path: Path) -> None:  # noqa: F811
+    """The pipeline's evaluate stage (evaluate_path with the adapter's base) scores what PEFT's merge would."""
+    from mergeflow.evaluation import evaluate_path
+
+    adapter = tmp_path / "adapter"
+    merged = make_adapter(test_zoo.base, adapter, seed=11, r=4, lora_alpha=16,
+                          target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    materialize(test_zoo.base, merged, tmp_path / "materialized")
+    got = evaluate_path(adapter, ["topic"], zoo=test_zoo, limit=20, adapter_base=test_zoo.base)
+    want = evaluate_path(tmp_path / "materialized", ["topic"], zoo=test_zoo, limit=20)
+    assert got.scores["topic"] == want.scores["topic"] and got.scores["topic"].n == 20
