@@ -150,15 +150,19 @@ def test_a_new_stage_runs_locally_and_on_prefect(test_zoo):  # noqa: F811
         first = toy_flow(return_state=True)
         assert first.is_completed(), first
         assert {ref: r.bytes for ref, r in first.result().items()} == {f"zoo:test/{m}": b for m, b in expected.items()}
-        names = _task_run_states(first.state_details.flow_run_id)
+        names = _task_run_states(first.state_details.flow_run_id, expected=4)
         assert sorted(names) == ["resolve zoo:test/base", "resolve zoo:test/topic", "weight_bytes zoo:test/base",
                                  "weight_bytes zoo:test/topic"]
         second = toy_flow(return_state=True)
-        assert set(_task_run_states(second.state_details.flow_run_id).values()) == {"Cached"}
+        assert set(_task_run_states(second.state_details.flow_run_id, expected=4).values()) == {"Cached"}
 
 
-def _task_run_states(flow_run_id: Any) -> dict[str, str]:
+def _task_run_states(flow_run_id: Any, expected: int, timeout: float = 60.0) -> dict[str, str]:
+    """The flow run's task runs (name → state), read once the server holds ``expected`` of them, each in a final
+    state: Prefect 3 sends task-run states to the server as events, which can land after the flow has returned
+    (seconds later on a loaded machine)."""
     import asyncio
+    import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -167,4 +171,10 @@ def _task_run_states(flow_run_id: Any) -> dict[str, str]:
         async with get_client() as client:
             return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
-    return {r.name: r.state.name for r in asyncio.run(read())}
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = asyncio.run(read())
+        settled = len(runs) >= expected and all(r.state is not None and r.state.is_final() for r in runs)
+        if settled or time.monotonic() > deadline:
+            return {r.name: r.state.name if r.state else "" for r in runs}
+        time.sleep(0.5)
