@@ -55,17 +55,15 @@ from mergeflow.tensors import (
     parse_size,
     plan_shards,
 )
+from mergeflow.tokenizer_io import TOKENIZER_FILES, has_tokenizer, load_tokenizer
 from mergeflow.vocabulary import (
-    TOKENIZER_FILES,
-    TokenRule,
     VocabInput,
     VocabularyPlan,
     chat_template_of,
     describe_differences,
-    has_tokenizer,
-    load_tokenizer,
-    plan_vocabulary,
+    input_index,
     read_vocab_size,
+    recipe_vocabulary,
     vocabulary_tensors,
 )
 
@@ -252,7 +250,7 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
     if not problems:
         vocab_inputs = [_vocab_input(i, vocab_names) for i in all_inputs]
         if aligned:
-            vocabulary = _plan_vocabulary(recipe, all_inputs, vocab_inputs, base is not None, inputs.tokenizer)
+            vocabulary = recipe_vocabulary(recipe, all_inputs, vocab_inputs, base is not None, inputs.tokenizer)
             report.vocabulary = list(vocabulary.summary)
         else:
             differences = describe_differences(vocab_inputs, trust_remote_code=recipe.trust_remote_code)
@@ -313,69 +311,6 @@ def _vocab_input(i: Input, vocab_names: frozenset[str]) -> VocabInput:
     path = i.snapshot.model_folder  # a LoRA adapter reads its base's tokenizer and config
     return VocabInput(i.role, i.snapshot.reference, path if has_tokenizer(path) else None,
                       read_vocab_size(path, rows), rows)
-
-
-def _input_index(recipe: Recipe, inputs: list[Input], ref: str) -> int | None:
-    """The index among ``inputs`` of the model a recipe names by ``ref`` (as written or resolved), else None."""
-    wanted = {ref, recipe.resolve_reference(ref)}
-    for k, i in enumerate(inputs):
-        if i.snapshot.reference in wanted or recipe.resolve_reference(i.snapshot.reference) in wanted:
-            return k
-    return None
-
-
-def _plan_vocabulary(recipe: Recipe, inputs: list[Input], vocab_inputs: list[VocabInput], has_base: bool,
-                     tokenizer: Snapshot | None) -> VocabularyPlan:
-    """The output vocabulary of the recipe's tokenizer_source / tokenizer section over the plan's inputs."""
-    source = recipe.vocabulary_source
-    assert source is not None
-    spec = recipe.tokenizer
-    rules: dict[str, TokenRule] = {}
-    for token, entry in (spec.tokens.items() if spec is not None else ()):
-        where = f"tokenizer.tokens[{token!r}].source"
-        src = entry.source
-        if isinstance(src, str):
-            k = _input_index(recipe, inputs, src)
-            if k is None:
-                raise RecipeError(f"{where}: {src!r} is not one of the merge's models")
-            rules[token] = TokenRule("model", k, force=entry.force)
-        elif src.kind == "zero":
-            rules[token] = TokenRule("zero", force=entry.force)
-        else:
-            k = _input_index(recipe, inputs, src.model)
-            if k is None:
-                raise RecipeError(f"{where}.model: {src.model!r} is not one of the merge's models")
-            rules[token] = TokenRule("model_token", k, src.token, src.token_id, entry.force)
-    source_input = source_path = None
-    kind = source if source in ("base", "union") else "model"
-    if kind == "model":
-        source_input = _input_index(recipe, inputs, source)
-        if source_input is None:
-            if tokenizer is None:
-                raise RecipeError(f"tokenizer_source: {source!r} is not among the merge's inputs and was not "
-                                  "resolved")
-            source_path = tokenizer.model_folder
-    n = len(inputs)
-    experts = list(range(1, n)) if has_base else list(range(n))
-    if recipe.mergekit_compat:
-        order = experts
-        # mergekit sums in its config's order: the base where `models` lists it, else last
-        listed = [m.model for m in recipe.models]
-        sum_order = []
-        k = iter(experts)
-        for ref in listed:
-            sum_order.append(0 if has_base and ref == recipe.base_model else next(k))
-        if has_base and 0 not in sum_order:
-            sum_order.append(0)
-    else:
-        order = sorted(experts, key=lambda j: inputs[j].rng_id)
-        sum_order = ([0] if has_base else []) + order
-    union_order = [0] + [j for j in order if j != 0]  # the base's tokenizer (the first model's without one) first
-    return plan_vocabulary(vocab_inputs, source=kind, base_index=0 if has_base else None, source_path=source_path,
-                           source_input=source_input, tokens=rules,
-                           pad_to_multiple_of=spec.pad_to_multiple_of if spec is not None else None,
-                           union_order=union_order, sum_order=sum_order,
-                           trust_remote_code=recipe.trust_remote_code)
 
 
 def _with_chat_template(plan: MergePlan) -> Any:
@@ -705,7 +640,7 @@ def _tokenizer_folder(plan: MergePlan) -> Path:
     src = plan.reference.snapshot.model_folder  # a LoRA adapter's tokenizer is its base's
     tok_ref = plan.recipe.vocabulary_source
     if tok_ref and tok_ref not in ("base", "union"):
-        k = _input_index(plan.recipe, plan.inputs, tok_ref)
+        k = input_index(plan.recipe, plan.inputs, tok_ref)
         if k is not None:
             return plan.inputs[k].snapshot.model_folder
         if plan.tokenizer is not None:

@@ -29,53 +29,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from mergeflow.architecture import Architecture
-from mergeflow.checkpoints import contained_file
+from mergeflow.checkpoints import Snapshot
 from mergeflow.errors import CheckpointError, IncompatibleModelsError, RecipeError
+from mergeflow.recipe import Recipe
+from mergeflow.tokenizer_io import load_tokenizer, tokenizer_digest
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-# files that make a folder a tokenizer (any one of them), and every file a tokenizer may consist of
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_MARKERS)
-
-
-def tokenizer_digest(folder: Path) -> str | None:
-    """A hash over the tokenizer files of ``folder`` (None: it has none). Equal digests: equal tokenizers, so the
-    tokenizers of a family that share their files are compared without loading any."""
-    if not has_tokenizer(folder):
-        return None
-    h = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        real = contained_file(Path(folder), name, "tokenizer file")
-        if real is not None:
-            h.update(name.encode() + b"\0" + hashlib.sha256(real.read_bytes()).digest())
-    return "sha256:" + h.hexdigest()
-
-
-def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The (fast, where there is one) tokenizer saved in ``folder``; a one-line :class:`CheckpointError` if it
-    cannot be read."""
-    from transformers import AutoTokenizer  # seconds to import: only when a vocabulary is compared
-
-    for name in TOKENIZER_FILES:
-        contained_file(Path(folder), name, "tokenizer file")  # a link outside the checkpoint is refused, not read
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # transformers raises anything from OSError to ValueError to KeyError
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load the tokenizer in {folder}: {text}") from None
-
+    pass
 
 def vocabulary_tensors(arch: Architecture) -> list[str]:
     """The tensors indexed by token on dim 0: the embedding and an untied head (not their biases)."""
@@ -107,6 +72,13 @@ class TokenRule:
     token: str | None = None      # model_token: the source token, looked up in that input's own vocabulary
     token_id: int | None = None   # model_token: the source row
     force: bool = False           # use the default even for inputs that have the token
+
+
+class MergeInput(Protocol):
+    """An opened input of a merge (the engine's ``streaming.Input``): its snapshot and its identity for ordering."""
+
+    snapshot: Snapshot
+    rng_id: str
 
 
 @dataclass
@@ -403,6 +375,69 @@ def plan_vocabulary(inputs: Sequence[VocabInput], *, source: str, base_index: in
                 for i, (ids, r) in copies.items()},
         zeros=torch.tensor(zeros, dtype=torch.long), sum_order=list(sum_order), summary=summary,
         identity=identity)
+
+
+def input_index(recipe: Recipe, inputs: Sequence[MergeInput], ref: str) -> int | None:
+    """The index among ``inputs`` of the model a recipe names by ``ref`` (as written or resolved), else None."""
+    wanted = {ref, recipe.resolve_reference(ref)}
+    for k, i in enumerate(inputs):
+        if i.snapshot.reference in wanted or recipe.resolve_reference(i.snapshot.reference) in wanted:
+            return k
+    return None
+
+
+def recipe_vocabulary(recipe: Recipe, inputs: Sequence[MergeInput], vocab_inputs: list[VocabInput],
+                      has_base: bool, tokenizer: Snapshot | None) -> VocabularyPlan:
+    """The output vocabulary of the recipe's tokenizer_source / tokenizer section over the plan's inputs."""
+    source = recipe.vocabulary_source
+    assert source is not None
+    spec = recipe.tokenizer
+    rules: dict[str, TokenRule] = {}
+    for token, entry in (spec.tokens.items() if spec is not None else ()):
+        where = f"tokenizer.tokens[{token!r}].source"
+        src = entry.source
+        if isinstance(src, str):
+            k = input_index(recipe, inputs, src)
+            if k is None:
+                raise RecipeError(f"{where}: {src!r} is not one of the merge's models")
+            rules[token] = TokenRule("model", k, force=entry.force)
+        elif src.kind == "zero":
+            rules[token] = TokenRule("zero", force=entry.force)
+        else:
+            k = input_index(recipe, inputs, src.model)
+            if k is None:
+                raise RecipeError(f"{where}.model: {src.model!r} is not one of the merge's models")
+            rules[token] = TokenRule("model_token", k, src.token, src.token_id, entry.force)
+    source_input = source_path = None
+    kind = source if source in ("base", "union") else "model"
+    if kind == "model":
+        source_input = input_index(recipe, inputs, source)
+        if source_input is None:
+            if tokenizer is None:
+                raise RecipeError(f"tokenizer_source: {source!r} is not among the merge's inputs and was not "
+                                  "resolved")
+            source_path = tokenizer.model_folder  # a LoRA adapter: its base's tokenizer
+    n = len(inputs)
+    experts = list(range(1, n)) if has_base else list(range(n))
+    if recipe.mergekit_compat:
+        order = experts
+        # mergekit sums in its config's order: the base where `models` lists it, else last
+        listed = [m.model for m in recipe.models]
+        sum_order = []
+        k = iter(experts)
+        for ref in listed:
+            sum_order.append(0 if has_base and ref == recipe.base_model else next(k))
+        if has_base and 0 not in sum_order:
+            sum_order.append(0)
+    else:
+        order = sorted(experts, key=lambda j: inputs[j].rng_id)
+        sum_order = ([0] if has_base else []) + order
+    union_order = [0] + [j for j in order if j != 0]  # the base's tokenizer (the first model's without one) first
+    return plan_vocabulary(vocab_inputs, source=kind, base_index=0 if has_base else None, source_path=source_path,
+                           source_input=source_input, tokens=rules,
+                           pad_to_multiple_of=spec.pad_to_multiple_of if spec is not None else None,
+                           union_order=union_order, sum_order=sum_order,
+                           trust_remote_code=recipe.trust_remote_code)
 
 
 def _union(base_tok: Any, inputs: Sequence[VocabInput], order: Sequence[int],

@@ -43,7 +43,7 @@ from mergeflow.errors import RecipeError
 from mergeflow.importance.data import TaskData
 from mergeflow.methods.base import ParamSpec
 from mergeflow.registry import Registry
-from mergeflow.vocabulary import has_tokenizer, load_tokenizer, tokenizer_digest
+from mergeflow.tokenizer_io import has_tokenizer, load_tokenizer, tokenizer_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
