@@ -142,3 +142,46 @@ def test_slta_expert_modules_add_up_to_the_moe_block(moe, tmp_path: Path) -> Non
             assert same == (pid != "layer.1.expert.2"), pid
     finally:
         session.close()
+
+
+def test_regmean_grams_of_routed_experts_come_from_the_tokens_routed_to_them(moe, tmp_path: Path) -> None:
+    """D-38: expert e's gate/up Gram is XᵀX/n over the real tokens the router sends to e, its down projection's over
+    their activations silu(X w1ᵀ) ⊙ (X w3ᵀ), computed here from the checkpoint's own w1/w3 and the router's choices
+    (read off the model by a hook), independently of the estimator."""
+    from safetensors import safe_open
+
+    from mergeflow.importance.base import compute_coefficients
+
+    _, (expert,) = moe["mixtral"]
+    data = load_task_data(str(write_jsonl(tmp_path / "t.jsonl", ROWS)), "calib", 3)
+    coeffs = compute_coefficients("regmean", base=None, experts=[_ref(expert)], tasks=[data],
+                                  params={"alpha": 1.0}, use_cache=False)
+    with safe_open(str(coeffs.path / "entry" / "gram" / "0.safetensors"), framework="pt") as f:
+        grams = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+
+    model = _model(expert)
+    stored = load_file(str(expert / WEIGHTS))
+    seen: dict[str, torch.Tensor] = {}
+    block = model.model.layers[1].mlp
+    h1 = block.gate.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], chosen=out[2]))
+    enc = encode(AutoTokenizer.from_pretrained(str(expert)), data.examples, answer_only=False)
+    with torch.no_grad():
+        model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    h1.remove()
+    real = enc.attention_mask.bool().reshape(-1)
+    prefix = "model.layers.1.block_sparse_moe."
+    x_all = seen["x"][real]
+    torch.testing.assert_close(grams[prefix + "gate.weight"], x_all.T @ x_all / len(x_all))
+    reached = 0
+    for e in range(4):
+        x = seen["x"][(seen["chosen"] == e).any(-1) & real]
+        name = f"{prefix}experts.{e}."
+        if len(x) == 0:
+            assert name + "w1.weight" not in grams
+            continue
+        reached += 1
+        torch.testing.assert_close(grams[name + "w1.weight"], x.T @ x / len(x))
+        torch.testing.assert_close(grams[name + "w3.weight"], x.T @ x / len(x))
+        inner = torch.nn.functional.silu(x @ stored[name + "w1.weight"].T) * (x @ stored[name + "w3.weight"].T)
+        torch.testing.assert_close(grams[name + "w2.weight"], inner.T @ inner / len(inner), rtol=1e-4, atol=1e-6)
+    assert reached >= 2
