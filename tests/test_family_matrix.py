@@ -165,3 +165,29 @@ def test_every_family_and_estimator_is_in_the_matrix() -> None:
     assert set(ALL_FAMILIES) >= {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi", "gpt_neox",
                                  "falcon", "olmo2", "gpt2", "mixtral", "qwen3_moe"}
     assert not set(UNSUPPORTED) - {(f, v) for f in ALL_FAMILIES for v in VARIANTS}
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_slta_branches_add_up_to_each_block(matrix_families, family: str) -> None:
+    """D-39: whatever the block layout (pre- or post-norms, parallel or sequential branches, a norm shared by both
+    branches, routed experts), block i's output — block i+1's input, or the final norm's, in the model's own forward
+    pass — is its input plus the outputs of its attention and MLP modules as SLTA runs them on the base."""
+    from mergeflow.importance.data import load_task_data
+    from mergeflow.importance.linearity import _Session
+
+    folder = matrix_families(family)
+    data = load_task_data(str(folder / "t0.jsonl"), "calib", 2)
+    session = _Session(folder / "base", [folder / "expert0"], level="attn_mlp", batch_size=2)
+    try:
+        [fb] = session.capture(data.examples)
+        units = {u.name: u for u in session.units()}
+        n = len(fb.layer_inputs)
+        for i in range(n):
+            attn, mlp = units[f"layer.{i}.attn"], units[f"layer.{i}.mlp"]
+            out = (fb.layer_inputs[i] + attn.apply(attn.template, fb)[f"layer.{i}.attn"]
+                   + mlp.apply(mlp.template, fb)[f"layer.{i}.mlp"])
+            following = fb.layer_inputs[i + 1] if i + 1 < n else fb.final_input
+            real = fb.mask
+            torch.testing.assert_close(out[real], following[real], rtol=1e-5, atol=1e-5)
+    finally:
+        session.close()
