@@ -1,4 +1,5 @@
-"""SLTA: per-module task-arithmetic weights from submodule linearity (Dai et al., ICLR 2025; docs/methods.md §4, D-17..D-22).
+"""SLTA: per-module task-arithmetic weights from submodule linearity (Dai et al., ICLR 2025; docs/methods.md §4, D-17..D-22,
+D-37..D-39).
 
 Each module ``i`` (a decoder block, an attention or MLP sub-block, one attention head, the embeddings, the final norm
 with the LM head, or the whole network) is run with the weights of every model ``k`` (base and experts) on the *same*
@@ -14,15 +15,19 @@ which is the ``K×K`` linear system ``A α = b`` with ``B_a[j, l] = E_{x∈a} <�
 What a module is, per level (its Δf always reflects *only* the tensors of its partition; every other tensor is the
 base's):
 
-* ``layer``: decoder block ``i`` on the block input; ``attn_mlp``: ``input_layernorm + self_attn`` on the block input,
-  ``post_attention_layernorm + mlp`` on the base residual after the base attention (D-18);
+* ``layer``: decoder block ``i`` on the block input; ``attn_mlp``: the block's attention branch and MLP branch, each
+  ``pre-norm → attention or MLP → post-norm`` as the family has them (D-39; Llama: ``input_layernorm + self_attn`` on
+  the block input, ``post_attention_layernorm + mlp`` on the base residual after the base attention, D-18; parallel
+  blocks: both on the block input; each branch on the input its first module received in the base pass);
 * ``head_mlp`` (D-20): head ``h`` (or, with ``gqa_policy="group"``, kv group ``g``) outputs ``W_o[:, h] · z_h`` where
   ``z_h`` is the head's attention output with model ``k``'s q/k/v rows on the base (normalised) block input; the
-  partitions every head shares (``attn_norm``: the pre-attention norm and any q/k norms; ``attn_shared``: the o_proj
-  bias) are modules of their own (the attention output with only those tensors from model ``k``);
-* ``embed`` (exactly linear: the embedding vectors of the input ids) and ``head`` (final norm + LM head on the base
-  output of the last block) at every level but ``model`` (D-18; ``nonmodule="task_arithmetic"`` gives them a fixed
-  ``nonmodule_lambda`` instead). With tied embeddings the LM head matrix *is* the embedding: its delta is solved once,
+  partitions every head shares (``attn_norm``: the attention branch's norms and any q/k norms; ``attn_shared``: the
+  o_proj bias) are modules of their own (the attention branch's output with only those tensors from model ``k``). In
+  an MoE block each routed expert is a module (D-38): its FFN on the tokens the base router sends it, times their
+  routing weights; the router and the MLP norm form ``layer.i.mlp``;
+* ``embed`` (exactly linear: the sum of the token and position embeddings of the input) and ``head`` (final norm +
+  LM head on the base output of the last block) at every level but ``model`` (D-18; ``nonmodule="task_arithmetic"``
+  gives them a fixed ``nonmodule_lambda`` instead). With tied embeddings the LM head matrix *is* the embedding: its delta is solved once,
   in ``embed``, and the ``head`` module runs the base LM head (its partition holds the final norm only);
 * ``model`` (D-17): the whole network, token ids to fp32 logits.
 
