@@ -362,7 +362,8 @@ class _Parts:
         family = type(model).__name__
         if num_layers <= 0 or len(lists) != 1:
             raise ArchitectureError(f"slta: cannot find the {num_layers} decoder blocks of {family} (a module list "
-                                    f"named {' / '.join(_LAYER_LISTS)})")
+                                    f"named {' / '.join(_LAYER_LISTS)}); use level model, which runs the whole "
+                                    "network")
         self.layers_name, self.layers = lists[0]
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
@@ -396,7 +397,8 @@ class _Parts:
             if isinstance(module, nn.Module):
                 return module
         raise ArchitectureError(f"slta: cannot find the final norm of {type(self.model).__name__} "
-                                f"(one of {', '.join(_FINAL_NORMS)} beside the blocks)")
+                                f"(one of {', '.join(_FINAL_NORMS)} beside the blocks); use level model, which runs "
+                                "the whole network")
 
     def _embeddings(self, arch: Architecture | None) -> list[tuple[str, nn.Module]]:
         """(``token`` or ``position``, module) of every embedding whose sum is block 0's input."""
@@ -427,7 +429,8 @@ class _Parts:
             found = [n for n in names if n in children]
             if len(found) != 1:
                 raise ArchitectureError(f"slta: block {i} of {family} has no single {what} module "
-                                        f"(one of {', '.join(names)}); its children: {', '.join(children)}")
+                                        f"(one of {', '.join(names)}; its children: {', '.join(children)}), so the "
+                                        "attn_mlp and head_mlp levels do not exist there; use level layer or model")
             return found[0]
 
         attn, mlp = core(_ATTN_CORES, "attention"), core(_MLP_CORES, "MLP")
