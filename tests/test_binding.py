@@ -185,3 +185,23 @@ def test_regmean_grams_of_routed_experts_come_from_the_tokens_routed_to_them(moe
         inner = torch.nn.functional.silu(x @ stored[name + "w1.weight"].T) * (x @ stored[name + "w3.weight"].T)
         torch.testing.assert_close(grams[name + "w2.weight"], inner.T @ inner / len(inner), rtol=1e-4, atol=1e-6)
     assert reached >= 2
+
+
+def test_adamerging_learns_one_coefficient_per_expert_tensor_inside_fused_parameters(moe, tmp_path: Path) -> None:
+    """At the matrix level every checkpoint tensor is a partition (D-38), also those a fused parameter holds: each
+    gets its own coefficient, and its gradient reaches it through the slot (D-37). With lr 0 the coefficients stay at
+    init; with a step each expert tensor that took part moves on its own."""
+    base, (expert,) = moe["qwen3_moe"]
+    data = load_task_data(str(write_jsonl(tmp_path / "t.jsonl", ROWS)), "calib", 3)
+    arch = Architecture.from_folder(base)
+    fused = [n for n in arch.tensors if ".experts." in n]
+    params = {"level": "matrix", "steps": 1, "batch_size": 3, "lr": 0.05, "init": 0.5}
+    coeffs = compute_coefficients("adamerging", base=_ref(base), experts=[_ref(expert)], tasks=[data],
+                                  params=params, use_cache=False)
+    field = coeffs.fields["weight"]
+    assert set(fused) <= set(field.partitions)
+    values = dict(zip(field.partitions, field.values[0].tolist()))
+    # Adam's first step moves a coefficient by at most lr, by about lr where its gradient is not tiny: the routed
+    # experts' tensors got theirs through the fused parameters' slots
+    assert all(abs(values[n] - 0.5) <= 0.05 * (1 + 1e-4) for n in fused)
+    assert any(abs(values[n] - 0.5) == pytest.approx(0.05, rel=1e-2) for n in fused)
