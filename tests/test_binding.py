@@ -205,3 +205,33 @@ def test_adamerging_learns_one_coefficient_per_expert_tensor_inside_fused_parame
     # experts' tensors got theirs through the fused parameters' slots
     assert all(abs(values[n] - 0.5) <= 0.05 * (1 + 1e-4) for n in fused)
     assert any(abs(values[n] - 0.5) == pytest.approx(0.05, rel=1e-2) for n in fused)
+
+
+def test_fisher_of_a_fused_expert_tensor_is_its_slice_of_the_parameters_fisher(moe, tmp_path: Path) -> None:
+    """D-37, reading: the Fisher entry of ``experts.e.w1`` is rows 0..I-1 of expert e in ``gate_up_proj``'s Fisher
+    (``w3`` the rows after; transformers' conversion concatenates gate then up), ``w2`` is ``down_proj[e]``, the
+    router keeps its checkpoint name; the fused parameters' own names are not written. The reference is the
+    one-backward-per-example loop of the Fisher tests, over the loaded model's parameters."""
+    from safetensors import safe_open
+
+    from tests.test_importance_fisher import _reference_fisher
+
+    _, (expert,) = moe["mixtral"]
+    data = load_task_data(str(write_jsonl(tmp_path / "t.jsonl", ROWS)), "calib", 3)
+    coeffs = compute_coefficients("fisher", base=None, experts=[_ref(expert)], tasks=[data],
+                                  params={"fisher": "empirical", "batch_size": 1, "minimal_fisher_weight": 0.0},
+                                  use_cache=False)
+    with safe_open(str(coeffs.path / "entry" / "weight" / "0.safetensors"), framework="pt") as f:
+        weight = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+    assert not [n for n in weight if n.endswith(("gate_up_proj", "down_proj"))]
+    model = _model(expert)
+    reference = _reference_fisher(model, AutoTokenizer.from_pretrained(str(expert)), ROWS, seed=None)
+    inter = model.config.intermediate_size
+    for layer in range(2):
+        fused, stored = f"model.layers.{layer}.mlp.experts.", f"model.layers.{layer}.block_sparse_moe."
+        torch.testing.assert_close(weight[stored + "gate.weight"], reference[f"model.layers.{layer}.mlp.gate.weight"])
+        for e in range(4):
+            gate_up, down = reference[fused + "gate_up_proj"][e], reference[fused + "down_proj"][e]
+            torch.testing.assert_close(weight[f"{stored}experts.{e}.w1.weight"], gate_up[:inter])
+            torch.testing.assert_close(weight[f"{stored}experts.{e}.w3.weight"], gate_up[inter:])
+            torch.testing.assert_close(weight[f"{stored}experts.{e}.w2.weight"], down)
