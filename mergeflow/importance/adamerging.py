@@ -105,7 +105,9 @@ def _compute(run: ImportanceRun) -> Coefficients:
         aliases.setdefault(id(t), []).append(name)
     column: dict[str, int | torch.Tensor] = {}
     for name, t in model.named_parameters():
-        held = [c for alias in aliases[id(t)] for c in binding.checkpoint_names(alias)] or [name]
+        # its own name's tensors first (a tied parameter stored under both names keeps its stored name's column)
+        held = (binding.checkpoint_names(name)
+                or [c for alias in aliases[id(t)] for c in binding.checkpoint_names(alias)] or [name])
         cols = {}
         for c in held:
             labels = partitioner.partition(c).unique_labels()

@@ -134,7 +134,9 @@ def _group_members(model: PreTrainedModel, arch: Architecture, partitioner: Part
     for name, param in model.named_parameters():
         if not param.dtype.is_floating_point:
             continue
-        held = [c for alias in aliases[id(param)] for c in binding.checkpoint_names(alias)]
+        # its own name's tensors first: a tied parameter stored under both names stays in its stored name's group
+        held = binding.checkpoint_names(name) or [c for alias in aliases[id(param)]
+                                                  for c in binding.checkpoint_names(alias)]
         if not held:
             held = [_checkpoint_name(name, arch.tensors)]
         labels = {partitioner.partition(c).labels[0] for c in held}
