@@ -192,3 +192,22 @@ def test_slta_branches_add_up_to_each_block(matrix_families, family: str) -> Non
             torch.testing.assert_close(out[real], following[real], rtol=1e-5, atol=1e-5)
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("family", ["falcon", "gemma2", "mixtral"])
+def test_apl_batched_tracing_matches_in_place(matrix_families, family: str) -> None:
+    """The hidden-state swaps run batched by default on a GPU (module hooks correcting rows) and in place on a CPU;
+    both give the same scores on a fused interleaved qkv (Falcon) and post-norms (Gemma-2). Fused MoE experts are
+    not a module's own parameters: batching is refused and the run falls back to in place, with the same scores."""
+    from mergeflow.importance.base import ModelRef, compute_coefficients
+    from mergeflow.importance.data import load_task_data
+
+    folder = matrix_families(family)
+    task = load_task_data(str(folder / "t0.jsonl"), "fewshot", 2)
+    refs = [ModelRef(str(folder / n), folder / n, f"{family}-{n}") for n in ("base", "expert0")]
+    runs = {tracing: compute_coefficients("apl", base=refs[0], experts=[refs[1]], tasks=[task], use_cache=False,
+                                          params={"level": "hidden_state", "tracing": tracing})
+            for tracing in ("in_place", "batched")}
+    torch.testing.assert_close(runs["batched"].scores["hidden_state"], runs["in_place"].scores["hidden_state"],
+                               rtol=0, atol=1e-7)
+    assert runs["batched"].stats["tracing"] == ("in_place" if family == "mixtral" else "batched")
