@@ -2,8 +2,9 @@
 
 One cell = one family × one estimator variant, run as a user runs it: a recipe with an ``importance`` entry through
 ``mergeflow merge`` (in process), the merged folder loaded by ``AutoModelForCausalLM`` and run. Tiny models (hidden
-32, 2 blocks, 2 experts), 2 task rows per expert, few steps: the module takes about 110 s of CPU (one torch
-thread; measured at 98 s user + 10 s system for its 225 tests, imports and model builds included).
+32, 2 blocks, 2 experts), 2 task rows per expert, few steps: the module takes about 115 s of CPU (one torch
+thread; 107 s measured for the cells and the branch checks, imports and model builds included, before the three
+tracing checks were added).
 
 Each cell checks what holds for every estimator: the merge exits 0, its provenance names the estimator, the artifact
 holds one value per expert for every partition of the variant's level (the level's partitions as
