@@ -121,6 +121,7 @@ class TensorRole:
     heads: HeadLayout | None  # q/k/v/qkv/o weights and q/k/v/qkv biases
     conv1d: bool              # a 2-D weight stored [in, out] (GPT-2 Conv1D) instead of nn.Linear's [out, in]
     dtype: str | None = None  # safetensors dtype ("F32", "BF16", "BOOL", ...) when known
+    expert: int | None = None  # routed MoE expert (``mlp.experts.3.w1``: 3) of an MLP tensor; None otherwise
 
     @property
     def is_floating(self) -> bool:
@@ -553,4 +554,15 @@ def _make_role(name: str, shape: tuple[int, ...], dtype: str | None, layer: int 
         hidden_axis = _unique_hidden_axis(shape, hidden)
 
     return TensorRole(name=name, shape=shape, layer_index=layer, module=module, kind=kind, is_bias=is_bias,
-                      hidden_axis=hidden_axis, heads=heads, conv1d=conv1d, dtype=dtype)
+                      hidden_axis=hidden_axis, heads=heads, conv1d=conv1d, dtype=dtype,
+                      expert=_expert_index(tokens) if module == "mlp" else None)
+
+
+def _expert_index(tokens: list[str]) -> int | None:
+    """The routed expert a tensor of an MoE block belongs to: the number after ``experts`` (Mixtral's
+    ``block_sparse_moe.experts.3.w1``, Qwen3-MoE's ``mlp.experts.3.gate_proj``). Shared experts
+    (``shared_expert.*``) and the router (``gate``) belong to no single routed expert."""
+    for i in range(len(tokens) - 1):
+        if tokens[i] == "experts" and tokens[i + 1].isdigit():
+            return int(tokens[i + 1])
+    return None

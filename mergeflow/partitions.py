@@ -1,4 +1,4 @@
-"""Partitions of a model's parameters as per-tensor selectors (docs/methods.md §1.3, D-1, D-2, D-18, D-20).
+"""Partitions of a model's parameters as per-tensor selectors (docs/methods.md §1.3, D-1, D-2, D-18, D-20, D-38).
 
 A partition is a set of scalar entries. Every partition used here is a union of whole tensors or of slices along one
 axis of a tensor, so one tensor's share of every partition is described by a ``TensorPartition``: an axis (or None
@@ -134,6 +134,10 @@ class Partitioner:
         return self._row_partition(role, i)   # hidden_state, per_layer_rows
 
     def _head_partition(self, role: TensorRole, i: int) -> TensorPartition:
+        if role.module == "mlp" and role.expert is not None:
+            # D-38: the finest level splits an MoE block too: each routed expert's FFN is a partition of its own;
+            # the router and the block's norm stay in layer.i.mlp
+            return TensorPartition(role.name, None, (f"layer.{i}.expert.{role.expert}",))
         if role.module != "attn":
             return TensorPartition(role.name, None, (f"layer.{i}.{role.module}",))
         layout = role.heads

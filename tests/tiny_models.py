@@ -1,4 +1,8 @@
-"""Tiny real Hugging Face models for tests: Llama, Mistral (GQA), Qwen2 (tied embeddings, qkv biases), GPT-2 (Conv1D).
+"""Tiny real Hugging Face models for tests: Llama, Mistral (GQA), Qwen2 (tied embeddings, qkv biases), GPT-2 (Conv1D),
+and the families of ``ALL_FAMILIES``: Qwen3 (q/k norms), Gemma-2 and Gemma-3 text (extra post-norms, tied, scaled
+embeddings), Phi-3 (fused qkv and gate/up), Phi-2 (parallel attention/MLP, biases), GPT-NeoX and Falcon with the new
+decoder architecture (fused interleaved qkv, parallel residual; Falcon with grouped kv heads), OLMo-2 (post-norm
+blocks), Mixtral and Qwen3-MoE (routed experts, which transformers 5 fuses into one parameter per projection on load).
 
 Each family is built with transformers' own config and model classes, randomly initialised from a seed and saved with
 ``save_pretrained`` (safetensors), together with a small fast tokenizer. Experts are the base plus a seeded random
@@ -13,19 +17,33 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    Olmo2Config,
+    Phi3Config,
+    PhiConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 96
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+# every family the importance estimators are checked on (tests/test_family_matrix.py)
+ALL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi", "gpt_neox", "falcon",
+                "olmo2", "gpt2", "mixtral", "qwen3_moe")
 
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -81,6 +99,37 @@ def make_config(family: str, vocab_size: int = VOCAB):
                            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=True, **common)
+    # hidden 32, 2 blocks, 4 heads of 8; intermediate 48 (never 2× hidden, so no matrix has a fused one's shape)
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}
+    if family == "qwen3":
+        return Qwen3Config(intermediate_size=48, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                           **sizes, **common)
+    if family == "gemma2":
+        return Gemma2Config(intermediate_size=48, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                            sliding_window=16, tie_word_embeddings=True, **sizes, **common)
+    if family == "gemma3":
+        return Gemma3TextConfig(intermediate_size=48, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                sliding_window=16, tie_word_embeddings=True, **sizes, **common)
+    if family == "phi3":
+        return Phi3Config(intermediate_size=48, num_key_value_heads=4, tie_word_embeddings=False, **sizes, **common)
+    if family == "phi":
+        return PhiConfig(intermediate_size=48, tie_word_embeddings=False, **sizes, **common)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(intermediate_size=48, use_parallel_residual=True, tie_word_embeddings=False, **sizes,
+                             **common)
+    if family == "falcon":
+        return FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                            new_decoder_architecture=True, ffn_hidden_size=48, bias=False, alibi=False,
+                            max_position_embeddings=64, tie_word_embeddings=True, **common)
+    if family == "olmo2":
+        return Olmo2Config(intermediate_size=48, num_key_value_heads=4, tie_word_embeddings=False, **sizes, **common)
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=48, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             sliding_window=None, tie_word_embeddings=False, **sizes, **common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_key_value_heads=2, head_dim=8,
+                              num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True,
+                              tie_word_embeddings=False, **sizes, **common)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -96,7 +145,9 @@ def make_model(family: str, path: Path, *, seed: int = 0, vocab_size: int = VOCA
                dtype: torch.dtype = torch.float32) -> Path:
     """Build and save a randomly initialised model of ``family`` at ``path``."""
     torch.manual_seed(seed)
-    model = _MODEL_CLASSES[family](make_config(family, vocab_size))
+    config = make_config(family, vocab_size)
+    model_class = _MODEL_CLASSES.get(family)
+    model = model_class(config) if model_class is not None else AutoModelForCausalLM.from_config(config)
     model = model.to(dtype)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -106,8 +157,6 @@ def make_model(family: str, path: Path, *, seed: int = 0, vocab_size: int = VOCA
 
 def make_expert(base: Path, path: Path, *, seed: int, scale: float = 0.02) -> Path:
     """Copy ``base`` to ``path`` with every floating-point parameter perturbed by seeded Gaussian noise."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -38,6 +38,7 @@ from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.importance.base import Estimator, ImportanceRun, register_estimator
+from mergeflow.importance.binding import binding_for
 from mergeflow.importance.costs import (
     CostPlan,
     Pass,
@@ -88,6 +89,13 @@ def _objective(kind: str, merged: Any, batch: Encoded) -> torch.Tensor:
     return (entropy.sum(1) / batch.answer_mask.sum(1).clamp(min=1)).mean()
 
 
+def _combine(lam: torch.Tensor, column: int | torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Σ_k λ[k, column] Δ_k: one coefficient per expert for a whole tensor, or one per entry's partition."""
+    if isinstance(column, int):
+        return torch.tensordot(lam[:, column], deltas, dims=1)
+    return (lam[:, column] * deltas).sum(0)
+
+
 def _compute(run: ImportanceRun) -> Coefficients:
     p = run.params
     assert run.base is not None
@@ -98,13 +106,31 @@ def _compute(run: ImportanceRun) -> Coefficients:
     model = run.load_model(run.base)
     model.requires_grad_(False)
     base = {n: t.detach() for n, t in model.named_parameters()}  # tied tensors once (the functional call re-ties)
-    column: dict[str, int] = {}
-    for name in base:
-        labels = partitioner.partition(name).unique_labels()
-        if len(labels) != 1:
-            raise RecipeError(f"importance.parameters.level: adamerging needs partitions of whole tensors; {name} "
-                              f"spans {labels} at level {p['level']}")
-        column[name] = ids.index(labels[0])
+    # a parameter may hold several checkpoint tensors (fused MoE experts, D-37), each in its own partition (matrix
+    # level, D-38): its coefficient is then a tensor of partition columns, one per entry
+    binding = binding_for(model, run.base.model_folder, arch, content_key=run.base.content_hash)
+    aliases: dict[int, list[str]] = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(t), []).append(name)
+    column: dict[str, int | torch.Tensor] = {}
+    for name, t in model.named_parameters():
+        # its own name's tensors first (a tied parameter stored under both names keeps its stored name's column)
+        held = (binding.checkpoint_names(name)
+                or [c for alias in aliases[id(t)] for c in binding.checkpoint_names(alias)] or [name])
+        cols = {}
+        for c in held:
+            labels = partitioner.partition(c).unique_labels()
+            if len(labels) != 1:
+                raise RecipeError(f"importance.parameters.level: adamerging needs partitions of whole tensors; {c} "
+                                  f"spans {labels} at level {p['level']}")
+            cols[c] = ids.index(labels[0])
+        if len(set(cols.values())) == 1:
+            column[name] = next(iter(cols.values()))
+        else:
+            index = torch.empty(t.shape, dtype=torch.long)
+            for c, col in cols.items():
+                binding.slot(c, "adamerging").view(index).fill_(col)
+            column[name] = index.to(run.device)
     deltas: dict[str, list[torch.Tensor]] = {name: [] for name in base}
     for ref in run.experts:
         expert = run.load_model(ref)
@@ -132,7 +158,7 @@ def _compute(run: ImportanceRun) -> Coefficients:
     gen = torch.Generator().manual_seed(run.seed)
     curve: list[float] = []
     for _ in range(p["steps"]):
-        merged_params = {n: base[n] + torch.tensordot(lam[:, column[n]], d, dims=1) for n, d in stacked.items()}
+        merged_params = {n: base[n] + _combine(lam, column[n], d) for n, d in stacked.items()}
 
         def merged(_params: dict[str, torch.Tensor] = merged_params, **kwargs: Any) -> Any:
             return functional_call(model, _params, args=(), kwargs=kwargs)

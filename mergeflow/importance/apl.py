@@ -100,6 +100,7 @@ from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError, RecipeError
 from mergeflow.importance.base import WHOLE, Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
+from mergeflow.importance.binding import Binding, binding_for
 from mergeflow.importance.costs import (
     CostPlan,
     Pass,
@@ -360,12 +361,12 @@ def _returning(value: Any):
     return forward
 
 
-def _block_modules(model: nn.Module, arch: Architecture) -> list[nn.Module] | None:
+def _block_modules(model: nn.Module, arch: Architecture, binding: Binding) -> list[nn.Module] | None:
     """The module of each decoder block (the one holding exactly that block's parameters), or None if not found."""
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     blocks = []
     for layer in range(arch.num_layers):
-        names = [n for n in arch.block_tensors(layer) if n in params]
+        # the parameters holding the block's checkpoint tensors (fused MoE experts: one parameter for many, D-37)
+        names = sorted({binding.slots[n].param for n in arch.block_tensors(layer) if n in binding})
         if not names:
             return None
         tokens = [n.split(".") for n in names]
@@ -389,8 +390,9 @@ class _Tracer:
     """Gold-answer probabilities of one loaded expert with partitions swapped to the base values."""
 
     def __init__(self, model: nn.Module, base_model: nn.Module, run: ImportanceRun, *, batch_size: int,
-                 normalize: bool, batched: bool, arch: Architecture | None = None) -> None:
+                 normalize: bool, batched: bool, binding: Binding, arch: Architecture | None = None) -> None:
         self.model = model
+        self.binding = binding
         self.arch = arch
         self.run = run
         self.batch_size = batch_size
@@ -415,18 +417,25 @@ class _Tracer:
         self._busy = False
         self._conv1d = _conv1d_type()
         # prefix reuse (in-place path): the decoder blocks as modules, and the clean run's outputs of each block
-        self.blocks = _block_modules(model, arch) if arch is not None else None
+        self.blocks = _block_modules(model, arch, binding) if arch is not None else None
         self.prefix_reuse = self.blocks is not None
         self._prefix: dict[int, Any] | None = None
         self._record = False
 
     # -- which entries a partition swaps -------------------------------------------------------------------------
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """The expert's checkpoint tensor ``name`` inside its parameters (a view; D-37)."""
+        return self.binding.view(self.params, name)
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        return self.binding.view(self.base_params, name)
+
     def unchanged(self, name: str) -> bool:
         """True when the expert's tensor equals the base's (its swap is a no-op and is skipped)."""
         if name not in self._unchanged:
-            if name in self.params:
-                self._unchanged[name] = torch.equal(self.params[name], self.base_params[name])
+            if name in self.binding:
+                self._unchanged[name] = torch.equal(self.tensor(name), self.base_tensor(name))
             elif name in self.buffers and name in self.base_buffers:
                 if not torch.equal(self.buffers[name], self.base_buffers[name]):
                     raise MergeflowError(f"apl: tensor {name} differs between the expert and the base but is a "
@@ -449,7 +458,7 @@ class _Tracer:
                 index = index_cache.get(key)
                 if index is None:
                     index = index_cache[key] = torch.tensor(indices, dtype=torch.long, device=self.run.device)
-            out.append(_Swap(name, axis, index, self.base_params[name].detach()))
+            out.append(_Swap(name, axis, index, self.base_tensor(name).detach()))
         return out
 
     # -- probabilities -------------------------------------------------------------------------------------------
@@ -567,24 +576,33 @@ class _Tracer:
 
     @contextmanager
     def _swapped(self, swaps: Sequence[_Swap]) -> Iterator[None]:
-        """The swaps applied to the expert's own tensors in place (whole tensors by reference), then undone."""
-        saved: list[tuple[nn.Parameter, Any]] = []
+        """The swaps applied to the expert's own tensors in place (whole tensors by reference), then undone. A
+        checkpoint tensor that is a slice of a fused parameter (MoE experts, D-37) is written through its view."""
+        saved: list[tuple[str, Any, Any]] = []
         try:
             for s in swaps:
-                p = self.params[s.tensor]
-                if s.index is None:
-                    saved.append((p, p.data))
+                slot = self.binding.slot(s.tensor, "apl")
+                p = self.params[slot.param]
+                if s.index is None and slot.whole:
+                    saved.append(("ref", p, p.data))
                     p.data = s.base
+                    continue
+                view = slot.view(p.data)
+                if s.index is None:
+                    saved.append(("copy", view, view.clone()))
+                    view.copy_(s.base)
                 else:
-                    saved.append((p, (s.axis, s.index, p.data.index_select(s.axis, s.index))))
-                    p.data.index_copy_(s.axis, s.index, s.base.index_select(s.axis, s.index))
+                    saved.append(("index", view, (s.axis, s.index, view.index_select(s.axis, s.index))))
+                    view.index_copy_(s.axis, s.index, s.base.index_select(s.axis, s.index))
             yield
         finally:
-            for p, old in reversed(saved):
-                if isinstance(old, tuple):
-                    p.data.index_copy_(*old)
+            for how, target, old in reversed(saved):
+                if how == "ref":
+                    target.data = old
+                elif how == "copy":
+                    target.copy_(old)
                 else:
-                    p.data = old
+                    target.index_copy_(*old)
 
     def _batched(self, part: Encoded, group: Sequence[Sequence[_Swap]]) -> torch.Tensor:
         v, b = len(group), len(part)
@@ -595,7 +613,9 @@ class _Tracer:
         for i, swaps in enumerate(group):
             per_module: dict[int, tuple[nn.Module, dict]] = {}
             for s in swaps:
-                users = self.users.get(s.tensor) or []
+                slot = self.binding.slots.get(s.tensor)
+                # a slice of a fused parameter is not a module's own parameter: not batchable (in place instead)
+                users = (self.users.get(slot.param) or []) if slot is not None and slot.whole else []
                 if not users:
                     raise _Unbatchable(f"{s.tensor} has no owning module")
                 for module, local in users:
@@ -890,6 +910,8 @@ def _measure(run: ImportanceRun) -> Measurements:
         tracing = "batched" if level == "hidden_state" and run.device.type == "cuda" else "in_place"
     batched = tracing == "batched"
     base_model = run.load_model(run.base, keep=True)  # read once for all the run's shards; only read here
+    # checkpoint tensor → where it lives in the loaded models (fused MoE experts; D-37), shared by the experts
+    binding = binding_for(base_model, run.base.model_folder, arch, content_key=run.base.content_hash)
     if next(base_model.parameters()).requires_grad != (estimator == "grad"):  # kept between shards: set once
         base_model.requires_grad_(estimator == "grad")
     for sha, experts_of_task in by_task.items():
@@ -897,7 +919,7 @@ def _measure(run: ImportanceRun) -> Measurements:
         base_prob = None
         if needs_expert_forward:
             base_tracer = _Tracer(base_model, base_model, run, batch_size=batch_size, normalize=normalize_p,
-                                  batched=False)
+                                  batched=False, binding=binding)
             base_prob = float(base_tracer.probabilities(enc, [[]])[0])
         grads = None
         if estimator == "grad":
@@ -908,7 +930,7 @@ def _measure(run: ImportanceRun) -> Measurements:
             model = run.load_model(run.experts[k])
             model.requires_grad_(False)
             tracer = _Tracer(model, base_model, run, batch_size=batch_size, normalize=normalize_p,
-                             batched=batched, arch=arch)
+                             batched=batched, binding=binding, arch=arch)
             if estimator == "causal":
                 variants = [tracer.swaps(members[pid], index_cache) for pid in scored]
                 live = [i for i, v in enumerate(variants) if v]  # a partition the expert never changed scores 0
@@ -930,7 +952,8 @@ def _measure(run: ImportanceRun) -> Measurements:
                     for name, role in arch.tensors.items():
                         if not role.is_floating or tracer.unchanged(name):
                             continue
-                        prod = torch.sub(tracer.params[name], tracer.base_params[name]).mul_(grads[name])
+                        prod = torch.sub(tracer.tensor(name), tracer.base_tensor(name)).mul_(
+                            tracer.binding.view(grads, name))
                         sums.add(acc, name, prod)
                         whole += prod.sum(dtype=torch.float64)
                 level_scores[k] = acc[:-1].abs().cpu()

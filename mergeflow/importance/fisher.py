@@ -44,6 +44,7 @@ from mergeflow.importance.base import (
     MeasurePart,
     register_estimator,
 )
+from mergeflow.importance.binding import Binding, binding_for
 from mergeflow.importance.costs import (
     CostPlan,
     PlanInputs,
@@ -192,8 +193,13 @@ def _vmapped_grad(model: PreTrainedModel) -> Callable[..., dict[str, torch.Tenso
     return vmap(grad(logprob), in_dims=(None, 0, 0, 0))
 
 
-def state_dict_tensors(model: PreTrainedModel, per_param: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-parameter tensors keyed by every state-dict name of their parameter (tied names get private copies)."""
+def state_dict_tensors(model: PreTrainedModel, per_param: dict[str, torch.Tensor],
+                       binding: Binding | None = None) -> dict[str, torch.Tensor]:
+    """Per-parameter tensors keyed by every state-dict name of their parameter (tied names get private copies).
+
+    With the ``binding`` of the model to its checkpoint, they are keyed by checkpoint name instead where the two
+    differ: a checkpoint tensor held in a slice of a fused parameter (MoE experts, D-37) gets that slice, and a
+    fused or renamed parameter's own name, which no checkpoint tensor has, is left out."""
     by_id = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -204,6 +210,15 @@ def state_dict_tensors(model: PreTrainedModel, per_param: dict[str, torch.Tensor
         value = per_param[pname]
         out[name] = value.clone() if pname in used else value
         used.add(pname)
+    if binding is None:
+        return out
+    aliases = {n: per_param[by_id[id(p)]] for n, p in model.named_parameters(remove_duplicate=False)
+               if by_id.get(id(p)) in per_param}
+    for name, value in binding.to_checkpoint(aliases).items():
+        out.setdefault(name, value)
+    for pname, held in binding.held.items():
+        if pname not in held:  # a fused or renamed parameter: its checkpoint names carry it
+            out.pop(pname, None)
     return out
 
 
@@ -222,7 +237,8 @@ def _measure(run: ImportanceRun) -> Measurements:
             targets = enc.targets
         diag, how = fisher_diagonal(model, enc, targets, batch_size=p["batch_size"],
                                     on_batch=lambda n: run.count(forward=n, backward=n))
-        fisher = {n: t.cpu() for n, t in state_dict_tensors(model, diag).items()}
+        binding = binding_for(model, ref.model_folder, content_key=ref.content_hash)
+        fisher = {n: t.cpu() for n, t in state_dict_tensors(model, diag, binding).items()}
         del model, diag
         bad = [n for n, t in fisher.items() if not torch.isfinite(t).all()]
         if bad:

@@ -1,4 +1,5 @@
-"""SLTA: per-module task-arithmetic weights from submodule linearity (Dai et al., ICLR 2025; docs/methods.md §4, D-17..D-22).
+"""SLTA: per-module task-arithmetic weights from submodule linearity (Dai et al., ICLR 2025; docs/methods.md §4, D-17..D-22,
+D-37..D-39).
 
 Each module ``i`` (a decoder block, an attention or MLP sub-block, one attention head, the embeddings, the final norm
 with the LM head, or the whole network) is run with the weights of every model ``k`` (base and experts) on the *same*
@@ -14,15 +15,19 @@ which is the ``K×K`` linear system ``A α = b`` with ``B_a[j, l] = E_{x∈a} <�
 What a module is, per level (its Δf always reflects *only* the tensors of its partition; every other tensor is the
 base's):
 
-* ``layer``: decoder block ``i`` on the block input; ``attn_mlp``: ``input_layernorm + self_attn`` on the block input,
-  ``post_attention_layernorm + mlp`` on the base residual after the base attention (D-18);
+* ``layer``: decoder block ``i`` on the block input; ``attn_mlp``: the block's attention branch and MLP branch, each
+  ``pre-norm → attention or MLP → post-norm`` as the family has them (D-39; Llama: ``input_layernorm + self_attn`` on
+  the block input, ``post_attention_layernorm + mlp`` on the base residual after the base attention, D-18; parallel
+  blocks: both on the block input; each branch on the input its first module received in the base pass);
 * ``head_mlp`` (D-20): head ``h`` (or, with ``gqa_policy="group"``, kv group ``g``) outputs ``W_o[:, h] · z_h`` where
   ``z_h`` is the head's attention output with model ``k``'s q/k/v rows on the base (normalised) block input; the
-  partitions every head shares (``attn_norm``: the pre-attention norm and any q/k norms; ``attn_shared``: the o_proj
-  bias) are modules of their own (the attention output with only those tensors from model ``k``);
-* ``embed`` (exactly linear: the embedding vectors of the input ids) and ``head`` (final norm + LM head on the base
-  output of the last block) at every level but ``model`` (D-18; ``nonmodule="task_arithmetic"`` gives them a fixed
-  ``nonmodule_lambda`` instead). With tied embeddings the LM head matrix *is* the embedding: its delta is solved once,
+  partitions every head shares (``attn_norm``: the attention branch's norms and any q/k norms; ``attn_shared``: the
+  o_proj bias) are modules of their own (the attention branch's output with only those tensors from model ``k``). In
+  an MoE block each routed expert is a module (D-38): its FFN on the tokens the base router sends it, times their
+  routing weights; the router and the MLP norm form ``layer.i.mlp``;
+* ``embed`` (exactly linear: the sum of the token and position embeddings of the input) and ``head`` (final norm +
+  LM head on the base output of the last block) at every level but ``model`` (D-18; ``nonmodule="task_arithmetic"``
+  gives them a fixed ``nonmodule_lambda`` instead). With tied embeddings the LM head matrix *is* the embedding: its delta is solved once,
   in ``embed``, and the ``head`` module runs the base LM head (its partition holds the final norm only);
 * ``model`` (D-17): the whole network, token ids to fp32 logits.
 
@@ -58,6 +63,7 @@ from mergeflow.checkpoints import find_weight_files
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import ArchitectureError, RecipeError
 from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, register_estimator
+from mergeflow.importance.binding import Binding, Slot, binding_for
 from mergeflow.importance.costs import (
     CostPlan,
     PlanInputs,
@@ -217,9 +223,12 @@ def nls_of_path(outputs: torch.Tensor) -> float:
 class FeatureBatch:
     """The base model's module inputs for one batch of samples (right-padded), on the CPU.
 
-    ``layer_inputs[i]``: input of decoder block ``i`` (block 0: the token embeddings); ``layer_kwargs[i]``: its side
-    inputs as the model passed them (attention mask, rotary ``position_embeddings``, ``position_ids``);
-    ``mlp_inputs[i]``: the residual stream after block ``i``'s attention (the input of ``post_attention_layernorm``);
+    ``layer_inputs[i]``: input of decoder block ``i`` (block 0: the token embeddings); ``layer_args[i]`` and
+    ``layer_kwargs[i]``: its other inputs as the model passed them (attention mask, rotary ``position_embeddings``,
+    ``position_ids``); ``attn_inputs[i]`` / ``mlp_inputs[i]``: the input of the first module of block ``i``'s
+    attention / MLP branch (D-39; Llama: the block input, and the residual stream after the attention, the input of
+    ``post_attention_layernorm``; Phi-2: the normalised block input, which its MLP reads); ``attn_calls[i]`` /
+    ``mlp_calls[i]``: the other ``(args, kwargs)`` the branch's core module (attention, MLP) was called with;
     ``final_input``: the last block's output (the input of the final norm). Lists are empty when not captured.
     """
 
@@ -229,6 +238,10 @@ class FeatureBatch:
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
     mlp_inputs: list[torch.Tensor] = field(default_factory=list)
     final_input: torch.Tensor | None = None
+    layer_args: list[tuple] = field(default_factory=list)
+    attn_inputs: list[torch.Tensor] = field(default_factory=list)
+    attn_calls: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
+    mlp_calls: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -240,7 +253,9 @@ class FeatureBatch:
             return _move(x, device, dtype)
         return FeatureBatch(self.input_ids.to(device), self.attention_mask.to(device),
                             [mv(x) for x in self.layer_inputs], [mv(kw) for kw in self.layer_kwargs],
-                            [mv(x) for x in self.mlp_inputs], mv(self.final_input))
+                            [mv(x) for x in self.mlp_inputs], mv(self.final_input),
+                            [mv(a) for a in self.layer_args], [mv(x) for x in self.attn_inputs],
+                            [mv(c) for c in self.attn_calls], [mv(c) for c in self.mlp_calls])
 
 
 def _move(x: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
@@ -260,7 +275,30 @@ def _cpu(x: Any) -> Any:
         return x.detach().to("cpu", copy=True) if x.device.type != "cpu" else x.detach().clone()
     if isinstance(x, tuple):
         return tuple(_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
     return x
+
+
+def _replayable(value: Any) -> bool:
+    return value is None or isinstance(value, (torch.Tensor, bool, int, float, str)) or (
+        isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value))
+
+
+def _positional(args: tuple) -> tuple:
+    """Positional inputs after the hidden states, kept for replay; state (a cache object) becomes None."""
+    return tuple(_cpu(a) if _replayable(a) else None for a in args)
+
+
+def _call_inputs(args: tuple, kwargs: Mapping[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
+    """(hidden states, other positional inputs, keyword inputs) of a module call seen by a pre-hook."""
+    if args:
+        hidden, rest = args[0], args[1:]
+    else:
+        hidden, rest = kwargs["hidden_states"], ()
+    kw = {k: _cpu(v) for k, v in kwargs.items()
+          if k != "hidden_states" and k not in _NOT_INPUTS and _replayable(v)}
+    return _cpu(hidden), _positional(rest), kw
 
 
 def _side_inputs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -274,36 +312,151 @@ def _side_inputs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Parts:
-    """The pieces of a Llama-style causal LM (Llama, Mistral, Qwen2, ...) that SLTA runs one at a time."""
+# Decoder-block children by role (shared names across families, like mergeflow.architecture's vocabularies). Which
+# branch a norm belongs to comes from the architecture (D-18: a post_attention_layernorm is the MLP's pre-norm in
+# Llama, the attention's post-norm in Gemma-2/3 and OLMo-2).
+_ATTN_CORES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_CORES = ("mlp", "block_sparse_moe", "feed_forward")
+_PRE_NORMS = ("input_layernorm", "ln_1", "ln_attn", "pre_feedforward_layernorm", "post_attention_layernorm", "ln_2",
+              "ln_mlp")
+_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+_FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
+_LAYER_LISTS = ("layers", "h", "blocks", "layer")
 
-    def __init__(self, model: PreTrainedModel) -> None:
-        backbone = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-        layers = getattr(backbone, "layers", None)
-        ok = (backbone is not None and isinstance(layers, nn.ModuleList) and len(layers) > 0
-              and isinstance(getattr(backbone, "embed_tokens", None), nn.Embedding)
-              and getattr(backbone, "norm", None) is not None and getattr(model, "lm_head", None) is not None
-              and all(all(hasattr(layer, a) for a in ("input_layernorm", "self_attn", "post_attention_layernorm",
-                                                      "mlp"))
-                      and hasattr(layer.self_attn, "o_proj") for layer in layers))
-        if not ok:
-            raise ArchitectureError(
-                f"slta runs modules of Llama-style decoders (model.layers[i].input_layernorm / self_attn.o_proj / "
-                f"post_attention_layernorm / mlp, model.embed_tokens, model.norm, lm_head); "
-                f"{type(model).__name__} is not one")
+
+@dataclass(frozen=True)
+class _Branch:
+    """One residual branch of a decoder block (D-39): ``pre`` norm → ``core`` (attention or MLP) → ``post`` norm,
+    children of the block by name; its output is what the branch adds to the residual stream."""
+
+    pre: str | None
+    core: str
+    post: str | None
+
+    @property
+    def first(self) -> str:
+        return self.pre or self.core
+
+    @property
+    def children(self) -> tuple[str, ...]:
+        return tuple(c for c in (self.pre, self.core, self.post) if c is not None)
+
+    def run(self, block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict[str, Any]]) -> torch.Tensor:
+        if self.pre is not None:
+            x = getattr(block, self.pre)(x)
+        args, kwargs = call
+        out = _layer_out(getattr(block, self.core)(x, *args, **kwargs))
+        return getattr(block, self.post)(out) if self.post is not None else out
+
+
+class _Parts:
+    """The pieces of a decoder-only causal LM that SLTA runs one at a time: the embeddings, the decoder blocks and
+    each block's attention and MLP branches, the final norm and the LM head (D-39). Found by module names shared
+    across families and by the architecture's roles, not by a per-family table; a model without them is refused
+    by name."""
+
+    def __init__(self, model: PreTrainedModel, arch: Architecture | None = None,
+                 binding: Binding | None = None, *, blocks: bool = True) -> None:
         self.model = model
-        self.backbone = backbone
-        self.layers = layers
-        self.embed: nn.Embedding = backbone.embed_tokens
-        self.norm: nn.Module = backbone.norm
-        self.lm_head: nn.Module = model.lm_head
+        self.arch, self.binding = arch, binding
         # every global parameter name of each parameter object (tied weights have two)
         self.global_names: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self.global_names.setdefault(id(p), []).append(name)
+        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        if not blocks:  # the model level runs the whole network: nothing inside it needs finding
+            return
+        num_layers = arch.num_layers if arch is not None else int(getattr(model.config, "num_hidden_layers", 0))
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers
+                 and n.split(".")[-1] in _LAYER_LISTS]
+        family = type(model).__name__
+        if num_layers <= 0 or len(lists) != 1:
+            raise ArchitectureError(f"slta: cannot find the {num_layers} decoder blocks of {family} (a module list "
+                                    f"named {' / '.join(_LAYER_LISTS)}); use level model, which runs the whole "
+                                    "network")
+        self.layers_name, self.layers = lists[0]
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise ArchitectureError(f"slta: {family} has no output embeddings (LM head)")
+        self.norm = self._final_norm(arch)
+        self.embeds = self._embeddings(arch)
+        self.branches = [self._branches(i, layer) for i, layer in enumerate(self.layers)]
+
+    # -- discovery -----------------------------------------------------------------------------------------------
+
+    def _owner(self, checkpoint_name: str) -> nn.Module | None:
+        """The module whose parameter holds checkpoint tensor ``checkpoint_name``."""
+        param = self.binding.slots[checkpoint_name].param if self.binding is not None and \
+            checkpoint_name in self.binding else checkpoint_name
+        path = param.rsplit(".", 1)[0]
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _final_norm(self, arch: Architecture | None) -> nn.Module:
+        if arch is not None:
+            owners = {id(m): m for n, r in arch.tensors.items() if r.module == "final_norm"
+                      for m in [self._owner(n)] if m is not None}
+            if len(owners) == 1:
+                return next(iter(owners.values()))
+        parent = self.model.get_submodule(self.layers_name.rsplit(".", 1)[0]) if "." in self.layers_name \
+            else self.model
+        for name in _FINAL_NORMS:
+            module = getattr(parent, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise ArchitectureError(f"slta: cannot find the final norm of {type(self.model).__name__} "
+                                f"(one of {', '.join(_FINAL_NORMS)} beside the blocks); use level model, which runs "
+                                "the whole network")
+
+    def _embeddings(self, arch: Architecture | None) -> list[tuple[str, nn.Module]]:
+        """(``token`` or ``position``, module) of every embedding whose sum is block 0's input."""
+        token = self.model.get_input_embeddings()
+        out: list[tuple[str, nn.Module]] = [("token", token)]
+        if arch is not None:
+            for name, role in arch.tensors.items():
+                if role.kind == "pos_embed" and not role.is_bias:
+                    module = self._owner(name)
+                    if isinstance(module, nn.Embedding) and module is not token:
+                        out.append(("position", module))
+        return out
+
+    def _role_module(self, child: nn.Module) -> str | None:
+        """"attn" or "mlp": the architecture's module of a block child's parameters (None: no parameter)."""
+        if self.arch is None:
+            return None
+        names = {n for p in child.parameters() for n in self.global_names.get(id(p), [])}
+        held = [c for n in names for c in (self.binding.checkpoint_names(n) if self.binding is not None else [n])]
+        modules = {self.arch.tensors[c].module for c in held if c in self.arch.tensors}
+        return modules.pop() if len(modules) == 1 else None
+
+    def _branches(self, i: int, layer: nn.Module) -> dict[str, _Branch]:
+        children = dict(layer.named_children())
+        family = type(self.model).__name__
+
+        def core(names: tuple[str, ...], what: str) -> str:
+            found = [n for n in names if n in children]
+            if len(found) != 1:
+                raise ArchitectureError(f"slta: block {i} of {family} has no single {what} module "
+                                        f"(one of {', '.join(names)}; its children: {', '.join(children)}), so the "
+                                        "attn_mlp and head_mlp levels do not exist there; use level layer or model")
+            return found[0]
+
+        attn, mlp = core(_ATTN_CORES, "attention"), core(_MLP_CORES, "MLP")
+        owner = {n: self._role_module(children[n]) for n in (*_PRE_NORMS, *_POST_NORMS) if n in children}
+        if self.arch is None:  # without the architecture: its reading of the names (mergeflow.architecture)
+            post_norm_block = "pre_feedforward_layernorm" in children or "post_feedforward_layernorm" in children
+            owner = {n: ("attn" if n in ("input_layernorm", "ln_1", "ln_attn")
+                         or (n == "post_attention_layernorm" and post_norm_block) else "mlp") for n in owner}
+        pre = {b: next((n for n in _PRE_NORMS if owner.get(n) == b and not
+                        (n == "post_attention_layernorm" and b == "attn")), None) for b in ("attn", "mlp")}
+        post = {b: next((n for n in _POST_NORMS if owner.get(n) == b and n != pre[b] and
+                         (n != "post_attention_layernorm" or b == "attn")), None) for b in ("attn", "mlp")}
+        return {"attn": _Branch(pre["attn"], attn, post["attn"]), "mlp": _Branch(pre["mlp"], mlp, post["mlp"])}
 
     def param_map(self, template: nn.Module) -> dict[str, list[str]]:
-        """Checkpoint (global) name → the template-relative names of that parameter."""
+        """Parameter (global) name → the template-relative names of that parameter."""
         out: dict[str, list[str]] = {}
         for local, p in template.named_parameters(remove_duplicate=False):
             for g in self.global_names.get(id(p), []):
@@ -313,14 +466,15 @@ class _Parts:
 
 @torch.no_grad()
 def capture_features(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                     batch_size: int = 8, blocks: bool = True, mlp: bool = True) -> list[FeatureBatch]:
+                     batch_size: int = 8, blocks: bool = True, mlp: bool = True,
+                     parts: _Parts | None = None) -> list[FeatureBatch]:
     """One base forward per batch, recording every module's input with hooks (docs/methods.md §4.3 step 1).
 
     ``input_ids``/``attention_mask``: right-padded ``[N, T]``. Returns one :class:`FeatureBatch` per batch, trimmed to
     the batch's longest sample. ``blocks=False`` records nothing but the ids (model level); ``mlp=False`` skips the
     post-attention residuals (layer level).
     """
-    parts = _Parts(model)
+    parts = parts if parts is not None else _Parts(model)
     out: list[FeatureBatch] = []
     n = int(input_ids.shape[0])
     for start in range(0, n, batch_size):
@@ -334,43 +488,57 @@ def capture_features(model: PreTrainedModel, input_ids: torch.Tensor, attention_
 
 
 def _record(parts: _Parts, fb: FeatureBatch, *, mlp: bool) -> None:
-    """Fill ``fb``'s module inputs from one forward of the base backbone (hooks removed afterwards)."""
+    """Fill ``fb``'s module inputs from one forward of the base model (hooks removed afterwards): each block's input
+    and call, each branch's input and its core module's call (D-39), the final norm's input."""
     n = len(parts.layers)
-    ins: list[Any] = [None] * n
-    kws: list[Any] = [None] * n
-    mids: list[Any] = [None] * n
+    layer_in: list[Any] = [None] * n
+    branch_in: dict[str, list[Any]] = {"attn": [None] * n, "mlp": [None] * n}
+    core_calls: dict[str, list[Any]] = {"attn": [None] * n, "mlp": [None] * n}
     final: list[Any] = [None]
 
     def layer_hook(i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            ins[i] = _cpu(hidden)
-            kws[i] = _side_inputs({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            layer_in[i] = _call_inputs(args, kwargs)
         return hook
 
-    def mlp_hook(i: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            mids[i] = _cpu(args[0])
+    def first_hook(branch: str, i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if branch_in[branch][i] is None:  # a module that runs twice (a shared norm): its first call
+                branch_in[branch][i] = _call_inputs(args, kwargs)[0]
         return hook
 
-    def final_hook(_m: nn.Module, args: tuple) -> None:
-        final[0] = _cpu(args[0])
+    def core_hook(branch: str, i: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            _, rest, kw = _call_inputs(args, kwargs)
+            core_calls[branch][i] = (rest, kw)
+        return hook
+
+    def final_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        final[0] = _call_inputs(args, kwargs)[0]
 
     handles = []
     device = next(parts.model.parameters()).device
     try:
         for i, layer in enumerate(parts.layers):
             handles.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
-            if mlp:
-                handles.append(layer.post_attention_layernorm.register_forward_pre_hook(mlp_hook(i)))
-        handles.append(parts.norm.register_forward_pre_hook(final_hook))
-        parts.backbone(input_ids=fb.input_ids.to(device), attention_mask=fb.attention_mask.to(device),
-                       use_cache=False)
+            for name, br in parts.branches[i].items():
+                if name == "mlp" and not mlp:
+                    continue
+                handles.append(getattr(layer, br.first).register_forward_pre_hook(first_hook(name, i),
+                                                                                 with_kwargs=True))
+                handles.append(getattr(layer, br.core).register_forward_pre_hook(core_hook(name, i),
+                                                                                with_kwargs=True))
+        handles.append(parts.norm.register_forward_pre_hook(final_hook, with_kwargs=True))
+        parts.model(input_ids=fb.input_ids.to(device), attention_mask=fb.attention_mask.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    fb.layer_inputs, fb.layer_kwargs = list(ins), list(kws)
-    fb.mlp_inputs = list(mids) if mlp else []
+    fb.layer_inputs = [x[0] for x in layer_in]
+    fb.layer_args = [x[1] for x in layer_in]
+    fb.layer_kwargs = [x[2] for x in layer_in]
+    fb.attn_inputs, fb.attn_calls = list(branch_in["attn"]), list(core_calls["attn"])
+    fb.mlp_inputs = list(branch_in["mlp"]) if mlp else []
+    fb.mlp_calls = list(core_calls["mlp"]) if mlp else []
     fb.final_input = final[0]
 
 
@@ -387,7 +555,7 @@ class _Unit:
     template: nn.Module
     tensors: list[str]
     apply: Callable[[nn.Module, FeatureBatch], dict[str, torch.Tensor]]
-    param_map: dict[str, list[str]]
+    param_map: dict[str, list[tuple[str, Slot]]]   # checkpoint tensor → (template-relative parameter, slot in it)
 
 
 def _layer_out(x: Any) -> torch.Tensor:
@@ -418,7 +586,9 @@ class _Session:
         if model is None:
             model = transformers_io.load_causal_lm(base, dtype=torch.float32).to(self.device).eval()
         self.model = model
-        self.parts = _Parts(model)
+        # checkpoint tensor → where it lives in the loaded model (fused MoE experts, renamed modules; D-37)
+        self.binding = binding_for(model, Path(base), self.arch)
+        self.parts = _Parts(model, self.arch, self.binding, blocks=level != "model")
         self.tokenizer = tokenizer if tokenizer is not None else _tokenizer(Path(base))
         self.paths = [Path(base), *map(Path, models)]
         # given: the base's and experts' tensors as the merge reads them (LoRA adapter experts included)
@@ -438,7 +608,7 @@ class _Session:
                                                                                                     self.batch_size)]
             return out
         feats = capture_features(self.model, enc.input_ids, enc.attention_mask, batch_size=self.batch_size,
-                                 blocks=True, mlp=self.level in ("attn_mlp", "head_mlp"))
+                                 blocks=True, mlp=self.level in ("attn_mlp", "head_mlp"), parts=self.parts)
         self.counts["base_forwards"] += len(feats)
         return feats
 
@@ -455,15 +625,18 @@ class _Session:
             pids = [p for p in pids if p in known]
             if not pids:
                 return
-            pmap = parts.param_map(template)
+            locals_of = parts.param_map(template)
             tensors = list(dict.fromkeys(m[0] for p in pids for m in self.partitioner.members(p)))
+            pmap: dict[str, list[tuple[str, Slot]]] = {}
             for t in tensors:
-                if t not in pmap:
+                slot = self.binding.slot(t, "slta")
+                if slot.param not in locals_of:
                     raise ArchitectureError(f"slta: tensor {t!r} of partition {pids[0]} is not a parameter of the "
                                             f"module that computes it ({name})")
-                if allowed is not None and not any(loc.startswith(allowed) for loc in pmap[t]):
+                if allowed is not None and not any(loc.startswith(allowed) for loc in locals_of[slot.param]):
                     raise ArchitectureError(f"slta: tensor {t!r} of partition {pids[0]} lies outside "
                                             f"{', '.join(allowed)} of block {name}")
+                pmap[t] = [(loc, slot) for loc in locals_of[slot.param]]
             units.append(_Unit(name, pids, template, tensors, apply, pmap))
 
         if self.level == "model":
@@ -472,7 +645,16 @@ class _Session:
                                           use_cache=False).logits})
             return units
         if nonmodule:
-            unit(EMBED, [EMBED], parts.embed, lambda m, b: {EMBED: m(b.input_ids)})
+            # block 0's input is the sum of the embeddings (GPT-2: tokens and positions), linear in their weights;
+            # a constant scale (Gemma's √d) changes no α
+            embeds = nn.ModuleDict({f"{kind}{j}": module for j, (kind, module) in enumerate(parts.embeds)})
+
+            def embed(m: nn.Module, b: FeatureBatch) -> dict[str, torch.Tensor]:
+                positions = torch.arange(b.input_ids.shape[1], device=b.input_ids.device).expand_as(b.input_ids)
+                return {EMBED: sum(mod(b.input_ids if key.startswith("token") else positions)
+                                   for key, mod in m.items())}
+
+            unit(EMBED, [EMBED], embeds, embed)
         for i, layer in enumerate(parts.layers):
             self._block_units(i, layer, unit)
         if nonmodule:
@@ -481,52 +663,116 @@ class _Session:
         return units
 
     def _block_units(self, i: int, layer: nn.Module, unit: Callable[..., None]) -> None:
+        branches = self.parts.branches[i]
+        attn_branch, mlp_branch = branches["attn"], branches["mlp"]
+
         def attn(m: nn.Module, b: FeatureBatch) -> torch.Tensor:
-            x = m.input_layernorm(b.layer_inputs[i])
-            return m.self_attn(x, **b.layer_kwargs[i])[0]
+            return attn_branch.run(m, b.attn_inputs[i], b.attn_calls[i])
 
         if self.level == "layer":
             pid = f"layer.{i}"
-            unit(pid, [pid], layer, lambda m, b: {pid: _layer_out(m(b.layer_inputs[i], use_cache=False,
-                                                                    **b.layer_kwargs[i]))})
+            unit(pid, [pid], layer, lambda m, b: {pid: _layer_out(m(b.layer_inputs[i], *b.layer_args[i],
+                                                                    use_cache=False, **b.layer_kwargs[i]))})
             return
         mlp_pid = f"layer.{i}.mlp"
 
         def mlp(m: nn.Module, b: FeatureBatch) -> dict[str, torch.Tensor]:
-            return {mlp_pid: m.mlp(m.post_attention_layernorm(b.mlp_inputs[i]))}
+            return {mlp_pid: mlp_branch.run(m, b.mlp_inputs[i], b.mlp_calls[i])}
 
-        attn_parts = ("input_layernorm.", "self_attn.")
+        attn_parts = tuple(f"{c}." for c in attn_branch.children)
+        mlp_parts = tuple(f"{c}." for c in mlp_branch.children)
         if self.level == "attn_mlp":
             pid = f"layer.{i}.attn"
             unit(pid, [pid], layer, lambda m, b: {pid: attn(m, b)}, attn_parts)
         else:
-            heads = [p for p in self.partitioner.partition_ids()
-                     if p.startswith((f"layer.{i}.head.", f"layer.{i}.group."))]
-            o_name = self._o_proj_name(i)
-            o_part = self.partitioner.partition(o_name)
-            if o_part.axis != 1:
-                raise ArchitectureError(f"slta head level: {o_name} is not split into heads along its columns")
-            cols = {p: torch.tensor(o_part.indices(p)) for p in heads}
+            self._head_units(i, layer, unit, attn, attn_branch, attn_parts)
+            self._expert_units(i, unit, mlp_branch, mlp_parts)
+        unit(mlp_pid, [mlp_pid], layer, mlp, mlp_parts)
 
-            def per_head(m: nn.Module, b: FeatureBatch) -> dict[str, torch.Tensor]:
-                seen: list[torch.Tensor] = []
-                hook = m.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
-                try:
-                    attn(m, b)
-                finally:
-                    hook.remove()
-                z, w = seen[0], m.self_attn.o_proj.weight
-                return {p: z[..., c.to(z.device)] @ w[:, c.to(w.device)].T for p, c in cols.items()}
+    def _head_units(self, i: int, layer: nn.Module, unit: Callable[..., None], attn: Callable[..., torch.Tensor],
+                    branch: _Branch, attn_parts: tuple[str, ...]) -> None:
+        """D-20: head h's output is W_o[:, h] · z_h (its o_proj columns times its slice of o_proj's input)."""
+        heads = [p for p in self.partitioner.partition_ids()
+                 if p.startswith((f"layer.{i}.head.", f"layer.{i}.group."))]
+        o_name = self._o_proj_name(i)
+        o_role = self.arch.role(o_name)
+        o_part = self.partitioner.partition(o_name)
+        o_module = self.parts._owner(o_name)
+        feature_axis = 0 if o_role.conv1d else 1   # the input (head) axis of o's weight: Conv1D stores [in, out]
+        if o_part.axis != feature_axis or o_module is None or not self.binding.slot(o_name).whole:
+            raise ArchitectureError(f"slta head level: {o_name} is not split into heads along its input axis")
+        o_local = self.parts.module_names[id(o_module)][len(self.parts.module_names[id(layer)]) + 1:]
+        cols = {p: torch.tensor(o_part.indices(p)) for p in heads}
 
-            unit(f"layer.{i}.heads", heads, layer, per_head, ("self_attn.",))
-            for suffix in ("attn_norm", "attn_shared"):
-                pid = f"layer.{i}.{suffix}"
-                unit(pid, [pid], layer, lambda m, b, pid=pid: {pid: attn(m, b)}, attn_parts)
-        unit(mlp_pid, [mlp_pid], layer, mlp, ("post_attention_layernorm.", "mlp."))
+        def per_head(m: nn.Module, b: FeatureBatch) -> dict[str, torch.Tensor]:
+            seen: list[torch.Tensor] = []
+            o = m.get_submodule(o_local)
+            hook = o.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+            try:
+                attn(m, b)
+            finally:
+                hook.remove()
+            z, w = seen[0], o.weight
+            if o_role.conv1d:
+                return {p: z[..., c.to(z.device)] @ w[c.to(w.device), :] for p, c in cols.items()}
+            return {p: z[..., c.to(z.device)] @ w[:, c.to(w.device)].T for p, c in cols.items()}
+
+        unit(f"layer.{i}.heads", heads, layer, per_head, (f"{branch.core}.",))
+        for suffix in ("attn_norm", "attn_shared"):
+            pid = f"layer.{i}.{suffix}"
+            unit(pid, [pid], layer, lambda m, b, pid=pid: {pid: attn(m, b)}, attn_parts)
+
+    def _expert_units(self, i: int, unit: Callable[..., None], branch: _Branch,
+                      mlp_parts: tuple[str, ...]) -> None:
+        """D-38: routed expert e's output is its FFN on the tokens the *base* router sends it, times their routing
+        weights: the block's output with every other expert's slots dropped (the router is the base's: it belongs
+        to layer.i.mlp, a module of its own)."""
+        experts = [p for p in self.partitioner.partition_ids() if p.startswith(f"layer.{i}.expert.")]
+        if not experts:
+            return
+        layer = self.parts.layers[i]
+        block = getattr(layer, branch.core)
+        family = type(self.parts.model).__name__
+        routed = getattr(block, "experts", None)
+        router = getattr(block, "gate", None)
+        if routed is None or router is None or not hasattr(routed, "num_experts"):
+            raise ArchitectureError(
+                f"slta head_mlp: the experts of {family} block {i} are not a router `gate` and a fused `experts` "
+                "module as transformers 5 builds them (Mixtral, Qwen3-MoE); use level attn_mlp, where the MoE "
+                "block is one module")
+        index = {p: int(p.rsplit(".", 1)[1]) for p in experts}
+        core = branch.core
+
+        def per_expert(m: nn.Module, b: FeatureBatch) -> dict[str, torch.Tensor]:
+            x = b.mlp_inputs[i]
+            if branch.pre is not None:
+                x = getattr(m, branch.pre)(x)
+            moe = getattr(m, core)
+            flat = x.reshape(-1, x.shape[-1])
+            _, weights, chosen = moe.gate(flat)
+            out = {}
+            for p, e in index.items():
+                # the tokens routed to e, every top-k slot pointing at e with the weight of e's own slot (0 in
+                # the others): exactly e's weighted output, whichever experts implementation transformers runs
+                mine = chosen == e
+                rows = mine.any(-1)
+                y = torch.zeros_like(flat)
+                if bool(rows.any()):
+                    y[rows] = moe.experts(flat[rows], torch.full_like(chosen[rows], e),
+                                          torch.where(mine[rows], weights[rows], torch.zeros_like(weights[rows])))
+                y = y.reshape(x.shape)
+                out[p] = getattr(m, branch.post)(y) if branch.post is not None else y
+            return out
+
+        unit(f"layer.{i}.experts", experts, layer, per_expert, mlp_parts)
 
     def _o_proj_name(self, i: int) -> str:
-        o = self.parts.layers[i].self_attn.o_proj.weight
-        return self.parts.global_names[id(o)][0]
+        names = [n for n in self.arch.block_tensors(i) if self.arch.role(n).kind == "o"
+                 and not self.arch.role(n).is_bias]
+        if len(names) != 1:
+            raise ArchitectureError(f"slta head level: block {i} of this {self.arch.model_type} model has "
+                                    f"{len(names)} attention output projections, not one")
+        return names[0]
 
     # -- weights -------------------------------------------------------------------------------------------------
 
@@ -572,8 +818,8 @@ def _load_into(inst: nn.Module, unit: _Unit, weights: Mapping[str, torch.Tensor]
     params = dict(inst.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, tensor in weights.items():
-            for local in unit.param_map[name]:
-                p = params[local]
+            for local, slot in unit.param_map[name]:
+                p = slot.view(params[local].data)  # a checkpoint tensor inside a fused parameter: its slice (D-37)
                 if tuple(p.shape) != tuple(tensor.shape):
                     raise ArchitectureError(f"slta: tensor {name!r} has shape {list(tensor.shape)}, the model's "
                                             f"parameter {list(p.shape)}")

@@ -8,6 +8,12 @@ Off-diagonal entries are shrunk, ``G̃_t = α G_t + (1 − α) diag(G_t)``, and 
 ``gram`` field under the layer's weight name. The ``regmean`` merge method (mergeflow/methods/regmean.py) solves
 ``W = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹`` per layer and averages every other tensor.
 
+Routed MoE blocks as transformers 5 builds them (Mixtral, Qwen3-MoE: a router ``gate`` and one fused ``experts``
+module, D-37, D-38) are linear layers too: the router reads the block's input (its Gram covers every real token), and
+expert ``e``'s gate/up projections read the tokens the router sends to ``e`` and its down projection their
+activations ``act(gate) ⊙ up``, so each checkpoint tensor ``experts.e.*`` gets the Gram of the rows that reached it
+(an expert no token reached gets none, and is averaged).
+
 Memory: ``in × in`` fp32 per linear layer per expert (Llama-7B: about 28 GB per expert), one expert's at a time: two
 stages, the raw Grams are measured (each expert's written to the cached measurements as soon as they are computed) and
 ``alpha`` shrinks them one expert at a time while the artifact is written, so a new ``alpha`` runs no model.
@@ -32,6 +38,7 @@ from mergeflow.importance.base import (
     MeasurePart,
     register_estimator,
 )
+from mergeflow.importance.binding import Binding, binding_for
 from mergeflow.importance.costs import (
     CostPlan,
     PlanInputs,
@@ -73,32 +80,79 @@ def linear_layers(model: PreTrainedModel) -> tuple[dict[str, nn.Module], list[st
     return layers, tied
 
 
+def moe_blocks(model: PreTrainedModel) -> dict[str, nn.Module]:
+    """Routed MoE blocks as transformers 5 builds them: a router ``gate`` whose 2-D ``weight`` is not an
+    ``nn.Linear``'s, and an ``experts`` module holding the fused ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj``
+    ``[E, H, I]`` with its activation ``act_fn``. {block name: block}."""
+    out = {}
+    for name, module in model.named_modules():
+        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if (isinstance(getattr(gate, "weight", None), nn.Parameter) and not isinstance(gate, nn.Linear)
+                and isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter)
+                and isinstance(getattr(experts, "down_proj", None), nn.Parameter)
+                and callable(getattr(experts, "act_fn", None))):
+            out[name] = module
+    return out
+
+
 def gram_matrices(model: PreTrainedModel, enc: Encoded, *, batch_size: int = 8,
                   on_batch: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """``({weight name: XᵀX / n}, {weight name: n})`` over the non-pad tokens of ``enc`` reaching each linear layer.
 
     Inputs are gathered by forward pre-hooks, so every call of a layer counts (a layer called twice per forward sees
-    twice the rows). Sums are fp32 on the model's device; the Grams are returned on the CPU.
+    twice the rows). Sums are fp32 on the model's device; the Grams are returned on the CPU. The fused experts of an
+    MoE block are keyed ``{parameter}[{expert}]`` (``...experts.gate_up_proj[3]``): :func:`checkpoint_grams` names
+    them after the checkpoint tensors they hold.
     """
     layers, _ = linear_layers(model)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = dict.fromkeys(layers, 0)
     current: dict[str, torch.Tensor] = {}
 
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.float()
+        if name not in sums:
+            sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            rows.setdefault(name, 0)
+        sums[name].addmm_(x.T, x)
+        rows[name] += x.shape[0]
+
+    def real_rows(x: torch.Tensor) -> torch.Tensor:
+        mask = current["mask"]
+        # [B, T, in] activations, or the [B·T, in] rows an MoE block works on: real tokens only
+        if tuple(x.shape[:-1]) == tuple(mask.shape):
+            return x[mask]
+        if x.dim() == 2 and x.shape[0] == mask.numel():
+            return x[mask.reshape(-1)]
+        return x.reshape(-1, x.shape[-1])
+
     def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            mask = current["mask"]
-            # [B, T, in] activations: real tokens only; anything else (e.g. tokens routed to an MoE expert): all rows
-            x = x[mask] if tuple(x.shape[:-1]) == tuple(mask.shape) else x.reshape(-1, x.shape[-1])
-            x = x.float()
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-            sums[name].addmm_(x.T, x)
-            rows[name] += x.shape[0]
+            add(name, real_rows(args[0]))
+        return pre
+
+    def experts_hook(prefix: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            hidden, chosen = args[0], args[1]
+            keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            if hidden.shape[0] == current["mask"].numel():
+                keep = current["mask"].reshape(-1)
+            w_in = module.gate_up_proj
+            for e in range(w_in.shape[0]):
+                x = hidden[(chosen == e).any(-1) & keep]
+                if x.shape[0] == 0 or w_in.shape[-1] != x.shape[-1]:
+                    continue
+                add(f"{prefix}.gate_up_proj[{e}]", x)
+                with torch.no_grad():
+                    gate, up = nn.functional.linear(x, w_in[e]).chunk(2, dim=-1)
+                add(f"{prefix}.down_proj[{e}]", module.act_fn(gate) * up)
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    for name, block in moe_blocks(model).items():
+        prefix = f"{name}." if name else ""
+        handles.append(block.gate.register_forward_pre_hook(hook(f"{prefix}gate.weight")))
+        handles.append(block.experts.register_forward_pre_hook(experts_hook(f"{prefix}experts")))
     try:
         with torch.no_grad():
             for _, b in batches(enc, batch_size):
@@ -112,6 +166,31 @@ def gram_matrices(model: PreTrainedModel, enc: Encoded, *, batch_size: int = 8,
             h.remove()
     grams = {n: (s / rows[n]).cpu() for n, s in sums.items() if rows[n] > 0}
     return grams, {n: rows[n] for n in grams}
+
+
+def checkpoint_grams(grams: dict[str, torch.Tensor], binding: Binding) -> dict[str, torch.Tensor]:
+    """Grams keyed by checkpoint tensor name (D-37): a renamed layer's under its checkpoint name, a fused expert's
+    (``{parameter}[{e}]``) under every checkpoint tensor of expert ``e`` that parameter holds (gate and up read the
+    same rows)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, g in grams.items():
+        expert = None
+        param = key
+        if key.endswith("]"):
+            param, _, number = key[:-1].rpartition("[")
+            expert = int(number)
+        held = binding.checkpoint_names(param)
+        if expert is not None:
+            first = True
+            for name in held:
+                if binding.slots[name].index[:1] == (expert,):
+                    out[name] = g if first else g.clone()  # each its own storage (safetensors refuses sharing)
+                    first = False
+        elif held and param not in held:
+            out[held[0]] = g
+        else:
+            out[param] = g
+    return out
 
 
 def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -129,9 +208,12 @@ def _measure(run: ImportanceRun) -> Measurements:
     for i, (ref, task) in enumerate(zip(run.experts, run.tasks)):
         model = run.load_model(ref)
         layers, tied = linear_layers(model)
-        transposed.append(sorted(n for n, m in layers.items() if is_transposed(m)))
+        binding = binding_for(model, ref.model_folder, content_key=ref.content_hash)
+        transposed.append(sorted(checkpoint_grams({n: torch.empty(0) for n, m in layers.items()
+                                                   if is_transposed(m)}, binding)))
         enc = encode(run.tokenizer(ref), task.examples, max_length=p["max_length"], answer_only=False)
         raw, rows = gram_matrices(model, enc, batch_size=p["batch_size"], on_batch=lambda: run.count(forward=1))
+        raw = checkpoint_grams(raw, binding)
         del model
         if not raw:
             raise MergeflowError(f"regmean: expert {ref.reference} has no linear layer to compute a Gram for")

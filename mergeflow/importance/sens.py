@@ -41,6 +41,7 @@ from mergeflow.architecture import Architecture
 from mergeflow.coefficients import CoefficientField, Coefficients
 from mergeflow.errors import MergeflowError
 from mergeflow.importance.base import Estimator, ImportanceRun, Measurements, MeasurePart, register_estimator
+from mergeflow.importance.binding import Binding, binding_for
 from mergeflow.importance.costs import (
     CostPlan,
     PlanInputs,
@@ -132,14 +133,27 @@ def _checkpoint_name(param: str, known: dict[str, Any]) -> str:
 
 
 def _group_members(model: PreTrainedModel, arch: Architecture, partitioner: Partitioner,
-                   groups: list[str]) -> list[list[str]]:
-    """Model parameter names in each group (a tied parameter counts once, in the group of its stored name)."""
+                   groups: list[str], binding: Binding) -> list[list[str]]:
+    """Model parameter names in each group (a tied parameter counts once, in the group of its stored name). A
+    parameter holding several checkpoint tensors (fused MoE experts, D-37) holds them from one block: one group."""
     position = {g: j for j, g in enumerate(groups)}
     members: list[list[str]] = [[] for _ in groups]
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
     for name, param in model.named_parameters():
         if not param.dtype.is_floating_point:
             continue
-        label = partitioner.partition(_checkpoint_name(name, arch.tensors)).labels[0]
+        # its own name's tensors first: a tied parameter stored under both names stays in its stored name's group
+        held = binding.checkpoint_names(name) or [c for alias in aliases[id(param)]
+                                                  for c in binding.checkpoint_names(alias)]
+        if not held:
+            held = [_checkpoint_name(name, arch.tensors)]
+        labels = {partitioner.partition(c).labels[0] for c in held}
+        if len(labels) != 1:
+            raise MergeflowError(f"sens: parameter {name} holds checkpoint tensors of several layer groups "
+                                 f"({', '.join(sorted(labels))})")
+        label = labels.pop()
         if label in position:
             members[position[label]].append(name)
     return members
@@ -182,7 +196,8 @@ def _sensitivity(run: ImportanceRun, slot: _Slot, i: int, arch: Architecture, pa
     model = slot.get(i)
     model.requires_grad_(False)
     attention_impl = getattr(model.config, "_attn_implementation", None)
-    members = _group_members(model, arch, partitioner, groups)
+    members = _group_members(model, arch, partitioner, groups,
+                             binding_for(model, run.experts[i].model_folder, arch, content_key=run.experts[i].content_hash))
     used = [n for names in members for n in names]
     all_params = {n: t.detach() for n, t in model.named_parameters()}
     params = {n: all_params[n] for n in used}
