@@ -193,3 +193,22 @@ def test_threaded_dare_draws_each_expert_from_its_own_generator(monkeypatch: pyt
     x = KernelInput("t", base, models, params, {}, generators=[shared] * 3, compat=True)
     assert not ta._independent_draws(x, comp)
     assert torch.equal(ta.compat_kernel(x, comp), shared_sequential)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_dare_mask_draws_like_torch_bernoulli(dtype: torch.dtype) -> None:
+    """The compat DARE mask (torch.rand < p) is torch.bernoulli's (mergekit's) mask, leaving the stream at the same
+    place, for sizes from 1 to ~10^5 and densities that do not round exactly to the work dtype."""
+    comp = ta.Composition("bernoulli", None, False, False, "inverse", True)
+    for n in (1, 7, 1000, 100_003):
+        delta = (1e-3 * torch.randn(n, generator=torch.Generator().manual_seed(n))).to(dtype)
+        work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        for density in (0.05, 0.3, 0.77):
+            gen = torch.Generator().manual_seed(n + 1)
+            x = KernelInput("t", None, [delta], {"density": [density], "weight": [1.0]}, {}, generators=[gen],
+                            compat=True)
+            ours = ta._sparsify_compat(delta, x, 0, comp, False)
+            ref_gen = torch.Generator().manual_seed(n + 1)
+            mask = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=ref_gen)
+            assert torch.equal(ours, (delta.to(work) * mask).to(dtype)), (n, density)
+            assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=ref_gen))

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 INSERTION_THRESHOLD = 16  # libstdc++ _S_threshold
-_CHUNK = 1 << 16  # granularity of the stop counts
+_CHUNK = 1 << 13  # granularity of the stop counts
 _BATCH = 1 << 20  # swaps applied per batch: the partition's temporaries stay O(_BATCH) besides two boolean masks
+_SMALL = 1 << 16  # ranges up to this size are partitioned in one go
 
 
 def _lg(n: int) -> int:
@@ -76,6 +77,25 @@ def _crossing(left: np.ndarray, right: np.ndarray, left_run: np.ndarray, right_r
     return int(np.minimum(cl_s, cr_s).max())
 
 
+def _partition_small(keys: np.ndarray, idx: np.ndarray, lo: int, hi: int, pivot: np.ndarray,
+                     descending: bool) -> int:
+    """The same partition for a small range: all stops at once (fewer calls; the per-level overhead dominates)."""
+    seg = keys[lo:hi]
+    left, right = (seg <= pivot, seg >= pivot) if descending else (seg >= pivot, seg <= pivot)
+    left[0] = False
+    lpos = np.flatnonzero(left)
+    rpos = np.flatnonzero(right)[::-1]
+    m = min(lpos.size, rpos.size)
+    swaps = int(np.count_nonzero(lpos[:m] < rpos[:m]))
+    cut = int(lpos[swaps]) if swaps < lpos.size else hi - lo
+    if swaps:
+        cut = min(cut, int(rpos[swaps - 1]))
+        lpos, rpos = lpos[:swaps] + lo, rpos[:swaps] + lo
+        for values in (keys, idx):
+            values[lpos], values[rpos] = values[rpos], values[lpos]
+    return lo + cut
+
+
 def _partition(keys: np.ndarray, idx: np.ndarray, lo: int, hi: int, descending: bool,
                keys_needed: Callable[[int, int], bool], idx_needed: Callable[[int, int], bool]) -> int:
     """libstdc++ ``__unguarded_partition_pivot`` on ``keys[lo:hi]`` (with ``idx`` moved alongside), in place.
@@ -102,6 +122,8 @@ def _partition(keys: np.ndarray, idx: np.ndarray, lo: int, hi: int, descending: 
         idx[[lo, m]] = idx[[m, lo]]
     pivot = keys[lo].copy()
     seg = keys[lo:hi]
+    if hi - lo <= _SMALL:
+        return _partition_small(keys, idx, lo, hi, pivot, descending)
     # The left scan (from lo + 1) stops at every element not before the pivot, the right scan (from hi - 1) at every
     # element the pivot is not before (the pivot itself stops it at lo at the latest). Until the scans cross, the
     # i-th left stop is swapped with the i-th right stop; both are original elements, since each scan only ever
@@ -161,7 +183,7 @@ def sort_slice_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool,
     if w.dtype != torch.float32 or w.device.type != "cpu" or w.requires_grad:
         return sorted_slice_mask(w, start, stop, descending)
     flat = w.reshape(-1)
-    if bool(torch.isnan(flat).any()):
+    if bool(torch.isnan(flat.max())):  # max propagates NaN: one pass
         return sorted_slice_mask(w, start, stop, descending)  # NaN goes by the comparator's special case: sort
     shared = overwrite and flat.is_contiguous() and flat.data_ptr() == w.data_ptr()
     keys = flat.numpy() if shared else flat.numpy().copy()

@@ -235,6 +235,12 @@ def _sparsify_compat(delta: torch.Tensor, x: KernelInput, i: int, comp: Composit
         return _masked(delta, mask.reshape_as(delta), norm)
     if kind == "bernoulli":
         work = _work_dtype(delta)
+        if delta.device.type == "cpu":
+            # torch.bernoulli(p) on the CPU draws one float uniform per entry (24 random bits of one 32-bit draw)
+            # and keeps u < p, p rounded to the work dtype: torch.rand draws the same uniforms from the same stream,
+            # without the full tensor of p and the per-entry distribution object
+            keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < float(torch.tensor(density, dtype=work))
+            return _masked(delta.to(work), keep, norm).to(delta.dtype)
         mask = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=gen)
         return _masked(delta.to(work), mask, norm).to(delta.dtype)
     if kind == "outliers":
