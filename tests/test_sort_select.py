@@ -93,8 +93,13 @@ def test_nan_and_other_dtypes_fall_back_to_the_sort() -> None:
     w = adversarial("few_values", 500)
     w[[3, 100, 250]] = float("nan")
     assert torch.equal(sort_select.topk_mask(w, 200), torch_slice(w, 0, 200, True))
-    w64 = adversarial("few_values", 500).double()
-    assert torch.equal(sort_select.topk_mask(w64, 200), torch_slice(w64, 0, 200, True))
+    # float64 is sorted as float32 (mergekit's w.float() on the CPU); bf16 as float32 too (replayed on its bits)
+    w64 = adversarial("distinct", 500).double().mul_(1 + 1e-12)
+    assert torch.equal(sort_select.topk_mask(w64, 200), torch_slice(w64.float(), 0, 200, True))
+    w16 = adversarial("bf16_delta", 5000).bfloat16()
+    assert torch.equal(sort_select.topk_mask(w16, 2000), torch_slice(w16.float(), 0, 2000, True))
+    signed = -adversarial("bf16_delta", 5000).bfloat16()  # negative 16-bit keys do not order like their bits: sort
+    assert torch.equal(sort_select.topk_mask(signed, 2000), torch_slice(signed.float(), 0, 2000, True))
 
 
 def test_depth_limit_falls_back_to_the_sort(monkeypatch: pytest.MonkeyPatch) -> None:

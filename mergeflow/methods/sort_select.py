@@ -30,6 +30,9 @@ INSERTION_THRESHOLD = 16  # libstdc++ _S_threshold
 _CHUNK = 1 << 13  # granularity of the stop counts
 _BATCH = 1 << 20  # swaps applied per batch: the partition's temporaries stay O(_BATCH) besides two boolean masks
 _SMALL = 1 << 16  # ranges up to this size are partitioned in one go
+# the keys the replay compares: float32 as is, non-negative bf16/fp16 as their bit patterns (same order, as the
+# float32 values mergekit sorts)
+_KEY_VIEWS = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def _lg(n: int) -> int:
@@ -158,18 +161,22 @@ def _partition(keys: np.ndarray, idx: np.ndarray, lo: int, hi: int, descending: 
 
 
 def sorted_slice_mask(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
-    """The reference (and fallback): the slice of the sort's indices itself, as a mask."""
+    """The reference (and fallback): the slice of the sort's indices itself (of float32 values on the CPU, as
+    mergekit sorts them), as a mask."""
+    flat = w.reshape(-1)
+    if flat.device.type == "cpu":
+        flat = flat.float()
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    mask[torch.sort(w.reshape(-1), descending=descending).indices[start:stop]] = True
+    mask[torch.sort(flat, descending=descending).indices[start:stop]] = True
     return mask.reshape(w.shape)
 
 
 def sort_slice_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool,
                     overwrite: bool = False) -> torch.Tensor | None:
     """Boolean mask (shape of ``w``) of the entries at positions ``[start, stop)`` of
-    ``torch.sort(w.reshape(-1), descending=descending).indices`` (``stable=False``).
+    ``torch.sort(w.reshape(-1), descending=descending).indices`` (``stable=False``; bf16/fp16 ``w`` as float32).
 
-    On the CPU with float32 ``w`` the partitions are replayed (see the module docstring); elsewhere, and where a
+    On the CPU with float32 ``w``, or non-negative bf16/fp16 ``w``, the partitions are replayed (see the module docstring); elsewhere, and where a
     replay cannot be exact, the sort itself runs. ``overwrite``: ``w`` is scratch the replay may permute (saves a
     copy) and is left in an unspecified order; then, where the replay gives up after permuting it, the result is
     ``None`` and the caller sorts its own values (:func:`sorted_slice_mask`).
@@ -180,13 +187,20 @@ def sort_slice_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool,
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     if start == 0 and stop == n:
         return torch.ones(w.shape, dtype=torch.bool, device=w.device)
-    if w.dtype != torch.float32 or w.device.type != "cpu" or w.requires_grad:
+    if w.device.type != "cpu" or w.requires_grad or not w.dtype.is_floating_point:
         return sorted_slice_mask(w, start, stop, descending)
+    source = w  # the caller's values: intact unless they are given up as scratch
+    if w.dtype not in _KEY_VIEWS:
+        w = w.float()  # a copy of our own: mergekit sorts float32 on the CPU
     flat = w.reshape(-1)
-    if bool(torch.isnan(flat.max())):  # max propagates NaN: one pass
+    lowest, highest = torch.aminmax(flat)  # NaN propagates: one pass
+    if bool(torch.isnan(highest)) or (w.dtype != torch.float32 and float(lowest) < 0):
         return sorted_slice_mask(w, start, stop, descending)  # NaN goes by the comparator's special case: sort
-    shared = overwrite and flat.is_contiguous() and flat.data_ptr() == w.data_ptr()
-    keys = flat.numpy() if shared else flat.numpy().copy()
+    # 16-bit floats that are not negative order like their bit patterns: compare those (exact, half the traffic)
+    view = flat.view(_KEY_VIEWS[w.dtype])
+    shared = overwrite and flat.is_contiguous() and flat.data_ptr() == source.data_ptr()
+    own = w is not source or shared  # keys may be the memory of w itself
+    keys = view.numpy() if own and flat.is_contiguous() else view.numpy().copy()
     idx = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     bounds = [b for b in (start, stop) if 0 < b < n]
 
@@ -206,7 +220,7 @@ def sort_slice_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool,
             continue
         if depth == 0:
             # std::sort heapsorts this range (adversarial inputs only): sort, unless the input was given up as scratch
-            return None if shared else sorted_slice_mask(w, start, stop, descending)
+            return None if shared else sorted_slice_mask(source, start, stop, descending)
         cut = _partition(keys, idx, lo, hi, descending, keys_needed, idx_needed)
         for child in ((lo, cut), (cut, hi)):
             if keys_needed(*child):

@@ -206,11 +206,11 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _magnitude_slice(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
-    """Which entries mergekit's ``torch.sort(|Δ|.float())`` puts at positions [start, stop), without the sort."""
-    keep = sort_select.sort_slice_mask(delta.abs().reshape(-1).float(), start, stop, descending=descending,
-                                       overwrite=True)
+    """Which entries mergekit's ``torch.sort(|Δ|.float())`` puts at positions [start, stop), without the sort
+    (bf16/fp16 |Δ| are replayed on their bit patterns, which order like the float32 values)."""
+    keep = sort_select.sort_slice_mask(delta.abs().reshape(-1), start, stop, descending=descending, overwrite=True)
     if keep is None:  # the replay gave up after permuting its scratch copy
-        keep = sort_select.sorted_slice_mask(delta.abs().reshape(-1).float(), start, stop, descending)
+        keep = sort_select.sorted_slice_mask(delta.abs().reshape(-1), start, stop, descending)
     return keep
 
 
