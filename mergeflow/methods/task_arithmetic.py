@@ -278,14 +278,26 @@ def _masked(t: torch.Tensor, mask: torch.Tensor, norm: str) -> torch.Tensor:
 
 # The compat kernel runs the per-expert sparsification (one task per expert) and the combination (one task per block
 # of rows) on a small thread pool when torch computes on one CPU thread (the engine's default on a 2-core machine): the
-# work is torch kernels, which release the GIL. Every task runs mergekit's operations on its own slice, so the result
-# is the same bit for bit; whole-tensor reductions (the L1 rescale) stay whole.
+# work is torch and NumPy kernels, which release the GIL. Every task runs mergekit's operations on its own slice, so
+# the result is the same bit for bit; whole-tensor reductions (the L1 rescale) stay whole. Paper mode prepares the
+# experts' deltas of a block the same way.
 PARALLEL_MIN_NUMEL = 1 << 18
 COMPAT_BLOCK_ELEMENTS = 1 << 18
 PARALLEL_SPARSIFY_MAX_NUMEL = 1 << 24
 _RANDOM_SPARSIFIERS = ("bernoulli", "della")
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when one is needed."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _cpu_workers() -> int:
