@@ -100,6 +100,9 @@ def test_nan_and_other_dtypes_fall_back_to_the_sort() -> None:
     assert torch.equal(sort_select.topk_mask(w16, 2000), torch_slice(w16.float(), 0, 2000, True))
     signed = -adversarial("bf16_delta", 5000).bfloat16()  # negative 16-bit keys do not order like their bits: sort
     assert torch.equal(sort_select.topk_mask(signed, 2000), torch_slice(signed.float(), 0, 2000, True))
+    zeros = torch.zeros(100, dtype=torch.bfloat16)
+    zeros[::3] = -0.0  # equal to +0.0 for the sort, but 0x8000 as a pattern
+    assert torch.equal(sort_select.topk_mask(zeros, 40), torch_slice(zeros.float(), 0, 40, True))
 
 
 def test_depth_limit_falls_back_to_the_sort(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -193,11 +193,13 @@ def sort_slice_mask(w: torch.Tensor, start: int, stop: int, *, descending: bool,
     if w.dtype not in _KEY_VIEWS:
         w = w.float()  # a copy of our own: mergekit sorts float32 on the CPU
     flat = w.reshape(-1)
-    lowest, highest = torch.aminmax(flat)  # NaN propagates: one pass
-    if bool(torch.isnan(highest)) or (w.dtype != torch.float32 and float(lowest) < 0):
-        return sorted_slice_mask(w, start, stop, descending)  # NaN goes by the comparator's special case: sort
-    # 16-bit floats that are not negative order like their bit patterns: compare those (exact, half the traffic)
+    # NaN goes by the comparator's special case, and a sign bit (even -0.0's) breaks the bit-pattern order: sort
+    if bool(torch.isnan(flat.max())):  # max propagates NaN: one pass
+        return sorted_slice_mask(source, start, stop, descending)
+    # 16-bit floats without a sign bit order like their bit patterns: compare those (exact, half the traffic)
     view = flat.view(_KEY_VIEWS[w.dtype])
+    if view.dtype == torch.int16 and int(view.min()) < 0:
+        return sorted_slice_mask(source, start, stop, descending)
     shared = overwrite and flat.is_contiguous() and flat.data_ptr() == source.data_ptr()
     own = w is not source or shared  # keys may be the memory of w itself
     keys = view.numpy() if own and flat.is_contiguous() else view.numpy().copy()
