@@ -8,11 +8,15 @@ mean over the agreeing count); ``compat`` mode reproduces mergekit 0.1.x operati
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from mergeflow.methods import ops
+from mergeflow.methods import ops, sort_select
 from mergeflow.methods.base import (
     LAMBDA,
     WEIGHT,
@@ -147,26 +151,35 @@ def paper_kernel(x: KernelInput, comp: Composition) -> torch.Tensor:
     normalize = comp.normalize if normalize is None else normalize
     out = torch.empty(base_rows.shape, dtype=x.out_dtype or dtype, device=x.base.device)
     k = len(rows)
+    # the experts' deltas of a block are prepared concurrently (each random sparsifier draws from its own
+    # generator, block after block, so every stream is consumed in the same order); they are combined in order
+    parallel = _may_parallelize(x.base) and comp.sparsify is not None and _independent_draws(x, comp)
     for r0, r1 in blocks:
         b = base_rows[r0:r1].to(dtype)
         weights = [as_weight(_param_block(x.params["weight"][i], shape, r0, r1), b) for i in range(k)]
+        stacked = torch.empty((k if comp.consensus or parallel else 1, *b.shape), dtype=dtype, device=b.device)
+
+        def prepare(i: int, r0: int = r0, r1: int = r1, b: torch.Tensor = b, stacked: torch.Tensor = stacked) -> None:
+            # never in place on the inputs (an fp32 input block is a view of the caller's tensor)
+            slot = stacked[i if stacked.shape[0] > 1 else 0]
+            delta = torch.sub(rows[i][r0:r1], b, out=slot)
+            if comp.sparsify:
+                delta = _sparsify_block(delta, x, i, comp, thresholds[i], shape, r0, r1)
+                if delta.data_ptr() != slot.data_ptr():
+                    slot.copy_(delta)
+
         if comp.consensus is None:
             acc = torch.zeros_like(b)
-            work = torch.empty_like(b)
+            if parallel:
+                _parallel_map(prepare, k, True)
             for i in range(k):
-                # never in place on the inputs (an fp32 input block is a view of the caller's tensor)
-                delta = torch.sub(rows[i][r0:r1], b, out=work)
-                if comp.sparsify:
-                    delta = _sparsify_block(delta, x, i, comp, thresholds[i], shape, r0, r1)
-                acc.add_(delta.mul_(weights[i]))
+                if not parallel:
+                    prepare(i)
+                acc.add_(stacked[i if parallel else 0].mul_(weights[i]))
             if normalize:
                 acc = _divide_by_weight_sum(acc, sum(weights))
         else:
-            stacked = torch.empty((k, *b.shape), dtype=dtype, device=b.device)
-            for i in range(k):
-                delta = torch.sub(rows[i][r0:r1], b, out=stacked[i])
-                if comp.sparsify:
-                    stacked[i] = _sparsify_block(delta, x, i, comp, thresholds[i], shape, r0, r1)
+            _parallel_map(prepare, k, parallel)
             # elect on the unweighted trimmed deltas, weight in the disjoint mean (D-15, PEFT's ties): a weight
             # (Sens's c, MI-TA's, a user's) scales an expert's contribution but does not buy it the sign vote
             acc = ops.elect_and_merge(stacked, x.shared.get("election", "sum"), "count" if normalize else "none",
@@ -192,6 +205,15 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.device.type != "cpu" or t.dtype == torch.bfloat16 else torch.float32
 
 
+def _magnitude_slice(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Which entries mergekit's ``torch.sort(|Δ|.float())`` puts at positions [start, stop), without the sort
+    (bf16/fp16 |Δ| are replayed on their bit patterns, which order like the float32 values)."""
+    keep = sort_select.sort_slice_mask(delta.abs().reshape(-1), start, stop, descending=descending, overwrite=True)
+    if keep is None:  # the replay gave up after permuting its scratch copy
+        keep = sort_select.sorted_slice_mask(delta.abs().reshape(-1), start, stop, descending)
+    return keep
+
+
 def _sparsify_compat(delta: torch.Tensor, x: KernelInput, i: int, comp: Composition, rescale: bool) -> torch.Tensor:
     density = float(x.params["density"][i])
     norm = "l1" if rescale else "none"
@@ -203,14 +225,22 @@ def _sparsify_compat(delta: torch.Tensor, x: KernelInput, i: int, comp: Composit
         if delta.numel() == 0:
             return delta
         k = max(1, int(density * delta.numel()))
-        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+        if delta.device.type == "cpu":
+            # argsort(|Δ|, descending)[:k] without the sort, equal magnitudes kept exactly as the sort keeps them
+            keep = _magnitude_slice(delta, 0, k, descending=True)
+            return _masked(delta, keep.reshape_as(delta), norm)
         w = delta.abs().reshape(-1)
-        if w.device.type == "cpu":
-            w = w.float()
+        mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
         mask[torch.argsort(w, descending=True)[:k]] = 1
         return _masked(delta, mask.reshape_as(delta), norm)
     if kind == "bernoulli":
         work = _work_dtype(delta)
+        if delta.device.type == "cpu":
+            # torch.bernoulli(p) on the CPU draws one float uniform per entry (24 random bits of one 32-bit draw)
+            # and keeps u < p, p rounded to the work dtype: torch.rand draws the same uniforms from the same stream,
+            # without the full tensor of p and the per-entry distribution object
+            keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < float(torch.tensor(density, dtype=work))
+            return _masked(delta.to(work), keep, norm).to(delta.dtype)
         mask = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=gen)
         return _masked(delta.to(work), mask, norm).to(delta.dtype)
     if kind == "outliers":
@@ -218,9 +248,10 @@ def _sparsify_compat(delta: torch.Tensor, x: KernelInput, i: int, comp: Composit
         target = int(density * n)
         n_top = int(x.params["gamma"][i] * n)
         n_bot = max(0, n - target - n_top)
+        if delta.device.type == "cpu":
+            keep = _magnitude_slice(delta, n_bot, n_bot + target, descending=False)
+            return _masked(delta, keep.reshape_as(delta), norm)
         w = delta.abs().reshape(-1)
-        if w.device.type == "cpu":
-            w = w.float()
         idx = torch.sort(w, descending=False).indices
         mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
         mask[idx[n_bot:n_bot + target]] = 1
@@ -245,6 +276,90 @@ def _masked(t: torch.Tensor, mask: torch.Tensor, norm: str) -> torch.Tensor:
     return masked if norm == "none" else ops.norm_rescale(t, masked, norm)
 
 
+# The compat kernel runs the per-expert sparsification (one task per expert) and the combination (one task per block
+# of rows) on a small thread pool when torch computes on one CPU thread (the engine's default on a 2-core machine): the
+# work is torch and NumPy kernels, which release the GIL. Every task runs mergekit's operations on its own slice, so
+# the result is the same bit for bit; whole-tensor reductions (the L1 rescale) stay whole. Paper mode prepares the
+# experts' deltas of a block the same way.
+PARALLEL_MIN_NUMEL = 1 << 18
+COMPAT_BLOCK_ELEMENTS = 1 << 18
+PARALLEL_SPARSIFY_MAX_NUMEL = 1 << 24
+_RANDOM_SPARSIFIERS = ("bernoulli", "della")
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when one is needed."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _cpu_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _parallel_map(fn: Callable[[int], None], n: int, parallel: bool) -> None:
+    global _pool
+    if not parallel or n < 2:
+        for i in range(n):
+            fn(i)
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_cpu_workers(), thread_name_prefix="mergeflow-compute")
+    for future in [_pool.submit(fn, i) for i in range(n)]:
+        future.result()
+
+
+def _may_parallelize(base: torch.Tensor) -> bool:
+    """Threads of our own only where torch itself computes on one thread (else its own threads use the cores)."""
+    return (base.device.type == "cpu" and base.numel() >= PARALLEL_MIN_NUMEL and _cpu_workers() > 1
+            and torch.get_num_threads() == 1)
+
+
+def _independent_draws(x: KernelInput, comp: Composition) -> bool:
+    """Whether the experts can be sparsified concurrently: the random sparsifiers need one generator each (a shared
+    generator, or the global RNG, is consumed expert by expert, in order)."""
+    if comp.sparsify not in _RANDOM_SPARSIFIERS:
+        return True
+    gens = x.generators or []
+    return len(gens) == len(x.models) and len({id(g) for g in gens}) == len(gens)
+
+
+def _combine_compat(deltas: torch.Tensor, weights: torch.Tensor, base: torch.Tensor, out: torch.Tensor,
+                    comp: Composition, normalize: bool, lam: float, int8_mask: bool) -> None:
+    """mergekit's weighting, sign consensus, sum, normalisation and λ for a block of rows (elementwise, and sums
+    over the experts only), into ``out``; consumes ``deltas``."""
+    deltas.mul_(weights)
+    divisor = None
+    if comp.consensus:
+        mask_dtype = torch.int8 if int8_mask else base.dtype
+        sign = deltas.sign().to(mask_dtype)
+        majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+        mask = sign == majority
+        del sign, majority
+        mixed = deltas.mul_(mask).sum(dim=0)  # deltas * mask, in place: deltas is not needed after this
+        if normalize:
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        if normalize:
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+    if divisor is not None:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    torch.add(base, mixed, out=out)  # base + mixed, both in the base's dtype
+
+
 def compat_kernel(x: KernelInput, comp: Composition) -> torch.Tensor:
     assert x.base is not None
     base = x.base
@@ -252,34 +367,50 @@ def compat_kernel(x: KernelInput, comp: Composition) -> torch.Tensor:
     normalize = comp.normalize_compat if normalize is None else normalize
     rescale = x.shared.get("rescale")
     rescale = comp.rescale_compat if rescale is None else rescale
-    deltas = base.new_empty((len(x.models), *base.shape))
-    for i, model in enumerate(x.models):
-        delta = model - base
-        if comp.sparsify:
-            delta = _sparsify_compat(delta, x, i, comp, rescale)
-        deltas[i] = delta
-    weights = torch.tensor([float(w) for w in x.params["weight"]], dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
+    parallel = _may_parallelize(base)
+    k = len(x.models)
+    deltas: torch.Tensor | None = None
+    if comp.sparsify:
+        # the sparsifiers look at whole tensors (top-k, L1 norms): one expert per task
+        deltas = base.new_empty((k, *base.shape))
+
+        def sparsify(i: int) -> None:
+            assert deltas is not None
+            deltas[i] = _sparsify_compat(x.models[i] - base, x, i, comp, rescale)
+
+        # each task holds its own sparsifier temporaries: the largest tensors go one expert at a time
+        _parallel_map(sparsify, k, parallel and _independent_draws(x, comp)
+                      and base.numel() <= PARALLEL_SPARSIFY_MAX_NUMEL)
+    weights = torch.tensor([float(w) for w in x.params["weight"]], dtype=base.dtype, device=base.device)
+    while base.dim() + 1 > weights.dim():
         weights.unsqueeze_(-1)
-    deltas.mul_(weights)
-    if comp.consensus:
-        mask_dtype = torch.int8 if x.shared.get("int8_mask") else base.dtype
-        sign = deltas.sign().to(mask_dtype)
-        majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-        mask = sign == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
     lam = float(x.shared.get("lambda", 1.0))
-    if lam != 1:
-        mixed *= lam
-    return (base + mixed).to(base.dtype)
+    int8_mask = bool(x.shared.get("int8_mask"))
+    out = torch.empty_like(base)
+    if base.dim() == 0:
+        blocks = [(0, 1)]
+        rows = lambda t: t  # noqa: E731
+    else:
+        # the rest is elementwise and sums over the experts only: in blocks of rows small enough to stay in cache
+        n_rows = base.shape[0]
+        step = max(1, COMPAT_BLOCK_ELEMENTS // max(1, base[0].numel()))
+        blocks = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+        rows = None
+
+    def combine(j: int) -> None:
+        r0, r1 = blocks[j]
+        view = rows or (lambda t, d=0: t.narrow(d, r0, r1 - r0))
+        b = view(base)
+        if deltas is None:
+            d = base.new_empty((k, *b.shape))
+            for i, model in enumerate(x.models):
+                torch.sub(view(model), b, out=d[i])  # model - base, in the base's dtype
+        else:
+            d = deltas if base.dim() == 0 else deltas.narrow(1, r0, r1 - r0)
+        _combine_compat(d, weights, b, view(out), comp, normalize, lam, int8_mask)
+
+    _parallel_map(combine, len(blocks), parallel)
+    return out
 
 
 def _make(comp: Composition):
