@@ -178,8 +178,10 @@ def validate_zoo(zoo: str, tasks: list[str], device: str) -> list[dict]:
         rows.append({"estimator": estimator, "params": params, "estimate_seconds": est["seconds"],
                      "real_seconds": round(real, 3), "ratio": round(est["seconds"] / real, 3),
                      "recorded_passes": coeffs.stats["passes"], "planned_passes": est["passes"]["recorded"]})
-        print(f"{estimator} {params}: estimate {est['seconds']:.2f} s, real {real:.2f} s, "
-              f"ratio {est['seconds'] / real:.2f}", flush=True)
+        ratio = est["seconds"] / real
+        rows[-1]["within_3x"] = 1 / 3 <= ratio <= 3
+        print(f"{'PASS' if rows[-1]['within_3x'] else 'FAIL'}  {estimator} {params}: estimate {est['seconds']:.2f} s, "
+              f"real {real:.2f} s, ratio {ratio:.2f} (target: within 3×)", flush=True)
     return rows
 
 

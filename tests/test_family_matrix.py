@@ -58,7 +58,11 @@ VARIANTS: dict[str, tuple[str, str, dict, str | None]] = {
     "fisher": ("fisher", "linear", {"fisher": "empirical", "batch_size": 2}, None),
     "regmean": ("regmean", "regmean", {"batch_size": 2}, None),
     "adamerging": ("adamerging", "task_arithmetic", {"level": "layer", "steps": 2, "batch_size": 2}, "layer"),
+    # a PEFT LoRA adapter (PEFT's default target modules for the family) as expert 0, beside a full expert 1: read
+    # as base + scale·B·A by the merge and by the estimator (SLTA, which reads expert tensors and runs the base)
+    "lora-slta-layer": ("slta", "task_arithmetic", {"level": "layer", "batch_size": 2}, "layer"),
 }
+LORA_VARIANTS = frozenset(v for v in VARIANTS if v.startswith("lora-"))
 
 # (family, variant) → what is missing. Strict: a cell listed here that passes fails the run.
 UNSUPPORTED: dict[tuple[str, str], str] = {}
@@ -79,12 +83,36 @@ def matrix_families(tmp_path_factory: pytest.TempPathFactory):
         if family not in built:
             folder = root / family
             make_family(family, folder, n_experts=2)
+            _lora_adapter(folder / "base", folder / "lora0")
             for i, rows in enumerate(ROWS):
                 write_jsonl(folder / f"t{i}.jsonl", rows)
             built[family] = folder
         return built[family]
 
     return get
+
+
+def _lora_adapter(base: Path, out: Path) -> None:
+    """A PEFT LoRA adapter of ``base`` (rank 4) on every linear layer (``nn.Linear``, GPT-2's ``Conv1D``) but the head — attention and, in dense
+    families, MLP projections (the MoE families' experts are fused parameters, not modules: PEFT's
+    ``target_parameters`` LoRA on them is refused, see README) — with nonzero factors (PEFT starts B at zero), saved
+    as a user publishes one."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not model.get_output_embeddings()})
+    adapted = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                         target_modules=linear))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    adapted.save_pretrained(out)
 
 
 def _recipe(folder: Path, variant: str) -> Path:
@@ -95,7 +123,8 @@ def _recipe(folder: Path, variant: str) -> Path:
         params["gqa_policy"] = "group"  # D-20: grouped-query heads are scored per kv group
     recipe = {
         "merge_method": method,
-        "models": [{"model": f"./expert{i}", "task": f"./t{i}.jsonl"} for i in range(2)],
+        "models": [{"model": "./lora0" if i == 0 and variant in LORA_VARIANTS else f"./expert{i}",
+                    "task": f"./t{i}.jsonl"} for i in range(2)],
         "importance": {"estimator": estimator, "parameters": params, "data": {"n": 2}},
     }
     if method != "linear" and method != "regmean":
@@ -163,7 +192,7 @@ def test_every_family_and_estimator_is_in_the_matrix() -> None:
     """The matrix covers every registered estimator and the families issue 13 names."""
     from mergeflow.importance.base import all_estimators
 
-    assert {e.name for e in all_estimators()} == {v[0] for v in VARIANTS.values()}
+    assert {e.name for e in all_estimators()} == {v[0] for k, v in VARIANTS.items() if k not in LORA_VARIANTS}
     assert set(ALL_FAMILIES) >= {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi", "gpt_neox",
                                  "falcon", "olmo2", "gpt2", "mixtral", "qwen3_moe"}
     assert not set(UNSUPPORTED) - {(f, v) for f in ALL_FAMILIES for v in VARIANTS}

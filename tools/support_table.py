@@ -32,7 +32,7 @@ FAMILIES = {  # test id → how the README names it, in table order
 }
 ESTIMATORS = {  # variant prefix → column title
     "apl": "APL", "sens": "Sens-Merging", "slta": "SLTA", "cocktail": "LM-Cocktail", "fisher": "Fisher",
-    "regmean": "RegMean", "adamerging": "AdaMerging",
+    "regmean": "RegMean", "adamerging": "AdaMerging", "lora": "LoRA adapter expert (SLTA)",
 }
 
 
