@@ -104,7 +104,8 @@ def demo_flow(size: str = "full", seed: int = 0, data_aware: bool = True, limit:
     champion_uri = f"models:/{DEMO_MODEL}@champion"
     print(f"load it (with MLFLOW_TRACKING_URI={tracking_uri or tracking.tracking_uri()}): "
           f"mlflow.pyfunc.load_model({champion_uri!r}) or mlflow.transformers.load_model({champion_uri!r}); serve it: "
-          f"mlflow models serve -m {champion_uri} --env-manager local -h 127.0.0.1 -p 5001; its transformers "
+          f"mlflow models serve -m {champion_uri} --env-manager local -h 127.0.0.1 -p 5001 (venv activated: it "
+          f"starts uvicorn from PATH); its transformers "
           f"folder: mergeflow.checkpoints.resolve({champion_uri!r}).path")
     print(ui_commands(tracking_uri))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")

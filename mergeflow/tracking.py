@@ -42,6 +42,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
@@ -564,6 +565,15 @@ def model_requirements() -> list[str]:
     return out
 
 
+def _quiet_dataset_warnings() -> None:
+    """Drop two warnings MLflow gives for every dataset logged from a local file: a demo registers hundreds, and
+    neither says anything about our data (the source is registered twice in MLflow; the zoo's integer label column
+    has no missing values). Installed once per process (filters are process-wide; adding them is idempotent)."""
+    for message in ("The specified dataset source can be interpreted in multiple ways",
+                    "Hint: Inferred schema contains integer column"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module="mlflow")
+
+
 def _log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[EvaluationData]) -> dict[str, tuple[str, str]]:
     """Log each evaluation file as a dataset input of the run (context ``evaluation``: the rows scored, with their
     schema and digest); returns metric name -> (dataset name, digest) for the metrics computed on one dataset."""
@@ -571,6 +581,8 @@ def _log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[Evaluati
         return {}
     import mlflow.data  # pandas: only when there are datasets
     import pandas as pd
+
+    _quiet_dataset_warnings()
 
     inputs: list[DatasetInput] = []
     linked: dict[str, tuple[str, str]] = {}

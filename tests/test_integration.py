@@ -477,7 +477,8 @@ def test_registered_in_mlflow_and_champion_loads(registry_client: Stack, mergefl
     assert run.data.params["models.0.model"] == "zoo:test/topic"
     for metric in ("test_in_domain_avg", "test_acc_topic", "selection_validation_in_domain_avg"):
         assert 0.0 <= run.data.metrics[metric] <= 100.0, metric
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model", "evaluation", "coefficients"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"evaluation", "coefficients"}
+    assert [o.model_id for o in run.outputs.model_outputs] == [versions[0].source.removeprefix("models:/")]
 
     champion = resolve(f"models:/{MODEL}@champion")
     model_hash = versions[0].tags["mergeflow.model_hash"]
@@ -509,9 +510,11 @@ def _serve_champion(st: Stack, prompt: str, *, max_new_tokens: int) -> str:
     import httpx
 
     port = _free_port()
+    # mlflow starts the scoring server as `uvicorn` found on PATH: the venv's, as with an activated venv
+    env = st.env | {"PATH": os.pathsep.join([str(BIN), st.env.get("PATH", "")])}
     proc = _start("mlflow-models-serve", [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
                                           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                  st.env, st.logs)
+                  env, st.logs)
     try:
         _wait_http(f"http://127.0.0.1:{port}/ping", proc, 180)
         reply = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
