@@ -362,3 +362,57 @@ def test_refused_plan_closes_its_files(families) -> None:
         with pytest.raises(IncompatibleModelsError):
             merge_state_dict(recipe)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_published_layouts_mixed_in_one_merge(families, tmp_path: Path) -> None:
+    """Experts as they are published, all in one recipe (issue 13): one in bf16 saved as two shards with an index,
+    one in fp16, one as a pickled ``pytorch_model.bin`` (read only with ``allow_pickle``), over an fp32 base. The
+    merge equals task arithmetic computed by hand on the fp32 upcasts, ``check`` lists every model's dtypes, and the
+    pickled expert is refused in one line without ``allow_pickle``."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from mergeflow.cli import main
+
+    base, experts = families("llama")
+    folders = []
+    for i, (dtype, layout) in enumerate([(torch.bfloat16, "sharded"), (torch.float16, "single"),
+                                         (torch.float32, "bin")]):
+        model = AutoModelForCausalLM.from_pretrained(experts[i], dtype=dtype)
+        out = tmp_path / f"e{i}-{layout}"
+        if layout == "bin":  # transformers 5 writes safetensors only: a pickled checkpoint as older releases wrote it
+            model.config.save_pretrained(out)
+            torch.save(model.state_dict(), out / "pytorch_model.bin")
+        else:
+            model.save_pretrained(out, max_shard_size="20KB" if layout == "sharded" else "5GB")
+        for f in Path(experts[i]).iterdir():  # tokenizer files
+            if f.is_file() and "token" in f.name and not (out / f.name).exists():
+                shutil.copy(f, out / f.name)
+        folders.append(out)
+    assert (folders[0] / "model.safetensors.index.json").exists() and (folders[2] / "pytorch_model.bin").exists()
+
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 0.5},
+              "models": [{"model": str(f)} for f in folders]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    refused = CliRunner().invoke(main, ["merge", str(path), str(tmp_path / "refused"), "--no-progress"])
+    assert refused.exit_code != 0 and "allow_pickle" in refused.output and "Traceback" not in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+
+    path.write_text(json.dumps({**recipe, "allow_pickle": True}))
+    checked = CliRunner().invoke(main, ["check", str(path), "--json"])
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.output)
+    dtypes = [set(m["dtypes"]) for m in report["models"]]
+    assert dtypes == [{"float32"}, {"bfloat16"}, {"float16"}, {"float32"}]
+
+    merged_dir = tmp_path / "merged"
+    done = CliRunner().invoke(main, ["merge", str(path), str(merged_dir), "--no-progress"])
+    assert done.exit_code == 0, done.output
+    merged = _load_dir(merged_dir)
+    b = load_file(base / "model.safetensors")
+    states = [{k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(f, dtype=dtype).state_dict().items()}
+              for f, dtype in zip(folders, (torch.bfloat16, torch.float16, torch.float32))]
+    for name, tensor in b.items():
+        expected = tensor + 0.5 * sum(s[name] - tensor for s in states)
+        torch.testing.assert_close(merged[name].float(), expected, rtol=1e-6, atol=1e-6, msg=name)
