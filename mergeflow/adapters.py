@@ -29,7 +29,6 @@ tensor, is refused as not matching its base (:class:`~mergeflow.errors.AdapterMi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Collection, Mapping
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 from mergeflow.errors import AdapterError, AdapterMismatchError
-from mergeflow.tensors import CheckpointReader, TensorSpec
+from mergeflow.tensors import CheckpointReader, SpecsView, TensorSpec, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -139,14 +138,7 @@ class LoraAdapter:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AdapterError(f"cannot read {path}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise AdapterError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path} is not a JSON object")
+    config = read_json_object(path, AdapterError)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         what = f"an adapter of peft_type {peft_type}" if peft_type else "an adapter without a peft_type"
@@ -265,7 +257,7 @@ def model_parameter_name(name: str, params: Collection[str], folder: Path) -> st
     return found
 
 
-class LoraReader:
+class LoraReader(SpecsView):
     """An adapter expert's tensors: the base's, with ``W + scale · B · A`` for each target, computed when read.
 
     Same interface as :class:`~mergeflow.tensors.CheckpointReader` (``specs``, ``get``, ``close``); it owns the base
@@ -311,19 +303,6 @@ class LoraReader:
         self._factors = CheckpointReader(adapter.folder, [adapter.weight_file], allow_pickle=allow_pickle)
 
     # -- the CheckpointReader interface ----------------------------------------------------------------------------
-
-    def names(self) -> list[str]:
-        return list(self._specs)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._specs
-
-    def spec(self, name: str) -> TensorSpec:
-        return self._specs[name]
-
-    @property
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
 
     @property
     def adapted(self) -> list[str]:

@@ -47,6 +47,7 @@ from mergeflow.tensors import (
     CheckpointReader,
     TensorReader,
     load_pickle,
+    read_json_object,
     read_safetensors_header,
 )
 
@@ -167,16 +168,7 @@ def _resolve_adapter(text: str, folder: Path, revision: str | None, adapter_base
 
 def read_model_config(folder: Path) -> dict[str, Any]:
     """The ``config.json`` of a checkpoint folder, as a dict."""
-    path = Path(folder) / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(Path(folder) / CONFIG)
 
 
 def open_adapter(folder: Path, base: Path, base_weight_files: Iterable[str] | None = None, *,
@@ -230,14 +222,7 @@ def _check_folder(folder: Path, reference: str) -> None:
     config = folder / CONFIG
     if not config.is_file():
         raise CheckpointError(f"checkpoint {reference!r} ({folder}) has no {CONFIG}")
-    try:
-        parsed = json.loads(config.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {config}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CheckpointError(f"{config} is not valid JSON: {e}") from e
-    if not isinstance(parsed, dict):
-        raise CheckpointError(f"{config} is not a JSON object")
+    read_json_object(config)  # a config that is unreadable, not JSON or not an object: one line, now
 
 
 def checkpoint_root(folder: Path) -> Path:

@@ -226,7 +226,41 @@ class TensorReader(Protocol):
     def close(self) -> None: ...
 
 
-class CheckpointReader:
+def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """The JSON object in ``path`` (a checkpoint's or an adapter's config); ``error`` with one line if the file cannot
+    be read, is not JSON, or holds something other than an object."""
+    try:
+        parsed = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise error(f"{path} is not a JSON object")
+    return parsed
+
+
+class SpecsView:
+    """Name lookups over a reader's ``_specs`` (name → :class:`TensorSpec`), shared by the checkpoint reader and
+    the readers that wrap it (a LoRA adapter over its base)."""
+
+    _specs: dict[str, TensorSpec]
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    @property
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+
+class CheckpointReader(SpecsView):
     """One model's tensors, read one at a time from safetensors (or, if allowed, pickle) shards.
 
     Safetensors tensors are read with ``os.pread`` straight into a fresh buffer: one copy from the page cache, the GIL
@@ -274,19 +308,6 @@ class CheckpointReader:
         if name in self._specs:
             raise CheckpointError(f"{self.folder}: tensor {name!r} appears in two weight files (the second: {file})")
         self._specs[name] = spec
-
-    def names(self) -> list[str]:
-        return list(self._specs)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._specs
-
-    def spec(self, name: str) -> TensorSpec:
-        return self._specs[name]
-
-    @property
-    def specs(self) -> Mapping[str, TensorSpec]:
-        return self._specs
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, in a buffer of its own."""
