@@ -23,8 +23,11 @@ install: $(STAMP)
 demo: install
 	$(PY) -m flows.demo
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a test module per worker at a time, so module and session
+# fixtures are built once per worker; the zoos are shared between workers (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

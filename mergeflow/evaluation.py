@@ -183,8 +183,9 @@ TRUST_HINT = ("pass --trust-task-code (mergeflow eval) or set evaluation.trust_t
 
 
 def trusted_zoo_dir() -> Path:
-    """Where zoos count as mergeflow's own: ``MERGEFLOW_HOME/zoo`` (``mergeflow zoo build``, ``zoo:`` references)."""
-    return mergeflow_home() / "zoo"
+    """Where zoos count as mergeflow's own: ``MERGEFLOW_HOME/zoo`` (``mergeflow zoo build``, ``zoo:`` references),
+    resolved like the zoo roots it is compared with, so a ``zoo`` folder that links to another disk stays trusted."""
+    return (mergeflow_home() / "zoo").resolve()
 
 
 @dataclass(frozen=True)

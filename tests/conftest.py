@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def mergeflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Caches (hash memo, task-vector manifests, zoo) go to a per-session folder, never the user's home."""
     home = tmp_path_factory.mktemp("mergeflow_home")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Run on several workers (``make test``: pytest-xdist), each its own session: the zoos (built once, in minutes)
+        # go to one folder beside the workers' base folders, so the first worker that needs one builds it and the
+        # others wait on build_zoo's file lock and find it there, as the modules of one session do.
+        shared = tmp_path_factory.getbasetemp().parent / "shared-zoo"
+        shared.mkdir(exist_ok=True)
+        (home / "zoo").symlink_to(shared, target_is_directory=True)
     old = os.environ.get("MERGEFLOW_HOME")
     os.environ["MERGEFLOW_HOME"] = str(home)
     yield home

@@ -107,6 +107,16 @@ def test_pipeline_evaluation_needs_trust_task_code_in_the_recipe(test_zoo: Zoo, 
     assert EvaluationSpec.model_validate({"zoo": str(zoo_dir), "trust_task_code": True}).trust_task_code
 
 
+def test_a_zoo_folder_linked_to_another_disk_is_still_mergeflows_own(tmp_path: Path, monkeypatch) -> None:
+    """MERGEFLOW_HOME/zoo may be a symbolic link (zoos moved to a bigger disk): the zoos under it stay trusted."""
+    home, disk = tmp_path / "home", tmp_path / "disk" / "zoos"
+    disk.mkdir(parents=True)
+    home.mkdir()
+    (home / "zoo").symlink_to(disk, target_is_directory=True)
+    monkeypatch.setenv("MERGEFLOW_HOME", str(home))
+    assert (disk / "test-seed0").resolve().is_relative_to(trusted_zoo_dir())
+
+
 def test_mergeflows_own_zoo_works_as_before_here_or_elsewhere(test_zoo: Zoo, tmp_path: Path) -> None:  # noqa: F811
     assert test_zoo.root.is_relative_to(trusted_zoo_dir())
     check_task_code(test_zoo, test_zoo.tasks)  # the zoo cache: trusted, read as data
