@@ -555,32 +555,34 @@ def render_spectral(runs: list[Run], predicted: dict[str, int]) -> str:
     ta = next((r for r in runs if r.recipe == "task_arithmetic" and r.side == "mergeflow paper" and not r.cold), None)
     lines = ["", "SVD-based methods (mergeflow paper mode; no mergekit equivalent):"]
     for r in runs:
-        if r.recipe not in SPECTRAL or r.recipe not in predicted or r.cold:
+        key = f"{r.recipe} paper"
+        if r.recipe not in SPECTRAL or key not in predicted or r.cold or r.side != "mergeflow paper":
             continue
         vs_ta = (f"{r.wall_s / ta.wall_s:.1f}× task_arithmetic's time, {r.peak_rss / ta.peak_rss:.2f}× its peak RSS"
                  if ta else "no task_arithmetic row in this invocation")
         lines.append(f"  {r.recipe:<8} {r.wall_s:7.1f} s  {r.peak_rss / 1e9:5.2f} GB peak RSS "
-                     f"(check predicted {predicted[r.recipe] / 1e9:.2f} GB): {vs_ta}")
+                     f"(check predicted {predicted[key] / 1e9:.2f} GB): {vs_ta}")
     return "\n".join(lines)
 
 
 def estimate_targets(runs: list[Run], predicted: dict[str, int], spec: ModelSpec,
                      baseline_rss: int) -> list[tuple[str, str, str]]:
-    """Targets against predictions: every paper-mode row's peak RSS within 10 % of what ``mergeflow check``
-    predicts for its recipe (issue 16), and the SVD-based rows' time (≤ 3× task_arithmetic for iso_c, ≤ 6× for
+    """Targets against predictions: every mergeflow row's peak RSS within 10 % of what ``mergeflow check``
+    predicts for its recipe in its mode (issue 16), and the SVD-based rows' time (≤ 3× task_arithmetic for iso_c, ≤ 6× for
     tsv) and memory: ≤ (K + 2) × the largest tensor in fp32 plus that tensor's SVD workspace
     (``spectral.workspace_elements``), on top of the interpreter and libraries (``baseline_rss``: the peak RSS of
     a child that only imports them) (issue 12). Imports torch: call it after the measurements."""
     from mergeflow.methods.spectral import workspace_elements
 
     out: list[tuple[str, str, str]] = []
-    steady = [r for r in runs if r.side == "mergeflow paper" and not r.cold]
-    for r in steady:
-        if r.recipe in predicted:
-            ratio = r.peak_rss / predicted[r.recipe]
-            out.append((f"{r.recipe}: paper peak RSS within {CHECK_TOLERANCE:.0%} of mergeflow check's estimate",
-                        f"{r.peak_rss / 1e9:.2f} GB / {predicted[r.recipe] / 1e9:.2f} GB = {ratio:.2f}×",
+    for r in (r for r in runs if r.side.startswith("mergeflow") and not r.cold):
+        key = f"{r.recipe} {r.side.split()[1]}"
+        if key in predicted:
+            ratio = r.peak_rss / predicted[key]
+            out.append((f"{key}: peak RSS within {CHECK_TOLERANCE:.0%} of mergeflow check's estimate",
+                        f"{r.peak_rss / 1e9:.2f} GB / {predicted[key] / 1e9:.2f} GB = {ratio:.2f}×",
                         "PASS" if abs(ratio - 1) <= CHECK_TOLERANCE else "FAIL"))
+    steady = [r for r in runs if r.side == "mergeflow paper" and not r.cold]
     ta = next((r for r in steady if r.recipe == "task_arithmetic"), None)
     largest = max((shape for _, shape in tensor_shapes(spec)), key=math.prod)
     k = spec.experts
@@ -600,9 +602,11 @@ def estimate_targets(runs: list[Run], predicted: dict[str, int], spec: ModelSpec
     return out
 
 
-def check_estimate(recipe: Path, env: dict[str, str]) -> int:
-    """The peak memory ``mergeflow check --json`` predicts for ``recipe`` (untimed; a child, like every run)."""
-    done = subprocess.run([_tool("mergeflow"), "check", str(recipe), "--json"], capture_output=True, text=True,
+def check_estimate(recipe: Path, env: dict[str, str], compat: bool) -> int:
+    """The peak memory ``mergeflow check --json`` predicts for ``recipe`` in paper or compat mode (untimed; a child,
+    like every run)."""
+    done = subprocess.run([_tool("mergeflow"), "check", str(recipe), "--json",
+                           *(["--mergekit-compat"] if compat else [])], capture_output=True, text=True,
                           env=env, check=True)
     return int(json.loads(done.stdout)["estimate"]["peak_bytes"])
 
@@ -798,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
                 paid.update(pending)
             bench.timed(method, side, cmd, target, f"{method}.{side.replace(' ', '_')}")
         # after its runs, so that check's hashing of the inputs cannot turn a cold row warm
-        predicted[method] = check_estimate(recipes[method], env)
+        for compat in (False,) if spectral else (True, False):
+            predicted[f"{method} {'compat' if compat else 'paper'}"] = check_estimate(recipes[method], env, compat)
     # the floor again at the end (the load on a shared machine drifts): the best of both ends counts
     floor = bench.best(floor_runs + bench.floor(floor_cmd, out / "io_floor", "io_floor.end"))
     bench.runs.insert(0, floor)

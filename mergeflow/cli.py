@@ -136,7 +136,8 @@ def main(debug: bool, verify_cache: bool) -> None:
               help="Where the per-tensor arithmetic runs.")
 @click.option("--shard-size", default="1GB", show_default=True, help="Maximum bytes per output shard (e.g. 500MB, 2GB).")
 @click.option("--threads", type=int, default=None,
-              help="CPU threads for the arithmetic [default: all cores but one, left to the reader/writer threads].")
+              help="CPU threads for the arithmetic [default: all cores but one, left to the reader/writer threads; "
+                   "all cores for the SVD-based methods].")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @user_errors
 def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | None, overwrite: bool, device: str,
@@ -167,8 +168,10 @@ def merge(recipe: Path, out: Path, mergekit_compat: bool | None, seed: int | Non
 @click.option("--device", default="auto", show_default=True,
               help="Where the importance stage would run (auto: CUDA if present, else the CPU); its time estimate "
                    "is measured there.")
+@click.option("--mergekit-compat", is_flag=True, default=None,
+              help="Check (and estimate the memory of) the merge as `mergeflow merge --mergekit-compat` runs it.")
 @user_errors
-def check(recipe: Path, as_json: bool, device: str) -> None:
+def check(recipe: Path, as_json: bool, device: str, mergekit_compat: bool | None) -> None:
     """Check that the models of RECIPE can be merged: architectures, tensors, vocabularies, dtypes, memory; and
     estimate the time and peak memory of each importance entry (its estimators are not run)."""
     # torch-heavy: imported when the command runs, so `mergeflow --help` and the other commands start fast
@@ -179,7 +182,7 @@ def check(recipe: Path, as_json: bool, device: str) -> None:
     from mergeflow.importance.recipes import importance_estimates
     from mergeflow.recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, mergekit_compat=mergekit_compat)
     if r.importance:
         # the importance stage is what is estimated here, not run (hours at 3B on a CPU)
         inputs, _ = resolve_inputs(r)

@@ -65,8 +65,10 @@ class CompatibilityReport:
             lines.append(f"            {m.content_hash}")
         if self.estimate:
             e = self.estimate
-            lines.append(f"estimate: peak memory ≈ {_gb(e['peak_bytes'])} (largest tensor {e['largest_tensor_numel']:,} "
-                         f"entries), output on disk {_gb(e['disk_bytes'])}")
+            held = (f": this process {_gb(e['process_bytes'])} + the merge {_gb(e['merge_bytes'])}"
+                    if "merge_bytes" in e else "")
+            lines.append(f"estimate: peak memory ≈ {_gb(e['peak_bytes'])}{held} (largest tensor "
+                         f"{e['largest_tensor_numel']:,} entries), output on disk {_gb(e['disk_bytes'])}")
             if "workspace_bytes" in e:
                 lines.append(f"          of which SVD/optimizer workspace ≈ {_gb(e['workspace_bytes'])} for the "
                              f"{e['workspace_rows']}×{e['workspace_cols']} tensor")

@@ -21,11 +21,14 @@ def pick_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def compute_threads(threads: int | None) -> Iterator[None]:
+def compute_threads(threads: int | None, *, all_cores: bool = False) -> Iterator[None]:
     """torch's CPU threads inside the block: ``threads``, default all cores but one (left to reader/writer
-    threads; oversubscribed OpenMP threads spin at barriers and run many times slower than one thread)."""
+    threads; oversubscribed OpenMP threads spin at barriers and run many times slower than one thread), or every
+    core with ``all_cores`` (work where the arithmetic dominates the reading and writing many times over, such as
+    an SVD per tensor)."""
     old = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    cores = os.cpu_count() or 2
+    torch.set_num_threads(threads or (cores if all_cores else max(1, cores - 1)))
     try:
         yield
     finally:

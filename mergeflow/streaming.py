@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -78,7 +79,8 @@ class MergeOptions:
     overwrite: bool = False
     progress: bool = True
     # CPU threads for the arithmetic; default: all cores but one, which the reader and writer threads use
-    # (oversubscribed OpenMP threads spin at barriers and run many times slower than one thread)
+    # (oversubscribed OpenMP threads spin at barriers and run many times slower than one thread), or every core
+    # for the methods whose per-tensor arithmetic dominates (``MergeMethod.compute_bound``: the SVD-based ones)
     threads: int | None = None
 
 
@@ -277,7 +279,9 @@ def _plan(recipe: Recipe, inputs: MergeInputs, out: Path | None, options: MergeO
             per_model, shared = recipe.tensor_params(name, layer_fraction(reference.arch, name))
             _check_tensor_params(method, name, per_model, shared, recipe.mergekit_compat)
             params[name] = (per_model, shared)
-    report.estimate = _estimate(method, reference, experts, specs, compute_dtype)
+    report.estimate = _estimate(method, reference, experts, specs, compute_dtype, recipe.mergekit_compat,
+                                frozenset(vocab_names) if vocabulary is not None and not vocabulary.identity
+                                else frozenset())
     if out is not None:
         check_output_path(out, [p for i in [*([base] if base else []), *experts]
                                 for p in dict.fromkeys([i.snapshot.path, i.snapshot.model_folder])],
@@ -360,23 +364,64 @@ def _check_tensor_params(method: MergeMethod, name: str, per_model: dict[str, li
                 spec.check(value, f"models[{i}].parameters.{pname} (tensor {name})")
 
 
+# outputs the writer may still hold while the next tensor is merged: the one being written and two queued (merge())
+WRITE_QUEUE = 3
+
+
 def _estimate(method: MergeMethod, reference: Input, experts: list[Input], specs: list[TensorSpec],
-              compute_dtype: torch.dtype | None) -> dict[str, int]:
+              compute_dtype: torch.dtype | None, compat: bool, realigned: frozenset[str] = frozenset()
+              ) -> dict[str, int]:
+    """Peak memory of ``merge()`` on the CPU, tensor by tensor in the order the engine merges them: this process's
+    memory now (interpreter, torch, mergeflow: a merge process holds the same) plus, at the worst tensor, the raw
+    inputs read for it and for the next one (the reader prefetches), their copies in the compute dtype where the
+    kernel needs them, what the kernel allocates (``MergeMethod.kernel_bytes``, output included) and the outputs
+    the writer may still hold."""
+    inputs = [reference, *[e for e in experts if e is not reference]]
+    k = len(experts)
+
+    raws, steps, outs = [], [], []
+    for s in specs:
+        held = [(i.reader.specs[s.name].dtype, i.reader.specs[s.name].nbytes) for i in inputs
+                if s.name in i.reader.specs]
+        raw = sum(n for _, n in held)
+        raws.append(raw)
+        outs.append(s.nbytes)
+        if not s.dtype.is_floating_point:
+            steps.append(raw)  # copied as read
+            continue
+        if compute_dtype is not None:
+            dtype = compute_dtype
+        elif compat:
+            dtype = held[0][0]
+            for d, _ in held[1:]:
+                dtype = torch.promote_types(dtype, d)
+        else:
+            dtype = torch.float64 if held and held[0][0] == torch.float64 else torch.float32
+        item = dtype.itemsize
+        streams = method.streams_raw_inputs and not compat
+        converted = [] if streams else [n for d, n in held if d != dtype]
+        copies = sum(n // (d.itemsize or 1) * item for d, n in held if d != dtype) if converted else 0
+        if s.name in realigned:  # every input re-indexed by token in the compute dtype
+            copies += len(inputs) * s.numel * item
+        kernel = method.kernel_bytes(tuple(s.shape), k, compat, item, out_item=s.dtype.itemsize)
+        # while converting: the raw inputs and their copies; then the raw buffers that were copied are dropped
+        steps.append(max(raw + copies, raw - sum(converted) + copies + kernel))
+    worst = 0
+    for i in range(len(specs)):
+        queued = sum(outs[max(0, i - WRITE_QUEUE):i])
+        following = raws[i + 1] if i + 1 < len(specs) else 0
+        worst = max(worst, steps[i] + following + queued)
+    process = psutil.Process().memory_info().rss
     largest = max((s.numel for s in specs), default=0)
-    k = len(experts) + (1 if reference not in experts else 0)
-    item = (torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4)
-    # the widest stored input (a LoRA adapter expert's targets are read in float32 whatever its base's dtype)
-    in_item = max((s.nbytes // max(s.numel, 1) for i in [reference, *experts] for s in i.reader.specs.values()),
-                  default=4)
-    # raw prefetched inputs (current + next) + compute copies + a stacked K-way buffer + the output being written
-    peak = 2 * k * largest * in_item + (2 * k + 2) * largest * item + largest * 4
-    estimate = {"peak_bytes": int(peak), "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
-    # the method's own working memory (SVD factors, optimiser state) on the tensor that needs the most of it
-    need, shape = max(((method.workspace_elements(tuple(s.shape), len(experts)), tuple(s.shape)) for s in specs
+    estimate = {"peak_bytes": int(process + worst), "process_bytes": int(process), "merge_bytes": int(worst),
+                "disk_bytes": sum(s.nbytes for s in specs), "largest_tensor_numel": largest}
+    # the method's own working memory (SVD factors, optimiser state) on the tensor that needs the most of it, as
+    # part of the above, said apart because at 7B it is what decides whether a merge fits
+    item = (compute_dtype.itemsize if compute_dtype else 4)
+    need, shape = max(((method.workspace_elements(tuple(s.shape), k), tuple(s.shape)) for s in specs
                        if s.dtype.is_floating_point), default=(0, ()))
     if need > 0:
         estimate.update({"workspace_bytes": need * item, "workspace_rows": shape[0], "workspace_cols": shape[1]})
-        estimate["peak_bytes"] += need * item
     return estimate
 
 
@@ -493,6 +538,8 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
             raw = method.streams_raw_inputs and not recipe.mergekit_compat
             base = _to_compute(base_raw, plan.device, dtype, raw) if base_raw is not None else None
             models = [_to_compute(t, plan.device, dtype, raw) for t in models_raw]
+            # the raw buffers that were converted are not needed any more (the others are the inputs themselves)
+            del base_raw, models_raw, reference_raw
             if plan.realigns(name):  # every input's rows re-indexed by token, in the compute dtype
                 aligned = plan.aligned(name, [t.to(dtype) for t in ([base] if base is not None else []) + models])
                 base, models = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
@@ -532,7 +579,7 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
 def merge_state_dict(recipe: Recipe, inputs: MergeInputs, *, device: str = "cpu", threads: int | None = None,
                      coefficients: list[Coefficients] | None = None) -> dict[str, torch.Tensor]:
     """Merge in memory (small models: evaluation of many candidate merges without touching disk)."""
-    with compute_threads(threads):
+    with compute_threads(threads, all_cores=recipe.method.compute_bound):
         plan = plan_merge(recipe, inputs, options=MergeOptions(device=device, progress=False),
                           coefficients=coefficients)
         try:
@@ -546,7 +593,8 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
     """Merge to ``out``: sharded safetensors + config + tokenizer + model card + provenance, renamed into place."""
     out = Path(out)
     start = time.perf_counter()
-    with compute_threads(options.threads):  # the global thresholds are compute too
+    all_cores = recipe.method.compute_bound
+    with compute_threads(options.threads, all_cores=all_cores):  # the global thresholds are compute too
         plan = plan_merge(recipe, inputs, out=out, options=options, coefficients=coefficients)
     try:
         shard_size = parse_size(options.shard_size)
@@ -557,7 +605,7 @@ def merge(recipe: Recipe, inputs: MergeInputs, out: str | Path, *, options: Merg
         n_open = sum(i.snapshot.n_files for i in plan.inputs) + len(plan_shards(plan.specs, shard_size))
         ensure_open_files(n_open, "the merge (its inputs' weight files and the output's shards)")
         with _output_errors(out), atomic_directory(out, overwrite=options.overwrite) as tmp, \
-                compute_threads(options.threads):
+                compute_threads(options.threads, all_cores=all_cores):
             provenance = provenance_of(plan)
             writer = ShardedWriter(tmp, plan.specs, shard_size,
                                    metadata={"mergeflow_version": __version__,

@@ -11,6 +11,7 @@ imports every kernel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,17 @@ class MergeMethod:
     # elements of working memory one tensor of this shape needs with K experts beyond the engine's streaming estimate
     # (SVD factors, optimiser state); the engine adds the largest over the tensors to its peak-memory estimate
     workspace_elements: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, k: 0)
+    # bytes allocated at the peak of one tensor's merge beyond the inputs the engine hands the kernel, up to the
+    # merged tensor in the output dtype: ``(shape, k, compat, item, out_item)``, ``item`` the bytes of an element
+    # in the dtype the kernel computes in (the stored dtype in compat mode), ``out_item`` in the output's. The
+    # default assumes a K-way stacked buffer, a working copy, the result and its conversion to the output dtype;
+    # methods that know better say so (the engine's memory estimate, ``mergeflow check``)
+    kernel_bytes: Callable[[tuple[int, ...], int, bool, int, int], int] = field(
+        default=lambda shape, k, compat, item, out_item: (k + 2) * math.prod(shape) * item
+        + (math.prod(shape) * out_item if out_item != item else 0))
+    # the per-tensor arithmetic (an SVD, optimiser steps) takes many times longer than reading and writing the
+    # tensor: the engine gives torch every core instead of keeping one for the reader and writer threads
+    compute_bound: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)

@@ -47,7 +47,7 @@ def iso_c_kernel(x: KernelInput) -> torch.Tensor:
         return spectral.finish(x, spectral.mean(deltas))
     summed = spectral.total(deltas)
     del deltas
-    u, s, vh = torch.linalg.svd(summed, full_matrices=False)
+    u, s, vh = spectral.svd(summed)
     del summed
     return spectral.finish(x, u.mul_(s.mean()) @ vh)
 
@@ -59,7 +59,7 @@ def iso_cts_kernel(x: KernelInput) -> torch.Tensor:
     m, n = deltas[0].shape
     k = len(deltas)
     common, per_task = spectral.iso_cts_split((m, n), k, float(x.shared.get("common_space_fraction", 0.8)))
-    u, s, vh = torch.linalg.svd(spectral.total(deltas), full_matrices=False)
+    u, s, vh = spectral.svd(spectral.total(deltas))
     r = s.shape[0]
     u_all = u.new_empty(m, r)
     s_all = s.new_empty(r)
@@ -68,7 +68,7 @@ def iso_cts_kernel(x: KernelInput) -> torch.Tensor:
     for i, delta in enumerate(deltas):
         if per_task == 0:
             break
-        ui, si, vhi = torch.linalg.svd(delta - u_c @ (u_c.T @ delta), full_matrices=False)
+        ui, si, vhi = spectral.svd(delta - u_c @ (u_c.T @ delta))
         cols = slice(i * per_task, (i + 1) * per_task)
         u_all[:, cols] = ui[:, :per_task]
         s_all[cols] = si[:per_task]
@@ -93,6 +93,8 @@ ISO_C = register(MergeMethod(
     paper=ISO_PAPER,
     min_models=1,
     workspace_elements=partial(spectral.workspace_elements, "iso_c"),
+    kernel_bytes=partial(spectral.kernel_bytes, "iso_c"),
+    compute_bound=True,
 ))
 
 ISO_CTS = register(MergeMethod(
@@ -110,4 +112,6 @@ ISO_CTS = register(MergeMethod(
     paper=ISO_PAPER,
     min_models=1,
     workspace_elements=partial(spectral.workspace_elements, "iso_cts"),
+    kernel_bytes=partial(spectral.kernel_bytes, "iso_cts"),
+    compute_bound=True,
 ))

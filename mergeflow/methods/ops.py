@@ -14,6 +14,7 @@ import torch
 _HI_BINS = 1 << 15  # sign bit is 0 for |x|, so the high 16 bits of a non-negative float32 are < 2**15
 _LO_BINS = 1 << 16
 _RADIX_MIN_NUMEL = 1 << 20
+_HIST_CHUNK = 1 << 22
 
 
 class KthSmallest:
@@ -37,10 +38,13 @@ class KthSmallest:
         self._rank_in_bucket = 0
 
     def add_first(self, values: torch.Tensor) -> None:
-        bits = values.reshape(-1).float().view(torch.int32)
-        hist = torch.bincount(bits >> 16, minlength=_HI_BINS)
-        self._hi = hist if self._hi is None else self._hi.add_(hist.to(self._hi.device))
-        self.count += bits.numel()
+        flat = values.reshape(-1)
+        # in chunks: the shifted bits and bincount's own copies stay small beside a tensor of 10⁸ values
+        for start in range(0, flat.numel(), _HIST_CHUNK):
+            bits = flat[start:start + _HIST_CHUNK].float().view(torch.int32)
+            hist = torch.bincount(bits >> 16, minlength=_HI_BINS)
+            self._hi = hist if self._hi is None else self._hi.add_(hist.to(self._hi.device))
+        self.count += flat.numel()
 
     def finish_first(self) -> None:
         if self.k > self.count or self._hi is None:
@@ -52,11 +56,13 @@ class KthSmallest:
 
     def add_second(self, values: torch.Tensor) -> None:
         assert self._bucket is not None, "call finish_first() first"
-        bits = values.reshape(-1).float().view(torch.int32)
-        inside = bits[(bits >> 16) == self._bucket]
-        if inside.numel():
-            hist = torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
-            self._lo = hist if self._lo is None else self._lo.add_(hist.to(self._lo.device))
+        flat = values.reshape(-1)
+        for start in range(0, flat.numel(), _HIST_CHUNK):
+            bits = flat[start:start + _HIST_CHUNK].float().view(torch.int32)
+            inside = bits[(bits >> 16) == self._bucket]
+            if inside.numel():
+                hist = torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+                self._lo = hist if self._lo is None else self._lo.add_(hist.to(self._lo.device))
 
     def value(self) -> float:
         assert self._bucket is not None and self._lo is not None

@@ -8,11 +8,13 @@ mean over the agreeing count); ``compat`` mode reproduces mergekit 0.1.x operati
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -444,6 +446,31 @@ def _rescale_flag(default: bool) -> ParamSpec:
     return ParamSpec("rescale", bool, default, help=RESCALE.help)
 
 
+def kernel_bytes(comp: Composition, shape: tuple[int, ...], k: int, compat: bool, item: int, out_item: int) -> int:
+    """What :func:`paper_kernel` / :func:`compat_kernel` allocate for one tensor (``MergeMethod.kernel_bytes``).
+
+    Paper mode: the output in its dtype, and blocks of about ``CHUNK_ELEMENTS`` (the whole tensor for outlier
+    trims) holding the base block, the experts' deltas (one, or K for sign election and parallel sparsifiers), the
+    sum, and the sparsifier's mask and scratch. Compat mode: the output in the stored dtype (converted if the output
+    dtype differs) and, for the sparsifying methods, the K sparsified deltas kept whole plus, per expert being
+    sparsified (two at once below ``PARALLEL_SPARSIFY_MAX_NUMEL`` entries), its delta, a scratch |Δ| or uniform
+    draws, the mask and the masked copy; the other compat methods work in blocks of ``COMPAT_BLOCK_ELEMENTS``."""
+    numel = math.prod(shape)
+    if not compat:
+        block = numel if comp.sparsify == "outliers" else min(numel, CHUNK_ELEMENTS)
+        deltas = k if (comp.consensus or comp.sparsify) else 1
+        scratch = 3 if comp.sparsify else 0
+        return numel * out_item + block * item * (deltas + 2 + scratch)
+    out = numel * item + (numel * out_item if out_item != item else 0)
+    if not comp.sparsify:
+        return out + min(numel, COMPAT_BLOCK_ELEMENTS) * item * (k + 3)
+    per_expert = numel * (3 * item + 1)
+    if comp.sparsify in _RANDOM_SPARSIFIERS:
+        per_expert += numel * 4  # one float32 uniform per entry
+    at_once = min(k, 2) if numel <= PARALLEL_SPARSIFY_MAX_NUMEL else 1
+    return out + k * numel * item + at_once * per_expert
+
+
 def _define(name: str, comp: Composition, extra: tuple[ParamSpec, ...], summary: str, paper: str,
             *, random: bool = False, global_trim: bool = False) -> MergeMethod:
     params = [WEIGHT, LAMBDA, _normalize(comp.normalize, comp.normalize_compat)]
@@ -467,6 +494,7 @@ def _define(name: str, comp: Composition, extra: tuple[ParamSpec, ...], summary:
         (lambda shared: False),
         # DARE's Bernoulli drop takes a drop ratio per entry (APL); the trims and samplers rank within a tensor
         partition_params=("weight", "density") if comp.sparsify == "bernoulli" else ("weight",),
+        kernel_bytes=partial(kernel_bytes, comp),
     ))
 
 

@@ -46,7 +46,7 @@ def tsv_kernel(x: KernelInput) -> torch.Tensor:
     v_cat = deltas[0].new_empty(k * kept, n)
     s_cat = deltas[0].new_empty(k * kept)
     for i, delta in enumerate(deltas):
-        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, sv, vh = spectral.svd(delta)
         cols = slice(i * kept, (i + 1) * kept)
         u_cat[:, cols] = u[:, :kept]
         s_cat[cols] = sv[:kept]
@@ -68,4 +68,6 @@ TSV = register(MergeMethod(
           "(arXiv:2412.00081)",
     min_models=1,
     workspace_elements=partial(spectral.workspace_elements, "tsv"),
+    kernel_bytes=partial(spectral.kernel_bytes, "tsv"),
+    compute_bound=True,
 ))

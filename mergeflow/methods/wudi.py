@@ -105,4 +105,6 @@ WUDI = register(MergeMethod(
           "Vectors, ICML 2025 (arXiv:2503.08099)",
     min_models=1,
     workspace_elements=partial(spectral.workspace_elements, "wudi"),
+    kernel_bytes=partial(spectral.kernel_bytes, "wudi"),
+    compute_bound=True,
 ))
