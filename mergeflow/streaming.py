@@ -392,9 +392,9 @@ def _estimate(method: MergeMethod, reference: Input, experts: list[Input], specs
         if compute_dtype is not None:
             dtype = compute_dtype
         elif compat:
-            dtype = held[0][0]
+            dtype = _promotable(held[0][0])
             for d, _ in held[1:]:
-                dtype = torch.promote_types(dtype, d)
+                dtype = torch.promote_types(dtype, _promotable(d))
         else:
             dtype = torch.float64 if held and held[0][0] == torch.float64 else torch.float32
         item = dtype.itemsize
