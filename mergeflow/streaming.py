@@ -389,18 +389,11 @@ def _estimate(method: MergeMethod, reference: Input, experts: list[Input], specs
         if not s.dtype.is_floating_point:
             steps.append(raw)  # copied as read
             continue
-        if compute_dtype is not None:
-            dtype = compute_dtype
-        elif compat:
-            dtype = _promotable(held[0][0])
-            for d, _ in held[1:]:
-                dtype = torch.promote_types(dtype, _promotable(d))
-        else:
-            dtype = torch.float64 if held and held[0][0] == torch.float64 else torch.float32
+        dtype = _work_dtype(compute_dtype, compat, [d for d, _ in held])
         item = dtype.itemsize
         streams = method.streams_raw_inputs and not compat
         converted = [] if streams else [n for d, n in held if d != dtype]
-        copies = sum(n // (d.itemsize or 1) * item for d, n in held if d != dtype) if converted else 0
+        copies = sum(n // d.itemsize * item for d, n in held if d != dtype and not streams)
         if s.name in realigned:  # every input re-indexed by token in the compute dtype
             copies += len(inputs) * s.numel * item
         kernel = method.kernel_bytes(tuple(s.shape), k, compat, item, out_item=s.dtype.itemsize)
@@ -504,6 +497,20 @@ def _promotable(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if _is_float8(dtype) else dtype
 
 
+def _work_dtype(fixed: torch.dtype | None, compat: bool, stored: list[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor is merged in, from its inputs' stored dtypes (the reference's first): the recipe's compute
+    dtype if it sets one; in compat mode the stored dtypes promoted as torch (and mergekit) promote them (float8 as
+    float32: torch has no promotion for it); otherwise float32, float64 for float64 inputs."""
+    if fixed is not None:
+        return fixed
+    if not compat:
+        return torch.float64 if stored and stored[0] == torch.float64 else torch.float32
+    dtype = _promotable(stored[0])
+    for d in stored[1:]:
+        dtype = torch.promote_types(dtype, _promotable(d))
+    return dtype
+
+
 def _to_compute(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, raw: bool) -> torch.Tensor:
     """An input on ``device``: in ``dtype``, or as stored for a kernel that streams raw inputs (float8 excepted)."""
     if raw and not _is_float8(tensor.dtype):
@@ -527,11 +534,8 @@ def iter_merged(plan: MergePlan, progress: Any | None = None) -> Iterator[tuple[
             if not reference_raw.is_floating_point():
                 yield name, reference_raw  # integer / bool buffers are copied, never merged
                 continue
-            dtype = plan.compute_dtype or (torch.float64 if reference_raw.dtype == torch.float64 else torch.float32)
-            if plan.compute_dtype is None and recipe.mergekit_compat:
-                dtype = _promotable(reference_raw.dtype)
-                for t in models_raw:
-                    dtype = torch.promote_types(dtype, _promotable(t.dtype))
+            dtype = _work_dtype(plan.compute_dtype, recipe.mergekit_compat,
+                                [reference_raw.dtype, *(t.dtype for t in models_raw)])
             # kernels that stream convert block by block; the others get whole tensors in the compute dtype. float8
             # inputs have no type promotion in torch, so they are upcast to the compute dtype even for streaming
             # kernels (they are a quarter of fp32's size: the copy is small)

@@ -7,7 +7,7 @@ papers and are written for speed (exact thresholds by radix selection instead of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -37,14 +37,19 @@ class KthSmallest:
         self._bucket: int | None = None
         self._rank_in_bucket = 0
 
-    def add_first(self, values: torch.Tensor) -> None:
+    @staticmethod
+    def _bit_chunks(values: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The float32 bit patterns of ``values``, in chunks: the shifted bits and bincount's own copies stay
+        small beside a tensor of 10⁸ values."""
         flat = values.reshape(-1)
-        # in chunks: the shifted bits and bincount's own copies stay small beside a tensor of 10⁸ values
         for start in range(0, flat.numel(), _HIST_CHUNK):
-            bits = flat[start:start + _HIST_CHUNK].float().view(torch.int32)
+            yield flat[start:start + _HIST_CHUNK].float().view(torch.int32)
+
+    def add_first(self, values: torch.Tensor) -> None:
+        for bits in self._bit_chunks(values):
             hist = torch.bincount(bits >> 16, minlength=_HI_BINS)
             self._hi = hist if self._hi is None else self._hi.add_(hist.to(self._hi.device))
-        self.count += flat.numel()
+        self.count += values.numel()
 
     def finish_first(self) -> None:
         if self.k > self.count or self._hi is None:
@@ -56,9 +61,7 @@ class KthSmallest:
 
     def add_second(self, values: torch.Tensor) -> None:
         assert self._bucket is not None, "call finish_first() first"
-        flat = values.reshape(-1)
-        for start in range(0, flat.numel(), _HIST_CHUNK):
-            bits = flat[start:start + _HIST_CHUNK].float().view(torch.int32)
+        for bits in self._bit_chunks(values):
             inside = bits[(bits >> 16) == self._bucket]
             if inside.numel():
                 hist = torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
