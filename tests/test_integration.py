@@ -15,8 +15,8 @@ A. the recipe end to end, its importance stage as a flow run of ``importance/imp
    (version, alias, run params, metrics, tags, description and dataset inputs; the champion resolves and loads with
    the merged model's logits, and ``mlflow models serve`` serves it: one completion, greedy, as transformers makes it);
 B. the recipe with one merge knob changed (lambda), its cpu worker SIGKILLed (with the flow-run process) while the
-   merge runs: the registry still holds only complete versions and the champion has not moved. Nothing tells the
-   server: B stays RUNNING, with its merge task run RUNNING, and keeps the deployment's only concurrency slot
+   merge runs (held there by ``tests/merge_gate``): the registry still holds only complete versions and the champion
+   has not moved. Nothing tells the server: B stays RUNNING, with its merge task run RUNNING, and keeps the deployment's only concurrency slot
    (``limit: 1, ENQUEUE`` in prefect.yaml) until its 300 s lease lapses, so the test marks it Crashed through the
    API, as an operator or a zombie-run automation would;
 C. the same deployment and parameters again, on a restarted worker: it completes, what B finished is ``Cached``,
@@ -53,6 +53,7 @@ from tests.zoo_fixtures import test_zoo  # noqa: F401
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
+GATE_PATH = Path(__file__).resolve().parent / "merge_gate"  # its sitecustomize.py gates the workers' merges
 RECIPE = "tests/recipes/zoo-test-ties.yaml"  # relative to the project folder, as a deployment parameter is
 RECIPE_CHANGED = "tests/recipes/zoo-test-ties-lambda.yaml"  # the same with lambda 1.0 -> 0.7
 RECIPE_EVAL = "tests/recipes/zoo-test-ties-eval.yaml"  # the same evaluated on other slices of test and validation
@@ -200,7 +201,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "PREFECT_HOME": str(tmp / "prefect-client"), "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": uri,
         "MERGEFLOW_PROJECT_DIR": str(ROOT), "MERGEFLOW_TASK_RUNNER": "dask-threads",
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick runs up within 2 s (default 10 s)
+        # tests/merge_gate/sitecustomize.py: a merge waits while <gate>/hold exists (test_killed_worker_then_rerun)
+        "MERGEFLOW_TEST_MERGE_GATE": str(tmp / "merge-gate"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(GATE_PATH), base.get("PYTHONPATH", "")) if p),
     }
+    (tmp / "merge-gate").mkdir()
     st = Stack(api, uri, env, logs)
     try:
         st.procs["prefect-server"] = _start(
@@ -535,21 +540,31 @@ def test_killed_worker_then_rerun(registry_client: Stack) -> None:
         pytest.skip("run A did not happen")
     champion_before = _champion(st)
 
-    # B: one merge knob changed, so the merge is new; kill the cpu worker (and its flow-run process) mid-run
-    run_b = _create_run(st, RECIPE_CHANGED)
-    seen = None
-    deadline = time.monotonic() + RUN_TIMEOUT
-    with st.client() as client:
-        while seen is None and time.monotonic() < deadline:
-            for tr in _task_runs(client, run_b.id):
-                if (_stage(tr) == "merge" and tr.state and tr.state.type.value == "RUNNING") or \
-                        _stage(tr) in ("evaluate", "register"):
-                    seen = f"{tr.name}: {tr.state.name if tr.state else None}"
-            state = client.read_flow_run(run_b.id).state
-            assert not (state and state.is_final()), f"run B ended {state.name} before the kill\n{st.tails()}"
-            time.sleep(0.1)
-    assert seen, f"run B never reached its merge\n{st.tails()}"
-    _kill(st.procs.pop("cpu"))
+    # B: one merge knob changed, so the merge is new; kill the cpu worker (and its flow-run process) mid-run.
+    # The merge waits at the gate (tests/merge_gate) until the kill: a tiny merge, its evaluation and registration
+    # can all finish between two polls of the API, whose task-run states arrive later than the flow run's.
+    gate = Path(st.env["MERGEFLOW_TEST_MERGE_GATE"])
+    (gate / "hold").write_text("held by test_killed_worker_then_rerun\n")
+    try:
+        run_b = _create_run(st, RECIPE_CHANGED)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        with st.client() as client:
+            while not (reached := sorted(gate.glob("reached-*"))) and time.monotonic() < deadline:
+                state = client.read_flow_run(run_b.id).state
+                assert not (state and state.is_final()), f"run B ended {state.name} before its merge\n{st.tails()}"
+                time.sleep(0.2)
+        assert reached, f"run B never reached its merge\n{st.tails()}"
+        # the merge task run's Running state travels as an event: wait until the server has it (the merge is held)
+        seen = None
+        with st.client() as client:
+            while seen is None and time.monotonic() < deadline:
+                seen = next((f"{tr.name}: {tr.state.name}" for tr in _task_runs(client, run_b.id)
+                             if _stage(tr) == "merge" and tr.state and tr.state.type.value == "RUNNING"), None)
+                time.sleep(0.2)
+        assert seen, f"run B's merge task run never showed Running on the server\n{st.tails()}"
+        _kill(st.procs.pop("cpu"))
+    finally:
+        (gate / "hold").unlink()
     time.sleep(2.0)  # let any last event land; nothing is left to send one
 
     with st.client() as client:
