@@ -16,9 +16,9 @@ A. the recipe end to end, its importance stage as a flow run of ``importance/imp
    the merged model's logits, and ``mlflow models serve`` serves it: one completion, greedy, as transformers makes it);
 B. the recipe with one merge knob changed (lambda), its cpu worker SIGKILLed (with the flow-run process) while the
    merge runs (held there by ``tests/merge_gate``): the registry still holds only complete versions and the champion
-   has not moved. Nothing tells the server: B stays RUNNING, with its merge task run RUNNING, and keeps the deployment's only concurrency slot
-   (``limit: 1, ENQUEUE`` in prefect.yaml) until its 300 s lease lapses, so the test marks it Crashed through the
-   API, as an operator or a zombie-run automation would;
+   has not moved. Nothing tells the server: B stays RUNNING, with its merge task run RUNNING, and keeps the
+   deployment's only concurrency slot (``limit: 1, ENQUEUE`` in prefect.yaml) until its 300 s lease lapses, so the
+   test marks it Crashed through the API, as an operator or a zombie-run automation would;
 C. the same deployment and parameters again, on a restarted worker: it completes, what B finished is ``Cached``,
    what depends on the changed knob is computed, never served from A's cache, and the registry gains one version;
 D. A's recipe evaluated on other slices (``tests/recipes/zoo-test-ties-eval.yaml``) with
