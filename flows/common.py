@@ -11,7 +11,8 @@ with a grid; the demo with the zoo's methods and the base and experts as extra r
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prefect import get_run_logger
@@ -78,14 +79,20 @@ def run_jobs(jobs: Sequence[Mapping[str, Any]], device: str) -> list[dict[str, A
 
 
 def submit_plan(plan: graph.Plan, *, device: str, tracking_uri: str | None = None,
-                deployments: Mapping[str, str | None] | None = None) -> dict[graph.Node, Any]:
+                deployments: Mapping[str, str | None] | None = None,
+                before: Mapping[str, Callable[[], Any]] | None = None) -> dict[graph.Node, Any]:
     """Every node of ``plan`` submitted as its task, wave by wave (a node's inputs are submitted before it); the
     nodes of a stage named in ``deployments`` (stage → deployment) run as one flow run of that deployment per
-    wave instead. Returns node → future (or manifest, for nodes that ran elsewhere)."""
+    wave instead. ``before`` (stage → callable): called once, before the first node of that stage is submitted
+    (what must be ready by then: the MLflow store before the merges), or at the end if the plan has none. Returns
+    node → future (or manifest, for nodes that ran elsewhere)."""
     remote = {stage: name for stage, name in (deployments or {}).items() if name}
+    waiting = dict(before or {})
     futures: dict[graph.Node, Any] = {}
     shards: dict[str, PrefectFuture] = {}
     for wave in plan.waves():
+        for stage in [s for s in waiting if any(node.stage == s for node in wave)]:
+            waiting.pop(stage)()
         elsewhere: dict[str, list[graph.Node]] = {}
         for node in wave:
             if node.stage in remote:
@@ -95,6 +102,8 @@ def submit_plan(plan: graph.Plan, *, device: str, tracking_uri: str | None = Non
                                             tracking_uri=tracking_uri, shards=shards)
         for stage, nodes in elsewhere.items():
             futures.update(run_remote(remote[stage], nodes, futures, device))
+    for call in waiting.values():
+        call()
     return futures
 
 
@@ -111,6 +120,21 @@ def wait_logging_progress(futures: Mapping[graph.Node, Any], log: Any) -> None:
                  totals[node.stage], node.label(), i, len(pending))
 
 
+def _ensure_store(tracking_uri: str | None) -> str:
+    from mergeflow import tracking  # MLflow (~1-3 s to import): only when a run registers, not in every worker
+
+    return tracking.ensure_store(tracking_uri)
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Start ``fn(*args)`` on a thread now; the returned callable waits for it and returns its result or raises
+    its error."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-prepare")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future.result
+
+
 def run_recipes(recipes: Sequence[tuple[str, Any]], *, recipe_dir: str | None,
                 registered_name: str | None = None, importance_deployment: str | None = None,
                 evaluation_deployment: str | None = None, device: str = "auto", tracking_uri: str | None = None,
@@ -118,15 +142,16 @@ def run_recipes(recipes: Sequence[tuple[str, Any]], *, recipe_dir: str | None,
     """Run labelled recipes (label, Recipe or mapping) through every stage; ``extra_models`` (label → reference) are
     only resolved and evaluated (the base and the experts, as rows of the table)."""
     log = get_run_logger()
-    if register:
-        from mergeflow import tracking  # MLflow (~1-3 s to import): only when a run registers, not in every worker
-
-        # create (and migrate) a new store once, here, before parallel workers touch it at the same moment
-        tracking.ensure_store(tracking_uri)
     plan = graph.plan(recipes, recipe_dir=recipe_dir, register=register, registered_name=registered_name,
                       extra_models=extra_models)
+    # Create (and migrate) a new MLflow store once, in this process, before parallel workers touch it at the same
+    # moment: on a thread while the checkpoints, task vectors and importance are resolved or read from the cache
+    # (importing MLflow and opening a SQLite store take seconds), and waited for before the first merge is
+    # submitted, so a store that cannot be opened still stops the run before its merges and evaluations.
+    store_ready = {"merge": _in_background(_ensure_store, tracking_uri)} if register else {}
     futures = submit_plan(plan, device=device, tracking_uri=tracking_uri,
-                          deployments={"importance": importance_deployment, "evaluate": evaluation_deployment})
+                          deployments={"importance": importance_deployment, "evaluate": evaluation_deployment},
+                          before=store_ready)
     wait_logging_progress(futures, log)
     done = graph.RunResult(plan, {n: _value(f) for n, f in futures.items()})
     results: dict[str, Any] = {"models": {label: done.entry(label) for label in plan.targets},

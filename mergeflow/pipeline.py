@@ -59,6 +59,7 @@ from mergeflow.task_vectors import task_vector_manifest
 
 MERGED_KIND = "merged_model"
 EVAL_KIND = "evaluation"
+PLOTS_KIND = "coefficient_heatmaps"
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -559,6 +560,21 @@ def evaluation_datasets(recipe: Recipe, evaluations: Sequence[tuple[str, Evaluat
     return out
 
 
+def coefficient_heatmaps(coefficients: CoefficientsRef, labels: Sequence[str], cache: Cache | None = None) -> Path | None:
+    """The heatmaps of one Coefficients artifact (:func:`mergeflow.coefficients.plot_coefficients`), drawn once per
+    artifact and row labels and kept in the cache: every merge that reuses the artifact (a re-run with another merge
+    knob, a sweep's grid points) registers the same pictures without importing matplotlib and drawing them again.
+    ``None`` when the artifact has no table small enough to draw."""
+    store = cache or Cache()
+    key = cache_key(PLOTS_KIND, coefficients=coefficients.key, labels=list(labels))
+
+    def build(folder: Path) -> None:
+        plot_coefficients(Coefficients.load(coefficients.path), folder / "heatmaps", labels=list(labels))
+
+    pictures = store.get_or_create(PLOTS_KIND, key, build) / "heatmaps"
+    return pictures if pictures.is_dir() and any(pictures.iterdir()) else None
+
+
 def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[ResolvedModel], reported: Evaluation,
                    selection: Evaluation | None = None, coefficients: Sequence[CoefficientsRef] = (), *,
                    registered_name: str | None = None, tags: Mapping[str, str] | None = None,
@@ -578,11 +594,11 @@ def register_stage(recipe: Recipe, merged: MergedModel, inputs: Sequence[Resolve
     if (model_dir / "README.md").is_file():
         files.setdefault("model_card", model_dir / "README.md")
     scratch = tempfile.TemporaryDirectory(prefix="mergeflow-register-")
+    tasks = [e.task or Path(e.model).name for e in recipe.experts]
     for i, c in enumerate(coefficients):
         files[f"coefficients/{i}-{c.estimator}"] = Path(c.path)
-        pictures = Path(scratch.name) / f"{i}-{c.estimator}"
-        tasks = [e.task or Path(e.model).name for e in recipe.experts]
-        if plot_coefficients(Coefficients.load(c.path), pictures, labels=tasks):
+        pictures = coefficient_heatmaps(c, tasks)
+        if pictures is not None:
             files[f"importance_heatmaps/{i}-{c.estimator}"] = pictures
     table = Path(scratch.name) / "evaluation"
     table.mkdir()

@@ -191,7 +191,11 @@ def configure(uri: str | None = None) -> str:
     uri = uri or tracking_uri()
     db = _sqlite_path(uri)
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a folder should be, no permission, a read-only disk
+            raise TrackingError(f"the MLflow store {uri}: cannot create its folder {db.parent} "
+                                f"({e.strerror or type(e).__name__})") from e
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     # MLflow exports the URI to the environment only when its global changes; export it always, so that

@@ -160,6 +160,18 @@ def test_pipeline_artifacts_and_a_changed_knob_recomputes_only_later_stages(harn
     assert {f"{t}/test[:30]" for t in TASKS} | {f"{t}/validation[:20]" for t in TASKS} <= names, names
     assert any(p.startswith("coefficients") for p in listed) and any(p.startswith("importance_heatmaps")
                                                                       for p in listed)
+    # the changed knob's registration logged the same heatmaps, drawn once for the cached coefficients
+    from mergeflow.cache import Cache
+    from mergeflow.pipeline import PLOTS_KIND
+
+    def heatmaps(run_id: str) -> dict[str, bytes]:
+        folder = Path(client.download_artifacts(run_id, "importance_heatmaps/0-cocktail", str(harness / run_id)))
+        return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    drawn = heatmaps(run.info.run_id)
+    assert drawn and heatmaps(changed.result()["registration"]["run_id"]) == drawn
+    entries = [e for e in (Cache().root / PLOTS_KIND).iterdir() if not e.name.startswith(".")]
+    assert len(entries) == 1, entries
 
     # the same run again: every stage is served from the cache; register's and promote's keys include the registry's
     # state (the version holding these weights, who holds the alias), so the first repeat checks the registry once
@@ -186,6 +198,20 @@ def test_pipeline_artifacts_and_a_changed_knob_recomputes_only_later_stages(harn
     assert client.get_model_version("flow-ta", registration["version"]).status == "READY"
     # the alias went with the deleted version: promote's key (who holds the alias now) changed, so it compared again
     assert states["promote"] == "Completed" and champion_version("flow-ta") == registration["version"]
+
+
+def test_a_store_that_cannot_be_opened_stops_the_run_before_its_merge(harness, tmp_path):
+    """The MLflow store is opened on a thread while the first stages run, and waited for before any merge."""
+    from flows.merge_pipeline import merge_pipeline
+
+    not_a_folder = tmp_path / "not-a-folder"
+    not_a_folder.write_text("a file where the store's folder should be\n")
+    state = merge_pipeline(recipe(registry={"name": "flow-no-store"}), tracking_uri=f"sqlite:///{not_a_folder}/m.db",
+                           return_state=True)
+    assert state.is_failed(), state
+    assert "the MLflow store" in state.message and "cannot create its folder" in state.message, state.message
+    stages = {r.name.split(" ")[0].rsplit("-", 1)[0] for r in task_runs(state.state_details.flow_run_id)}
+    assert "resolve" in stages and not stages & {"merge", "evaluate", "register"}, stages
 
 
 def test_demo_flow_on_the_test_zoo(harness, test_zoo, tmp_path):  # noqa: F811
