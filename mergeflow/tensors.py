@@ -366,8 +366,42 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+# Written bytes of one shard after which the writer asks the kernel to start writing them back to the disk
+# (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which returns without waiting). Without it a merge's whole output sits
+# dirty in the page cache until the final fsync, which then waits for all of it (1.5 s of a 7 s 0.5 B merge here)
+# instead of overlapping the write-back with the merge of the later tensors.
+WRITEBACK_BYTES = 64 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int) -> bool:
+    """Ask the kernel to start writing ``fd``'s dirty pages to the disk, without waiting for them (durability still
+    comes from the fsync that follows; this only starts it earlier). False where the system has no such call."""
+    if _sync_file_range is None:
+        return False
+    return _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 class ShardedWriter:
-    """Writes a known set of tensors into HF-style safetensors shards, each tensor straight to its final offset."""
+    """Writes a known set of tensors into HF-style safetensors shards, each tensor straight to its final offset;
+    every :data:`WRITEBACK_BYTES` written to a shard start its write-back to the disk, so that :meth:`finalize`'s
+    fsync waits for the last few only."""
 
     def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_bytes: int,
                  metadata: Mapping[str, str] | None = None) -> None:
@@ -375,6 +409,7 @@ class ShardedWriter:
         self._meta = {"format": "pt", **(metadata or {})}
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd index, absolute offset, spec)
         self._fds: list[int] = []
+        self._dirty: list[int] = []  # bytes written to each shard since its write-back was last started
         self._pending = {s.name for s in specs}
         self.shards = plan_shards(specs, max_shard_bytes)
         self.files = shard_file_names(len(self.shards))
@@ -392,6 +427,7 @@ class ShardedWriter:
             raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
             fd = os.open(self.folder / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
+            self._dirty.append(0)
             os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
             data_start = 8 + len(raw)
             os.ftruncate(fd, data_start + offset)
@@ -408,6 +444,10 @@ class ShardedWriter:
         while written < len(view):  # pwrite may write less than asked for very large buffers
             written += os.pwrite(self._fds[index], view[written:], offset + written)
         self._pending.discard(name)
+        self._dirty[index] += written
+        if self._dirty[index] >= WRITEBACK_BYTES:
+            self._dirty[index] = 0
+            start_writeback(self._fds[index])
 
     def finalize(self) -> None:
         if self._pending:
